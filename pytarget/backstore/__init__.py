@@ -1,0 +1,1 @@
+"""Backing stores for logical units."""

@@ -1,0 +1,242 @@
+"""A logical unit's blocks in a regular (usually sparse) file.
+
+Reads and writes are `os.preadv`/`os.pwritev` into and out of the caller's buffers; durability
+is `fdatasync`; space is given back with `fallocate(PUNCH_HOLE|KEEP_SIZE)`; allocation is found
+with SEEK_DATA/SEEK_HOLE; copies between files use FICLONERANGE or `copy_file_range` where
+the filesystem offers them. Every method is synchronous and may block: the device server
+decides what runs on the event loop and what goes to its I/O threads. OS errors propagate as
+OSError for the device server to turn into sense data.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+FICLONERANGE = 0x4020940D
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+_ZEROS = bytes(1 << 20)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass
+class Extent:
+    offset: int
+    length: int
+    mapped: bool
+
+
+class FileBackstore:
+    """Block storage in a file; offsets and lengths are in bytes."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        self.fd = os.open(path, flags | os.O_CLOEXEC)
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
+            os.close(self.fd)
+            raise OSError(errno.EINVAL, f"{path} is not a regular file or block device")
+        self.size = st.st_size if stat.S_ISREG(st.st_mode) else self._block_device_size()
+        self.can_punch = True
+        self.can_zero_range = True
+        self.can_reflink = True
+        self.can_copy_range = True
+
+    def _block_device_size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    @staticmethod
+    def create(path: str, size: int) -> None:
+        """Create a sparse file of `size` bytes; never touches an existing file."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def refresh_size(self) -> int:
+        self.size = os.fstat(self.fd).st_size
+        return self.size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- data
+    def read_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Fill buf from the page cache without blocking; False when that would block."""
+        try:
+            n = os.preadv(self.fd, (buf,), offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EAGAIN):
+                return False
+            raise
+        if n == len(buf):
+            return True
+        if n == 0 or offset + n >= self.size:
+            buf[n:] = _zeros(len(buf) - n)
+            return True
+        self.read_into(buf[n:], offset + n)
+        return True
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill buf with the bytes at offset (zeros past the end of the file)."""
+        total = len(buf)
+        done = 0
+        while done < total:
+            n = os.preadv(self.fd, (buf[done:],), offset + done)
+            if n == 0:
+                buf[done:] = _zeros(total - done)
+                return
+            done += n
+
+    def write(self, data: memoryview, offset: int) -> None:
+        total = len(data)
+        done = 0
+        while done < total:
+            done += os.pwritev(self.fd, (data[done:],), offset + done)
+
+    def write_vectored(self, parts: list[memoryview], offset: int) -> None:
+        total = sum(len(p) for p in parts)
+        n = os.pwritev(self.fd, parts, offset)
+        if n < total:
+            joined = memoryview(b"".join(bytes(p) for p in parts))
+            self.write(joined[n:], offset + n)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    # -- provisioning
+    def punch(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads back as zeros."""
+        if self.can_punch:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self.can_punch = False
+        self.write_zeros(offset, length)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Zero a range and keep it allocated."""
+        if self.can_zero_range:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self.can_zero_range = False
+        self.write_zeros(offset, length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZEROS), end - offset)
+            self.write(memoryview(_ZEROS)[:n], offset)
+            offset += n
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Mapped/unmapped runs covering [offset, offset+length) from SEEK_DATA/SEEK_HOLE."""
+        end = min(offset + length, self.size)
+        out: list[Extent] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    data = end
+                else:
+                    raise
+            data = min(data, end)
+            if data > pos:
+                out.append(Extent(pos, data - pos, False))
+                pos = data
+                if pos >= end:
+                    break
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            out.append(Extent(pos, hole - pos, True))
+            pos = hole
+        return out
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def fs_block_size(self) -> int:
+        return os.fstatvfs(self.fd).f_bsize
+
+    # -- copy offload between files
+    def reflink_from(self, src: FileBackstore, src_offset: int, dst_offset: int,
+                     length: int) -> bool:
+        """Share src's blocks (FICLONERANGE); False when the filesystem cannot."""
+        if not self.can_reflink:
+            return False
+        arg = struct.pack("qQQQ", src.fd, src_offset, length, dst_offset)
+        try:
+            fcntl.ioctl(self.fd, FICLONERANGE, arg)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
+                             errno.ENOSYS, errno.EPERM):
+                if exc.errno != errno.EINVAL:
+                    self.can_reflink = False
+                return False
+            raise
+
+    def copy_range_from(self, src: FileBackstore, src_offset: int, dst_offset: int,
+                        length: int) -> bool:
+        """Copy in the kernel (copy_file_range); False when unsupported here."""
+        if not self.can_copy_range:
+            return False
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fd, self.fd, length - done, src_offset + done,
+                                       dst_offset + done)
+                if n == 0:
+                    self.write_zeros(dst_offset + done, length - done)
+                    break
+                done += n
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL) and not done:
+                self.can_copy_range = False
+                return False
+            raise
+
+
+def _zeros(n: int) -> bytes:
+    return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)

@@ -1,0 +1,261 @@
+"""The YAML configuration (luns/*.yaml) as validated dataclasses.
+
+`load` checks the whole file before anything is created: unknown keys, bad sizes, duplicate LUN
+ids and unusable paths are reported as one `ConfigError` naming the file and the key.
+`prepare_backing_files` then creates missing sparse files; it never resizes or truncates an
+existing one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path("luns/default.yaml")
+IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+MAX_LUN = 16383
+
+
+class ConfigError(Exception):
+    def __init__(self, file: str, key: str, message: str) -> None:
+        super().__init__(f"{file}: {key}: {message}")
+        self.file = file
+        self.key = key
+
+
+@dataclass
+class LunConfig:
+    id: int
+    path: Path
+    size: int | None = None
+    block_size: int = 512
+    readonly: bool = False
+    thin: bool = True
+    removable: bool = False
+    serial: str | None = None
+
+
+@dataclass
+class TargetConfig:
+    name: str
+    alias: str = ""
+    luns: list[LunConfig] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    file: str
+    base: Path
+    portals: list[tuple[str, int]]
+    targets: list[TargetConfig]
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from 1073741824, "1GiB", "512MiB", "4K"... (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("size must be positive")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("not a size")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"bad size {value!r}")
+    unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
+    n = int(m.group(1)) * _UNITS[unit]
+    if n <= 0:
+        raise ValueError("size must be positive")
+    return n
+
+
+def parse_portal(text: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.rpartition(":")
+        if not host:
+            host, port_text = port_text, ""
+    port = int(port_text) if port_text else 3260
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, port
+
+
+class _Reader:
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, key, message)
+
+    def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, "expected a mapping")
+        for k in value:
+            if k not in allowed:
+                raise self.fail(f"{key}.{k}" if key else str(k), "unknown key")
+        for k in required:
+            if k not in value:
+                raise self.fail(f"{key}.{k}" if key else k, "missing")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "expected true or false")
+        return value
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a configuration; None means luns/default.yaml or the built-in one."""
+    if path is None:
+        if DEFAULT_CONFIG.exists():
+            return load(DEFAULT_CONFIG)
+        text = resources.files("pytarget").joinpath("default.yaml").read_text()
+        return parse(text, "<built-in luns/default.yaml>", DEFAULT_CONFIG.parent)
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), "-", f"cannot read: {exc.strerror}") from None
+    return parse(text, str(p), p.resolve().parent)
+
+
+def parse(text: str, file: str, base: Path) -> Config:
+    r = _Reader(file)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "-"
+        raise ConfigError(file, where, "invalid YAML") from None
+    doc = r.mapping(doc if doc is not None else {}, "", {"portals", "targets"}, {"targets"})
+    portals_raw = doc.get("portals", ["0.0.0.0:3260"])
+    if not isinstance(portals_raw, list) or not portals_raw:
+        raise r.fail("portals", "expected a non-empty list of HOST:PORT")
+    portals = []
+    for i, item in enumerate(portals_raw):
+        try:
+            portals.append(parse_portal(str(item)))
+        except ValueError as exc:
+            raise r.fail(f"portals[{i}]", str(exc)) from None
+    targets_raw = doc["targets"]
+    if not isinstance(targets_raw, list) or not targets_raw:
+        raise r.fail("targets", "expected a non-empty list")
+    targets: list[TargetConfig] = []
+    names: set[str] = set()
+    paths: dict[Path, str] = {}
+    for ti, t in enumerate(targets_raw):
+        tkey = f"targets[{ti}]"
+        t = r.mapping(t, tkey, {"name", "alias", "luns"}, {"name", "luns"})
+        name = t["name"]
+        if not isinstance(name, str) or not IQN_RE.match(name):
+            raise r.fail(f"{tkey}.name", "not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id])")
+        if name.lower() in names:
+            raise r.fail(f"{tkey}.name", "duplicate target name")
+        names.add(name.lower())
+        alias = t.get("alias", "")
+        if not isinstance(alias, str) or len(alias) > 255:
+            raise r.fail(f"{tkey}.alias", "expected a string of at most 255 characters")
+        luns_raw = t["luns"]
+        if not isinstance(luns_raw, list):
+            raise r.fail(f"{tkey}.luns", "expected a list")
+        luns: list[LunConfig] = []
+        ids: set[int] = set()
+        for li, item in enumerate(luns_raw):
+            lkey = f"{tkey}.luns[{li}]"
+            lun = _lun(r, item, lkey, base)
+            if lun.id in ids:
+                raise r.fail(f"{lkey}.id", f"duplicate LUN id {lun.id}")
+            ids.add(lun.id)
+            resolved = lun.path.resolve()
+            if resolved in paths:
+                raise r.fail(f"{lkey}.path", f"same file as {paths[resolved]}")
+            paths[resolved] = f"{lkey}.path"
+            luns.append(lun)
+        targets.append(TargetConfig(name, alias, luns))
+    return Config(file, base, portals, targets)
+
+
+def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
+    item = r.mapping(item, key, {"id", "path", "size", "block_size", "readonly", "thin",
+                                 "removable", "serial"}, {"id", "path"})
+    lun_id = item["id"]
+    if isinstance(lun_id, bool) or not isinstance(lun_id, int) or not 0 <= lun_id <= MAX_LUN:
+        raise r.fail(f"{key}.id", f"expected an integer 0..{MAX_LUN}")
+    path_raw = item["path"]
+    if not isinstance(path_raw, str) or not path_raw:
+        raise r.fail(f"{key}.path", "expected a file path")
+    path = Path(path_raw)
+    if not path.is_absolute():
+        path = base / path
+    block_size = item.get("block_size", 512)
+    if block_size not in (512, 4096):
+        raise r.fail(f"{key}.block_size", "must be 512 or 4096")
+    size = None
+    if "size" in item:
+        try:
+            size = parse_size(item["size"])
+        except ValueError as exc:
+            raise r.fail(f"{key}.size", str(exc)) from None
+        if size % block_size:
+            raise r.fail(f"{key}.size", f"not a multiple of the block size {block_size}")
+    readonly = r.boolean(item.get("readonly", False), f"{key}.readonly")
+    thin = r.boolean(item.get("thin", True), f"{key}.thin")
+    removable = r.boolean(item.get("removable", False), f"{key}.removable")
+    serial = item.get("serial")
+    if serial is not None and (not isinstance(serial, str) or not serial.isascii()
+                               or not 0 < len(serial) <= 32):
+        raise r.fail(f"{key}.serial", "expected 1-32 ASCII characters")
+    lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial)
+    _check_path(r, lun, key)
+    return lun
+
+
+def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:
+    path = lun.path
+    if path.exists():
+        mode = os.R_OK if lun.readonly else os.R_OK | os.W_OK
+        if not path.is_file() and not path.is_block_device():
+            raise r.fail(f"{key}.path", f"{path} is not a regular file")
+        if not os.access(path, mode):
+            raise r.fail(f"{key}.path", f"{path} is not {'readable' if lun.readonly else 'readable and writable'}")
+        if path.stat().st_size < lun.block_size and path.is_file():
+            raise r.fail(f"{key}.path", f"{path} is smaller than one block")
+        return
+    if lun.size is None:
+        raise r.fail(f"{key}.size", f"{path} does not exist and no size is given to create it")
+    if lun.readonly:
+        raise r.fail(f"{key}.path", f"{path} does not exist (read-only LUNs are never created)")
+    parent = path.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not writable")
+
+
+def prepare_backing_files(config: Config) -> list[Path]:
+    """Create the sparse files that do not exist yet; returns the ones created."""
+    from .backstore.file import FileBackstore
+
+    created: list[Path] = []
+    for target in config.targets:
+        for lun in target.luns:
+            if not lun.path.exists():
+                assert lun.size is not None
+                lun.path.parent.mkdir(parents=True, exist_ok=True)
+                FileBackstore.create(str(lun.path), lun.size)
+                created.append(lun.path)
+    return created

@@ -1,0 +1,1 @@
+"""Third-party copy manager: EXTENDED COPY, RECEIVE COPY RESULTS and ROD tokens."""

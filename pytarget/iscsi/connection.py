@@ -1,0 +1,910 @@
+"""One iSCSI connection as a sans-I/O state machine (RFC 7143).
+
+Bytes go in through `get_buffer`/`buffer_updated` (the shape of asyncio's BufferedProtocol),
+PDUs to send come out of `data_to_send` as a list of buffers for one vectored write, and work
+for the device server comes out of `events`. Time enters only as the `now` argument, and
+`next_deadline` says when `on_timer` wants to run, so keep-alives and timeouts are
+deterministic under test.
+
+Large Data-Out payloads are received straight into the task's buffer; smaller PDUs are parsed
+out of a staging buffer. Every protocol fault is turned into a Reject PDU, a login status or a
+dropped connection in `_fault`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import digest as dg
+from . import pdu, text
+from .errors import ConnectionFatal, IscsiError, LoginError, PduReject
+from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult
+from .params import ConnectionParams, TargetLimits
+from .pdu import Bhs, Op, RejectReason
+from .session import IscsiTask, R2tState, Session, sn_le, sn_lt
+
+log = logging.getLogger("pytarget.iscsi")
+
+DIRECT_MIN = 16384  # payloads at least this large are received straight into task buffers
+MAX_AHS = 1020
+MAX_DATA_OUT = 32 * 1024 * 1024  # the largest EDTL a write may announce (SBC limit + slack)
+MAX_PENDING_TEXT = 65536
+
+
+class ConnectionPolicy(LoginPolicy, Protocol):
+    """What a connection asks the target registry (pure look-ups, no I/O)."""
+
+    def send_targets(self, initiator_name: str, value: str, local_address: tuple[str, int],
+                     session: Session) -> list[tuple[str, str]]: ...
+
+
+# Events for the driver.
+class ExecuteCommand:
+    __slots__ = ("task",)
+
+    def __init__(self, task: IscsiTask) -> None:
+        self.task = task
+
+
+class DataOutReady:
+    __slots__ = ("task",)
+
+    def __init__(self, task: IscsiTask) -> None:
+        self.task = task
+
+
+@dataclass(slots=True)
+class TaskManagement:
+    itt: int
+    function: int
+    lun_field: int
+    referenced_task_tag: int
+    ref_cmd_sn: int
+    cmd_sn: int
+
+
+@dataclass(slots=True)
+class LoginReady:
+    result: LoginResult
+    response: LoginResponse
+
+
+@dataclass(slots=True)
+class LogoutRequested:
+    itt: int
+    reason: int
+    cid: int
+
+
+@dataclass(slots=True)
+class Closed:
+    reason: str
+
+
+class State:
+    LOGIN = "login"
+    LOGIN_BINDING = "login-binding"
+    FULL_FEATURE = "full-feature"
+    LOGGED_OUT = "logged-out"
+    CLOSED = "closed"
+
+
+class Connection:
+    def __init__(self, policy: ConnectionPolicy, limits: TargetLimits,
+                 local_address: tuple[str, int], peer_address: tuple[str, int], now: float,
+                 *, login_timeout: float = 30.0, nop_interval: float = 30.0,
+                 nop_timeout: float = 30.0, window: int = 128) -> None:
+        self.policy = policy
+        self.limits = limits
+        self.local_address = local_address
+        self.peer_address = peer_address
+        self.window = window
+        self.state = State.LOGIN
+        self.login = LoginMachine(policy, limits, window=window)
+        self.session: Session | None = None
+        self.params = ConnectionParams()
+        self.cid = 0
+        self.stat_sn = 0
+        self.events: deque[object] = deque()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_bytes = 0
+        # Receive side.
+        staging = 2 * (pdu.BHS_LEN + MAX_AHS + 8 + limits.max_recv_data_segment_length + 8)
+        self._buf = bytearray(max(staging, 1 << 18))
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._bhs: Bhs | None = None
+        self._header_len = 0
+        self._need_data = 0  # payload + padding + digest of the current PDU
+        self._direct: memoryview | None = None
+        self._direct_filled = 0
+        self._direct_task: IscsiTask | None = None
+        self._direct_offset = 0
+        self._tail: tuple[Bhs, IscsiTask, int, int] | None = None
+        self._discard = 0
+        self._dropped_itts: set[int] = set()
+        # Timers.
+        self._now = now
+        self.login_deadline: float | None = now + login_timeout
+        self.nop_interval = nop_interval
+        self.nop_timeout = nop_timeout
+        self._last_rx = now
+        self._nop_ttt = 0x1000
+        self._nop_outstanding: tuple[int, float] | None = None
+        # Text exchanges.
+        self._text_in = bytearray()
+        self._text_out: dict[int, tuple[bytes, int]] = {}
+        self._next_ttt = 1
+
+    # ------------------------------------------------------------------ receive path
+    def get_buffer(self) -> memoryview:
+        if self._direct is not None:
+            return self._direct[self._direct_filled:]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes: int, now: float) -> None:
+        self._now = now
+        self._last_rx = now
+        if self._direct is not None:
+            self._direct_filled += nbytes
+            if self._direct_filled == len(self._direct):
+                self._direct_complete()
+        else:
+            self._end += nbytes
+        try:
+            self._parse()
+        except ConnectionFatal as exc:
+            self._close(str(exc))
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Feed bytes by copying them through get_buffer (tests and simple callers)."""
+        view = memoryview(data)
+        while view and self.state != State.CLOSED:
+            buf = self.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n, now)
+
+    def _compact(self) -> None:
+        pending = self._end - self._start
+        if self._start:
+            self._buf[0:pending] = self._buf[self._start:self._end]
+            self._start = 0
+            self._end = pending
+
+    def _parse(self) -> None:
+        while self.state != State.CLOSED and self._direct is None:
+            avail = self._end - self._start
+            if self._discard:
+                n = min(self._discard, avail)
+                self._discard -= n
+                self._start += n
+                if self._discard:
+                    break
+                continue
+            if self._tail is not None:
+                if avail < self._need_data:
+                    break
+                bhs, task, offset, dsl = self._tail
+                self._tail = None
+                at = self._start + pdu.pad_len(dsl)
+                digest_raw = self._view[at:at + 4] if self.params.data_digest else None
+                self._start += self._need_data
+                self._direct_done(bhs, task, offset, dsl, digest_raw)
+                continue
+            if self._bhs is None:
+                if avail < pdu.BHS_LEN:
+                    break
+                raw = self._view[self._start:self._start + pdu.BHS_LEN]
+                bhs = Bhs(raw)
+                header_len = pdu.BHS_LEN + bhs.total_ahs_length
+                if bhs.total_ahs_length > MAX_AHS:
+                    raise ConnectionFatal("AHS too long")
+                if self.params.header_digest:
+                    header_len += 4
+                if avail < header_len:
+                    break
+                if self.params.header_digest:
+                    end = self._start + header_len - 4
+                    want = dg.digest_value(self._view[end:end + 4])
+                    if dg.crc32c(self._view[self._start:end]) != want:
+                        raise ConnectionFatal("header digest error")
+                self._bhs = bhs
+                self._header_len = header_len
+                self._start += header_len
+                dsl = bhs.data_segment_length
+                self._need_data = dsl + pdu.pad_len(dsl) + (4 if dsl and self.params.data_digest else 0)
+                if dsl > self._max_recv_segment():
+                    self._reject_and_discard(bhs, RejectReason.PROTOCOL_ERROR,
+                                             "data segment longer than MaxRecvDataSegmentLength")
+                    continue
+                if self._try_direct(bhs):
+                    continue
+                avail = self._end - self._start
+            bhs = self._bhs
+            if avail < self._need_data:
+                if self._need_data > len(self._buf) - self._start:
+                    self._compact()
+                break
+            dsl = bhs.data_segment_length
+            data = self._view[self._start:self._start + dsl]
+            if dsl and self.params.data_digest:
+                at = self._start + dsl + pdu.pad_len(dsl)
+                if dg.crc32c(self._view[self._start:at]) != dg.digest_value(self._view[at:at + 4]):
+                    self._start += self._need_data
+                    self._bhs = None
+                    self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"),
+                                bhs)
+                    continue
+            self._start += self._need_data
+            self._bhs = None
+            self._dispatch(bhs, data)
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _max_recv_segment(self) -> int:
+        if self.state == State.FULL_FEATURE:
+            return self.params.target_max_recv_data_segment_length
+        return max(8192, self.limits.max_recv_data_segment_length)
+
+    def _reject_and_discard(self, bhs: Bhs, reason: RejectReason, message: str) -> None:
+        self._bhs = None
+        self._discard = self._need_data
+        self._fault(PduReject(reason, message), bhs)
+
+    def _try_direct(self, bhs: Bhs) -> bool:
+        """Receive a large Data-Out (or immediate data) payload straight into its task buffer."""
+        dsl = bhs.data_segment_length
+        if dsl < DIRECT_MIN or self.state != State.FULL_FEATURE:
+            return False
+        if self._end - self._start >= self._need_data:
+            return False
+        target = self._data_target(bhs)
+        if target is None:
+            return False
+        task, offset = target
+        assert task.buffer is not None
+        have = min(self._end - self._start, dsl)
+        dest = memoryview(task.buffer)[offset:offset + dsl]
+        dest[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._direct = dest
+        self._direct_filled = have
+        self._direct_task = task
+        self._direct_offset = offset
+        if have == dsl:
+            self._direct_complete()
+        return True
+
+    def _direct_complete(self) -> None:
+        """A direct payload is in: padding and digest, if any, follow through staging."""
+        bhs, task = self._bhs, self._direct_task
+        assert bhs is not None and task is not None
+        dsl = bhs.data_segment_length
+        self._direct = None
+        self._direct_task = None
+        self._bhs = None
+        tail = self._need_data - dsl
+        if tail:
+            self._tail = (bhs, task, self._direct_offset, dsl)
+            self._need_data = tail
+        else:
+            self._direct_done(bhs, task, self._direct_offset, dsl, None)
+
+    def _direct_done(self, bhs: Bhs, task: IscsiTask, offset: int, dsl: int,
+                     digest_raw: memoryview | None) -> None:
+        if digest_raw is not None:
+            assert task.buffer is not None
+            region = memoryview(task.buffer)[offset:offset + dsl]
+            value = dg.crc32c(region)
+            pad = pdu.pad_len(dsl)
+            if pad:
+                value = dg.crc32c(bytes(pad), value)
+            if value != dg.digest_value(digest_raw):
+                self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"), bhs)
+                return
+        try:
+            self._data_out_landed(bhs, task, dsl)
+        except IscsiError as exc:
+            self._fault(exc, bhs)
+
+    def _data_target(self, bhs: Bhs) -> tuple[IscsiTask, int] | None:
+        """(task, buffer offset) for a payload that belongs in a task buffer, or None."""
+        session = self.session
+        if session is None:
+            return None
+        if bhs.opcode == Op.DATA_OUT:
+            task = session.tasks.get(bhs.itt)
+            if task is None or not task.write or task.buffer is None or task.data_error:
+                return None
+            try:
+                self._check_data_out(bhs, task)
+            except PduReject:
+                return None
+            return task, bhs.buffer_offset
+        return None
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, bhs: Bhs, data: memoryview) -> None:
+        try:
+            if self.state in (State.LOGIN, State.LOGIN_BINDING):
+                self._login_pdu(bhs, data)
+            elif self.state == State.FULL_FEATURE:
+                self._full_feature_pdu(bhs, data)
+            # PDUs after logout are ignored until the connection closes.
+        except IscsiError as exc:
+            self._fault(exc, bhs)
+
+    def _fault(self, exc: IscsiError, bhs: Bhs | None) -> None:
+        """The one place protocol faults become a Reject, a login status or a closed connection."""
+        if isinstance(exc, PduReject):
+            log.info("reject %s: %s", exc.reason.name, exc)
+            if bhs is not None and bhs.opcode == Op.DATA_OUT and exc.reason == RejectReason.DATA_DIGEST_ERROR:
+                self._fail_task_on_digest(bhs)
+            self._send_reject(exc.reason, bhs)
+        elif isinstance(exc, LoginError):
+            self._close(f"login failed: {exc.reason}")
+        else:
+            log.warning("connection %s dropped: %s", self.peer_address, exc)
+            self._close(str(exc))
+
+    # ------------------------------------------------------------------ login
+    def _login_pdu(self, bhs: Bhs, data: memoryview) -> None:
+        if self.state == State.LOGIN_BINDING:
+            raise ConnectionFatal("PDU while the login is being bound")
+        if bhs.opcode != Op.LOGIN_REQ:
+            raise ConnectionFatal(f"opcode 0x{bhs.opcode:02x} before login completed")
+        response = self.login.receive(bhs, data)
+        if self.login.result is not None and response.status == 0:
+            self.cid = self.login.result.cid
+            self.state = State.LOGIN_BINDING
+            self.login_deadline = None
+            self.events.append(LoginReady(self.login.result, response))
+            return
+        self._queue(response.header, response.data)
+        if self.login.failed:
+            self._close("login failed")
+
+    def complete_login(self, session: Session, response: LoginResponse) -> None:
+        """The driver bound the login to `session`: send the final response, enter FFP."""
+        assert self.login.result is not None
+        result = self.login.result
+        self.login.set_tsih(response, session.tsih)
+        self.session = session
+        self.params = result.connection
+        self.stat_sn = self.login.stat_sn
+        # Digests take effect after the final login response (RFC 7143 13.1).
+        params, self.params = self.params, ConnectionParams()
+        self._queue(response.header, response.data)
+        self.params = params
+        self.state = State.FULL_FEATURE
+        self._last_rx = self._now
+
+    def fail_login(self, response: LoginResponse, status: int) -> None:
+        """The driver could not bind the session: answer with `status` and close."""
+        response.header[36] = status >> 8
+        response.header[37] = status & 0xFF
+        response.header[1] &= ~pdu.F_TRANSIT & 0xFF
+        response.header[14:16] = b"\0\0"
+        self._queue(response.header, b"")
+        self._close("login failed")
+
+    # ------------------------------------------------------------------ full feature phase
+    def _full_feature_pdu(self, bhs: Bhs, data: memoryview) -> None:
+        op = bhs.opcode
+        session = self.session
+        assert session is not None
+        if op == Op.DATA_OUT:
+            self._data_out(bhs, data)
+            return
+        if op not in pdu.INITIATOR_OPCODES or op == Op.LOGIN_REQ:
+            if op == Op.LOGIN_REQ:
+                raise PduReject(RejectReason.PROTOCOL_ERROR, "login request in full feature phase")
+            raise PduReject(RejectReason.COMMAND_NOT_SUPPORTED, f"opcode 0x{op:02x}")
+        if op == Op.SNACK_REQ:
+            raise PduReject(RejectReason.SNACK_REJECT, "SNACK at ErrorRecoveryLevel 0")
+        if session.discovery and op in (Op.SCSI_CMD, Op.TASK_MGMT_REQ):
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "SCSI in a discovery session")
+        if not self._accept_cmd_sn(bhs):
+            return
+        if op == Op.SCSI_CMD:
+            self._scsi_command(bhs, data)
+        elif op == Op.NOP_OUT:
+            self._nop_out(bhs, data)
+        elif op == Op.TEXT_REQ:
+            self._text_request(bhs, data)
+        elif op == Op.TASK_MGMT_REQ:
+            self.events.append(TaskManagement(bhs.itt, bhs.flags & 0x7F, bhs.lun,
+                                              bhs.referenced_task_tag, bhs.ref_cmd_sn,
+                                              bhs.cmd_sn))
+        elif op == Op.LOGOUT_REQ:
+            self.events.append(LogoutRequested(bhs.itt, bhs.flags & 0x7F, bhs.cid))
+            self.state = State.LOGGED_OUT
+
+    def _accept_cmd_sn(self, bhs: Bhs) -> bool:
+        """Window check (RFC 7143 4.2.2.1): out-of-window commands are silently dropped."""
+        session = self.session
+        assert session is not None
+        if bhs.opcode == Op.NOP_OUT and bhs.ttt != pdu.RESERVED_TAG:
+            return True  # a ping answer carries no CmdSN of its own
+        cmd_sn = bhs.cmd_sn
+        if bhs.immediate:
+            return True
+        if cmd_sn == session.exp_cmd_sn:
+            session.exp_cmd_sn = (cmd_sn + 1) & 0xFFFFFFFF
+            return True
+        if session.in_window(cmd_sn):
+            # ErrorRecoveryLevel 0 over one TCP connection cannot skip a CmdSN.
+            raise ConnectionFatal(f"CmdSN gap: got {cmd_sn}, expected {session.exp_cmd_sn}")
+        log.info("dropping PDU with CmdSN %d outside [%d, %d]", cmd_sn, session.exp_cmd_sn,
+                 session.max_cmd_sn)
+        if bhs.opcode == Op.SCSI_CMD and bhs.flags & pdu.F_CMD_WRITE:
+            # its unsolicited Data-Out will still arrive and must be consumed quietly
+            self._dropped_itts.add(bhs.itt)
+        return False
+
+    def _scsi_command(self, bhs: Bhs, data: memoryview) -> None:
+        session = self.session
+        assert session is not None
+        flags = bhs.flags
+        read = bool(flags & pdu.F_CMD_READ)
+        write = bool(flags & pdu.F_CMD_WRITE)
+        edtl = bhs.expected_data_transfer_length
+        if bhs.itt == pdu.RESERVED_TAG:
+            raise PduReject(RejectReason.INVALID_PDU_FIELD, "reserved ITT")
+        if bhs.itt in session.tasks:
+            raise PduReject(RejectReason.TASK_IN_PROGRESS, "ITT already in use")
+        dsl = bhs.data_segment_length
+        if dsl and not write:
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "immediate data without W bit")
+        if dsl and not session.params.immediate_data:
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "immediate data not negotiated")
+        if dsl > edtl or dsl > session.params.first_burst_length or dsl > MAX_DATA_OUT:
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "immediate data beyond the burst")
+        if not flags & pdu.F_FINAL:
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "SCSI command continued in a Data-Out")
+        cdb = bhs.cdb
+        if bhs.total_ahs_length:
+            cdb = self._extended_cdb(bhs)
+        task = IscsiTask(bhs.itt, bhs.cmd_sn, bhs.immediate, bhs.lun, read, write, edtl, cdb,
+                         flags & 0x07)
+        session.tasks[task.itt] = task
+        session.active += 1
+        if write and edtl:
+            task.buffer = bytearray(min(edtl, MAX_DATA_OUT))
+            if session.params.initial_r2t:
+                task.unsolicited_end = min(dsl, edtl)
+                task.unsolicited_done = True
+            else:
+                task.unsolicited_end = min(edtl, session.params.first_burst_length)
+                task.unsolicited_done = dsl >= task.unsolicited_end
+            task.next_r2t_offset = task.unsolicited_end
+            if dsl:
+                if task.buffer is not None:
+                    task.buffer[0:dsl] = data
+                task.received = task.unsolicited_received = dsl
+        self.events.append(ExecuteCommand(task))
+
+    def _extended_cdb(self, bhs: Bhs) -> bytes:
+        """CDB longer than 16 bytes from an Extended CDB AHS (RFC 7143 11.3.3/11.2.1.3)."""
+        ahs = bytes(self._view[self._start - self._header_len + pdu.BHS_LEN:
+                               self._start - self._header_len + pdu.BHS_LEN + bhs.total_ahs_length])
+        cdb = bhs.cdb
+        pos = 0
+        while pos + 4 <= len(ahs):
+            length = int.from_bytes(ahs[pos:pos + 2], "big")
+            kind = ahs[pos + 2]
+            body = ahs[pos + 4:pos + 3 + length]
+            if kind == 1:
+                cdb = cdb + body
+            pos += 4 + ((length - 1 + 3) & ~3) if length else 4
+        return cdb
+
+    # ------------------------------------------------------------------ Data-Out
+    def _check_data_out(self, bhs: Bhs, task: IscsiTask) -> R2tState | None:
+        """Validate a Data-Out against its burst; returns the R2T it answers (None: unsolicited).
+
+        DataPDUInOrder=Yes is always negotiated, so each PDU must start where the previous one
+        of its sequence ended (RFC 7143 13.19).
+        """
+        dsl = bhs.data_segment_length
+        offset = bhs.buffer_offset
+        if task.buffer is None or offset + dsl > len(task.buffer):
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "Data-Out beyond the expected length")
+        if bhs.ttt == pdu.RESERVED_TAG:
+            if task.unsolicited_done:
+                raise PduReject(RejectReason.PROTOCOL_ERROR, "unsolicited data after the burst")
+            if offset != task.unsolicited_received or offset + dsl > task.unsolicited_end:
+                raise PduReject(RejectReason.PROTOCOL_ERROR, "unsolicited data out of place")
+            if bhs.data_sn != task.unsolicited_next_sn:
+                raise PduReject(RejectReason.PROTOCOL_ERROR, "unexpected DataSN")
+            return None
+        r2t = task.r2ts.get(bhs.ttt)
+        if r2t is None:
+            raise PduReject(RejectReason.INVALID_PDU_FIELD, "unknown Target Transfer Tag")
+        if offset != r2t.offset + r2t.received or offset + dsl > r2t.offset + r2t.length:
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "Data-Out outside its R2T")
+        if bhs.data_sn != r2t.next_data_sn:
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "unexpected DataSN")
+        return r2t
+
+    def _data_out(self, bhs: Bhs, data: memoryview) -> None:
+        session = self.session
+        assert session is not None
+        task = session.tasks.get(bhs.itt)
+        if task is None or not task.write or task.data_error:
+            if bhs.itt in self._dropped_itts:
+                if bhs.final:
+                    self._dropped_itts.discard(bhs.itt)
+                return
+            # Data for a task that already ended or failed: consumed quietly.
+            log.debug("discarding Data-Out for ITT 0x%08x", bhs.itt)
+            return
+        try:
+            self._check_data_out(bhs, task)
+        except PduReject as exc:
+            # ErrorRecoveryLevel 0 cannot recover a data sequence: the command ends with
+            # CHECK CONDITION and the rest of its Data-Out is discarded.
+            log.info("ITT 0x%08x: %s; ending the command", bhs.itt, exc)
+            self._fail_task_data(task, "sequence")
+            return
+        dsl = bhs.data_segment_length
+        assert task.buffer is not None
+        task.buffer[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
+        self._data_out_landed(bhs, task, dsl)
+
+    def _data_out_landed(self, bhs: Bhs, task: IscsiTask, dsl: int) -> None:
+        task.received += dsl
+        if bhs.ttt == pdu.RESERVED_TAG:
+            task.unsolicited_received += dsl
+            task.unsolicited_next_sn += 1
+            if bhs.final:
+                task.unsolicited_done = True
+                self._fill_unsolicited_gap(task)
+        else:
+            r2t = task.r2ts[bhs.ttt]
+            r2t.received += dsl
+            r2t.next_data_sn += 1
+            if bhs.final or r2t.received >= r2t.length:
+                if r2t.received < r2t.length:
+                    raise PduReject(RejectReason.PROTOCOL_ERROR, "R2T burst ended short")
+                del task.r2ts[bhs.ttt]
+                self._issue_r2ts(task)
+        self._maybe_data_complete(task)
+
+    def _fill_unsolicited_gap(self, task: IscsiTask) -> None:
+        """The unsolicited burst ended early: the rest of it must be solicited."""
+        got = task.unsolicited_received
+        if got < task.unsolicited_end and task.wanted > got:
+            task.next_r2t_offset = got
+            self._issue_r2ts(task)
+
+    def _maybe_data_complete(self, task: IscsiTask) -> None:
+        if task.wanted and task.waiter is not None and self._data_done(task):
+            self.events.append(DataOutReady(task))
+
+    @staticmethod
+    def _data_done(task: IscsiTask) -> bool:
+        return task.received >= task.wanted and not task.r2ts and (
+            task.unsolicited_done or task.unsolicited_received >= min(task.wanted,
+                                                                       task.unsolicited_end))
+
+    def request_data_out(self, task: IscsiTask, length: int, waiter: object) -> bool:
+        """The device server wants `length` bytes of Data-Out: solicit what is missing.
+
+        Returns True when the data is already complete; otherwise a DataOutReady event follows.
+        """
+        task.wanted = min(length, task.edtl)
+        task.waiter = waiter
+        if self._data_done(task):
+            return True
+        if task.next_r2t_offset < task.unsolicited_end and task.unsolicited_done:
+            task.next_r2t_offset = task.unsolicited_received
+        self._issue_r2ts(task)
+        return False
+
+    def _issue_r2ts(self, task: IscsiTask) -> None:
+        session = self.session
+        assert session is not None
+        limit = session.params.max_outstanding_r2t
+        burst = session.params.max_burst_length
+        while len(task.r2ts) < limit and task.next_r2t_offset < task.wanted:
+            offset = task.next_r2t_offset
+            length = min(burst, task.wanted - offset)
+            ttt = self._next_ttt
+            self._next_ttt = (self._next_ttt + 1) & 0x7FFFFFFF or 1
+            state = R2tState(ttt, task.r2t_sn, offset, length)
+            task.r2ts[ttt] = state
+            task.r2t_sn += 1
+            task.next_r2t_offset = offset + length
+            hdr = pdu.r2t(task.itt, ttt, task.lun_field, self.stat_sn, session.exp_cmd_sn,
+                          session.refresh_max_cmd_sn(), state.r2t_sn, offset, length)
+            self._queue(hdr)
+
+    def _fail_task_on_digest(self, bhs: Bhs) -> None:
+        """ErrorRecoveryLevel 0: the command whose data was corrupted is ended (RFC 7143 7.8)."""
+        session = self.session
+        task = session.tasks.get(bhs.itt) if session else None
+        if task is not None and task.write:
+            self._fail_task_data(task, "digest")
+
+    def _fail_task_data(self, task: IscsiTask, reason: str) -> None:
+        if task.data_error:
+            return
+        task.data_error = reason
+        task.r2ts.clear()
+        if task.waiter is not None:
+            self.events.append(DataOutReady(task))
+
+    # ------------------------------------------------------------------ responses
+    def drop_task(self, task: IscsiTask) -> None:
+        """Forget an aborted task: no response is sent for it (RFC 7143 4.2.3.2)."""
+        session = self.session
+        assert session is not None
+        if session.tasks.get(task.itt) is task:
+            del session.tasks[task.itt]
+        if not task.done:
+            task.done = True
+            session.active -= 1
+
+    def send_scsi_result(self, task: IscsiTask, status: int, sense: bytes | None,
+                         data: bytes | bytearray | memoryview | None, data_len: int,
+                         data_out_len: int) -> None:
+        """Data-In (phase-collapsed where possible) and/or SCSI Response for a finished task.
+
+        Residuals compare the Expected Data Transfer Length with what the command wanted to
+        move: Data-In produced, or Data-Out asked for (RFC 7143 11.4.5).
+        """
+        self.drop_task(task)
+        if self.state == State.CLOSED:
+            return
+        session = self.session
+        assert session is not None
+        exp_cmd_sn = session.exp_cmd_sn
+        max_cmd_sn = session.refresh_max_cmd_sn()
+        residual_flags = 0
+        residual = 0
+        if task.read and not task.write:
+            produced = data_len
+            if produced > task.edtl:
+                residual_flags, residual = pdu.F_OVERFLOW, produced - task.edtl
+                data_len = task.edtl
+            elif produced < task.edtl:
+                residual_flags, residual = pdu.F_UNDERFLOW, task.edtl - produced
+        elif task.write:
+            wanted = data_out_len
+            if wanted > task.edtl:
+                residual_flags, residual = pdu.F_OVERFLOW, wanted - task.edtl
+            elif wanted < task.edtl:
+                residual_flags, residual = pdu.F_UNDERFLOW, task.edtl - wanted
+            data_len = 0
+        elif data_len:
+            residual_flags, residual = pdu.F_OVERFLOW, data_len
+            data_len = 0
+        collapse = sense is None and status == 0
+        if data_len and data is not None:
+            self._send_data_in(task, data, data_len, status, residual_flags, residual, collapse)
+            if collapse:
+                return
+        payload = b""
+        if sense:
+            payload = len(sense).to_bytes(2, "big") + sense
+        hdr = pdu.scsi_response(task.itt, status, self._next_stat_sn(), exp_cmd_sn, max_cmd_sn,
+                                residual_flags, residual, len(payload), task.data_sn)
+        self._queue(hdr, payload)
+
+    def _send_data_in(self, task: IscsiTask, data: bytes | bytearray | memoryview,
+                      length: int, status: int, residual_flags: int, residual: int,
+                      collapse: bool) -> None:
+        session = self.session
+        assert session is not None
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        seg_max = self.params.initiator_max_recv_data_segment_length
+        burst = session.params.max_burst_length
+        offset = 0
+        in_burst = 0
+        exp_cmd_sn = session.exp_cmd_sn
+        max_cmd_sn = session.max_cmd_sn
+        while offset < length:
+            n = min(seg_max, length - offset, burst - in_burst)
+            last = offset + n == length
+            in_burst += n
+            flags = 0
+            if last or in_burst == burst:
+                flags = pdu.F_FINAL
+                in_burst = 0
+            stat_sn = self.stat_sn
+            if last and collapse:
+                flags |= pdu.F_DATAIN_STATUS | residual_flags
+                stat_sn = self._next_stat_sn()
+            hdr = pdu.data_in(task.itt, flags, status, n, task.lun_field, stat_sn, exp_cmd_sn,
+                              max_cmd_sn, task.data_sn, offset,
+                              residual if flags & pdu.F_DATAIN_STATUS else 0)
+            task.data_sn += 1
+            self._queue(hdr, view[offset:offset + n])
+            offset += n
+
+    def send_tmf_response(self, itt: int, response: int) -> None:
+        session = self.session
+        assert session is not None
+        hdr = pdu.task_mgmt_response(itt, response, self._next_stat_sn(), session.exp_cmd_sn,
+                                     session.refresh_max_cmd_sn())
+        self._queue(hdr)
+
+    def send_logout_response(self, itt: int, response: int, close: bool = True) -> None:
+        session = self.session
+        assert session is not None
+        hdr = pdu.logout_response(itt, response, self._next_stat_sn(), session.exp_cmd_sn,
+                                  session.refresh_max_cmd_sn(),
+                                  session.params.default_time2wait,
+                                  session.params.default_time2retain)
+        self._queue(hdr)
+        if close:
+            self._close("logout")
+
+    def send_async_logout_request(self, seconds: int) -> None:
+        session = self.session
+        if session is None or self.state != State.FULL_FEATURE:
+            return
+        hdr = pdu.async_message(pdu.AsyncEvent.REQUEST_LOGOUT, self._next_stat_sn(),
+                                session.exp_cmd_sn, session.refresh_max_cmd_sn(),
+                                parameter3=seconds)
+        self._queue(hdr)
+
+    def _send_reject(self, reason: RejectReason, bhs: Bhs | None) -> None:
+        session = self.session
+        exp_cmd_sn = session.exp_cmd_sn if session else 0
+        max_cmd_sn = session.refresh_max_cmd_sn() if session else 0
+        hdr = pdu.reject(reason, self._next_stat_sn(), exp_cmd_sn, max_cmd_sn)
+        raw = bhs.raw if bhs is not None else bytes(pdu.BHS_LEN)
+        self._queue(hdr, raw)
+
+    def _nop_out(self, bhs: Bhs, data: memoryview) -> None:
+        session = self.session
+        assert session is not None
+        if bhs.ttt != pdu.RESERVED_TAG:
+            if self._nop_outstanding and self._nop_outstanding[0] == bhs.ttt:
+                self._nop_outstanding = None
+            return
+        if bhs.itt == pdu.RESERVED_TAG:
+            return  # a ping that wants no answer
+        payload = bytes(data)
+        hdr = pdu.nop_in(bhs.itt, pdu.RESERVED_TAG, bhs.lun, self._next_stat_sn(),
+                         session.exp_cmd_sn, session.refresh_max_cmd_sn(), len(payload))
+        self._queue(hdr, payload)
+
+    def _text_request(self, bhs: Bhs, data: memoryview) -> None:
+        session = self.session
+        assert session is not None
+        if bhs.ttt != pdu.RESERVED_TAG and bhs.ttt in self._text_out and not len(data):
+            remaining, ttt = self._text_out.pop(bhs.ttt)
+            self._send_text(bhs, remaining)
+            return
+        self._text_in += data
+        if len(self._text_in) > MAX_PENDING_TEXT:
+            self._text_in.clear()
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "text request too long")
+        if bhs.flags & pdu.F_CONTINUE:
+            ttt = self._alloc_ttt()
+            hdr = pdu.text_response(0, 0, bhs.lun, bhs.itt, ttt, self._next_stat_sn(),
+                                    session.exp_cmd_sn, session.refresh_max_cmd_sn())
+            self._queue(hdr)
+            return
+        try:
+            pairs = text.parse(self._text_in)
+        except LoginError:
+            self._text_in.clear()
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "malformed text") from None
+        self._text_in.clear()
+        answers: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                answers += self.policy.send_targets(session.params.initiator_name, value,
+                                                    self.local_address, session)
+            else:
+                answers.append((key, "NotUnderstood"))
+        self._send_text(bhs, text.encode(answers))
+
+    def _send_text(self, bhs: Bhs, payload: bytes) -> None:
+        session = self.session
+        assert session is not None
+        limit = self.params.initiator_max_recv_data_segment_length
+        if len(payload) > limit:
+            ttt = self._alloc_ttt()
+            self._text_out[ttt] = (payload[limit:], ttt)
+            chunk, flags = payload[:limit], pdu.F_CONTINUE
+        else:
+            ttt, chunk, flags = pdu.RESERVED_TAG, payload, pdu.F_FINAL
+        hdr = pdu.text_response(flags, len(chunk), bhs.lun, bhs.itt, ttt, self._next_stat_sn(),
+                                session.exp_cmd_sn, session.refresh_max_cmd_sn())
+        self._queue(hdr, chunk)
+
+    def _alloc_ttt(self) -> int:
+        ttt = self._next_ttt
+        self._next_ttt = (self._next_ttt + 1) & 0x7FFFFFFF or 1
+        return ttt
+
+    # ------------------------------------------------------------------ output
+    def _next_stat_sn(self) -> int:
+        sn = self.stat_sn
+        self.stat_sn = (sn + 1) & 0xFFFFFFFF
+        return sn
+
+    def _queue(self, hdr: bytearray, data: bytes | bytearray | memoryview = b"") -> None:
+        out = self._out
+        out.append(hdr)
+        if self.params.header_digest:
+            out.append(dg.digest((hdr,)))
+        n = len(data)
+        if n:
+            out.append(data)
+            pad = pdu.pad_len(n)
+            if pad:
+                out.append(_PADDING[pad])
+            if self.params.data_digest:
+                parts: tuple[bytes | bytearray | memoryview, ...] = (data, _PADDING[pad]) if pad else (data,)
+                out.append(dg.digest(parts))
+        self._out_bytes += len(hdr) + n
+
+    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        return out
+
+    @property
+    def wants_close(self) -> bool:
+        return self.state == State.CLOSED
+
+    def _close(self, reason: str) -> None:
+        if self.state != State.CLOSED:
+            self.state = State.CLOSED
+            self.events.append(Closed(reason))
+
+    def close(self, reason: str = "closed") -> None:
+        self._close(reason)
+
+    # ------------------------------------------------------------------ timers
+    def next_deadline(self) -> float | None:
+        if self.state in (State.LOGIN, State.LOGIN_BINDING):
+            return self.login_deadline
+        if self.state != State.FULL_FEATURE or not self.nop_interval:
+            return None
+        if self._nop_outstanding is not None:
+            return self._nop_outstanding[1] + self.nop_timeout
+        return self._last_rx + self.nop_interval
+
+    def on_timer(self, now: float) -> None:
+        self._now = now
+        if self.state in (State.LOGIN, State.LOGIN_BINDING):
+            if self.login_deadline is not None and now >= self.login_deadline:
+                self._close("login timed out")
+            return
+        if self.state != State.FULL_FEATURE or not self.nop_interval:
+            return
+        if self._nop_outstanding is not None:
+            if now >= self._nop_outstanding[1] + self.nop_timeout:
+                self._close("initiator stopped answering NOP-In")
+            return
+        if now >= self._last_rx + self.nop_interval:
+            session = self.session
+            assert session is not None
+            ttt = self._nop_ttt
+            self._nop_ttt = (self._nop_ttt + 1) & 0x7FFFFFFF or 1
+            self._nop_outstanding = (ttt, now)
+            hdr = pdu.nop_in(pdu.RESERVED_TAG, ttt, 0, self.stat_sn, session.exp_cmd_sn,
+                             session.refresh_max_cmd_sn())
+            self._queue(hdr)
+
+
+_PADDING = {1: b"\0", 2: b"\0\0", 3: b"\0\0\0"}

@@ -1,0 +1,185 @@
+"""iSCSI target nodes and the registry that logins consult (RFC 7143 4.3, 6.3, 13).
+
+A `TargetNode` is one IQN with its logical units and its access list; the `TargetRegistry`
+holds every node, answers the login's questions (which targets exist, who may log in, which
+authentication applies), assigns TSIHs, and binds logins to sessions, reporting the sessions a
+reinstatement replaces. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..scsi.device import LogicalUnit, NoLogicalUnit
+from ..scsi.task import Nexus
+from .auth import Authenticator, NoAuthentication
+from .errors import LoginError, LoginStatus
+from .login import LoginResult
+from .params import TargetLimits
+from .session import Session
+
+DEFAULT_TPGT = 1
+RELATIVE_PORT = 1
+
+
+@dataclass
+class AclEntry:
+    initiator: str
+    luns: frozenset[int] | None  # None: every LUN
+
+
+@dataclass
+class TargetNode:
+    name: str
+    alias: str = ""
+    tpgt: int = DEFAULT_TPGT
+    luns: dict[int, LogicalUnit] = field(default_factory=dict)
+    acl: list[AclEntry] | None = None  # None: any initiator, all LUNs
+
+    def allows(self, initiator: str) -> bool:
+        return self.acl is None or any(e.initiator.lower() == initiator.lower() for e in self.acl)
+
+    def masked_luns(self, initiator: str) -> frozenset[int] | None:
+        if self.acl is None:
+            return None
+        for entry in self.acl:
+            if entry.initiator.lower() == initiator.lower():
+                return entry.luns
+        return frozenset()
+
+    def visible_luns(self, nexus: Nexus) -> list[int]:
+        allowed = self.masked_luns(nexus.initiator_name)
+        return [n for n in self.luns if allowed is None or n in allowed]
+
+    def lookup(self, lun: int | None, nexus: Nexus) -> LogicalUnit:
+        """The device server for a LUN as this initiator sees it (masked LUNs do not exist)."""
+        if lun is not None:
+            lu = self.luns.get(lun)
+            allowed = self.masked_luns(nexus.initiator_name)
+            if lu is not None and (allowed is None or lun in allowed):
+                return lu
+        return NoLogicalUnit(lun if lun is not None else 0, self)
+
+
+class TargetRegistry:
+    """Targets, portals and live sessions of one pytarget instance."""
+
+    def __init__(self, limits: TargetLimits | None = None, window: int = 128) -> None:
+        self.limits = limits or TargetLimits()
+        self.window = window
+        self.targets: dict[str, TargetNode] = {}
+        self.portals: list[tuple[str, int]] = []
+        self.sessions: dict[int, Session] = {}
+        self._next_tsih = 1
+
+    def add_target(self, node: TargetNode) -> None:
+        self.targets[node.name.lower()] = node
+
+    def target(self, name: str) -> TargetNode | None:
+        return self.targets.get(name.lower())
+
+    # ---------------------------------------------------------------- login policy
+    def portal_group_tag(self) -> int:
+        return DEFAULT_TPGT
+
+    def authenticator(self, session_type: str, target_name: str) -> Authenticator:
+        return NoAuthentication()
+
+    def check_target(self, target_name: str, initiator_name: str) -> str:
+        node = self.target(target_name)
+        if node is None:
+            raise LoginError(LoginStatus.NOT_FOUND, f"no target {target_name}")
+        if not node.allows(initiator_name):
+            raise LoginError(LoginStatus.AUTHORIZATION_FAILURE,
+                             f"{initiator_name} may not log into {target_name}")
+        return node.alias
+
+    def check_session(self, initiator_name: str, target_name: str, isid: bytes, tsih: int,
+                      cid: int) -> None:
+        session = self.sessions.get(tsih)
+        if session is None or session.isid != isid or (
+                session.params.initiator_name.lower() != initiator_name.lower()):
+            raise LoginError(LoginStatus.SESSION_DOES_NOT_EXIST, f"no session with TSIH {tsih}")
+        if not any(getattr(c, "cid", None) == cid for c in session.connections):
+            raise LoginError(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections is 1")
+
+    # ---------------------------------------------------------------- discovery
+    def send_targets(self, initiator_name: str, value: str, local_address: tuple[str, int],
+                     session: Session) -> list[tuple[str, str]]:
+        """SendTargets (RFC 7143 appendix C): the targets this initiator may log into."""
+        if value == "All":
+            if not session.discovery:
+                return [("SendTargets", "Reject")]
+            nodes: Iterable[TargetNode] = self.targets.values()
+        elif value == "":
+            nodes = [session.target] if session.target is not None else []
+        else:
+            node = self.target(value)
+            nodes = [node] if node is not None else []
+        answers: list[tuple[str, str]] = []
+        for node in nodes:
+            if not node.allows(initiator_name):
+                continue
+            answers.append(("TargetName", node.name))
+            for host, port in self.addresses(local_address):
+                answers.append(("TargetAddress", f"{host}:{port},{node.tpgt}"))
+        return answers
+
+    def addresses(self, local_address: tuple[str, int]) -> list[tuple[str, int]]:
+        """Portal addresses to announce; a wildcard portal announces the address reached."""
+        out: list[tuple[str, int]] = []
+        for host, port in self.portals or [local_address]:
+            if host in ("0.0.0.0", "::", ""):
+                host = local_address[0]
+            try:
+                if ipaddress.ip_address(host).version == 6:
+                    host = f"[{host}]"
+            except ValueError:
+                pass
+            if (host, port) not in out:
+                out.append((host, port))
+        return out
+
+    # ---------------------------------------------------------------- sessions
+    def bind_session(self, result: LoginResult, connection: object) -> tuple[Session, list[Session]]:
+        """A Session for a completed login, and the sessions it replaces (RFC 7143 6.3.5)."""
+        params = result.session
+        replaced: list[Session] = []
+        node = self.target(params.target_name) if params.session_type == "Normal" else None
+        if result.tsih > 0:
+            old = self.sessions.get(result.tsih)
+            if old is None:
+                raise LoginError(LoginStatus.SESSION_DOES_NOT_EXIST, "session vanished")
+            replaced.append(old)
+            tsih = result.tsih
+        else:
+            for other in self.sessions.values():
+                if (other.isid == result.isid and other.params.session_type == params.session_type
+                        and other.params.initiator_name.lower() == params.initiator_name.lower()
+                        and other.params.target_name.lower() == params.target_name.lower()):
+                    replaced.append(other)
+            tsih = self._allocate_tsih()
+        nexus = None
+        if node is not None:
+            nexus = Nexus(params.initiator_name, result.isid, node.name, node.tpgt, RELATIVE_PORT)
+        session = Session(tsih, result.isid, params, node, nexus,
+                          (result.cmd_sn) & 0xFFFFFFFF, self.window)
+        session.connection_params = result.connection
+        for old in replaced:
+            self.sessions.pop(old.tsih, None)
+        self.sessions[tsih] = session
+        return session, replaced
+
+    def _allocate_tsih(self) -> int:
+        for _ in range(65535):
+            tsih = self._next_tsih
+            self._next_tsih = tsih % 65535 + 1
+            if tsih not in self.sessions:
+                return tsih
+        raise LoginError(LoginStatus.OUT_OF_RESOURCES, "no free TSIH")
+
+    def remove_session(self, session: Session) -> None:
+        if self.sessions.get(session.tsih) is session:
+            del self.sessions[session.tsih]

@@ -1,0 +1,26 @@
+"""Every limit the device server advertises, defined once and enforced by the handlers.
+
+VPD B0h (block limits), VPD 8Fh and RECEIVE COPY RESULTS report these values; the command
+handlers reject what exceeds them with the sense the standards ask for. Lengths are in logical
+blocks unless named `_bytes`.
+"""
+
+from __future__ import annotations
+
+MAX_TRANSFER_BYTES = 8 * 1024 * 1024
+OPTIMAL_TRANSFER_BYTES = 1024 * 1024
+MAX_COMPARE_AND_WRITE_BLOCKS = 1  # raised by the COMPARE AND WRITE work
+MAX_PREFETCH_BYTES = 8 * 1024 * 1024
+
+# Logical block provisioning (SBC-3 6.6.4): one UNMAP descriptor may cover 1 GiB worth of
+# blocks; granules are 4 KiB.
+MAX_UNMAP_BYTES = 1 << 30
+MAX_UNMAP_DESCRIPTORS = 256
+UNMAP_GRANULARITY_BYTES = 4096
+MAX_WRITE_SAME_BYTES = 1 << 30
+
+MAX_PARAMETER_LIST = 65536  # MODE SELECT, UNMAP and other parameter lists, in bytes
+
+
+def blocks(nbytes: int, block_size: int) -> int:
+    return nbytes // block_size

@@ -1,0 +1,111 @@
+"""LBA range locks: shared for reads, exclusive for anything that changes blocks.
+
+COMPARE AND WRITE, WRITE, WRITE SAME, UNMAP and the copy manager's writes all take an exclusive
+lock on the blocks they touch, so a compare-and-write is atomic against every other writer
+(SBC-3 5.2), not only against other compare-and-writes. Grants are first come, first served: a
+request waits for every earlier holder or waiter it overlaps, so a whole-LU barrier (used by
+RESERVE) waits for the commands queued before it and holds back those queued after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from types import TracebackType
+
+
+class _Request:
+    __slots__ = ("start", "end", "exclusive", "future")
+
+    def __init__(self, start: int, end: int, exclusive: bool) -> None:
+        self.start = start
+        self.end = end
+        self.exclusive = exclusive
+        self.future: asyncio.Future[None] | None = None
+
+    def conflicts(self, other: _Request) -> bool:
+        return (self.exclusive or other.exclusive) and self.start < other.end and other.start < self.end
+
+
+class RangeLock:
+    def __init__(self) -> None:
+        self._held: list[_Request] = []
+        self._waiting: deque[_Request] = deque()
+
+    def _blocked(self, req: _Request, waiters_before: list[_Request] | deque[_Request]) -> bool:
+        for other in self._held:
+            if req.conflicts(other):
+                return True
+        for other in waiters_before:
+            if req.conflicts(other):
+                return True
+        return False
+
+    async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
+        req = _Request(start, start + max(count, 1), exclusive)
+        if not self._blocked(req, self._waiting):
+            self._held.append(req)
+            return req
+        req.future = asyncio.get_running_loop().create_future()
+        self._waiting.append(req)
+        try:
+            await req.future
+        except asyncio.CancelledError:
+            if req.future.done() and not req.future.cancelled():
+                self.release(req)  # granted just as we were cancelled
+            else:
+                self._waiting.remove(req)
+                self._wake()
+            raise
+        return req
+
+    def release(self, req: _Request) -> None:
+        self._held.remove(req)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._waiting:
+            return
+        before: list[_Request] = []
+        remaining: deque[_Request] = deque()
+        for req in self._waiting:
+            if not self._blocked(req, before):
+                self._held.append(req)
+                assert req.future is not None
+                req.future.set_result(None)
+            else:
+                remaining.append(req)
+                before.append(req)
+        self._waiting = remaining
+
+    def shared(self, start: int, count: int) -> _Guard:
+        return _Guard(self, start, count, False)
+
+    def exclusive(self, start: int, count: int) -> _Guard:
+        return _Guard(self, start, count, True)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._held or self._waiting)
+
+
+class _Guard:
+    __slots__ = ("lock", "start", "count", "exclusive_", "req")
+
+    def __init__(self, lock: RangeLock, start: int, count: int, exclusive: bool) -> None:
+        self.lock = lock
+        self.start = start
+        self.count = count
+        self.exclusive_ = exclusive
+        self.req: _Request | None = None
+
+    async def __aenter__(self) -> None:
+        self.req = await self.lock.acquire(self.start, self.count, self.exclusive_)
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self.req is not None
+        self.lock.release(self.req)
+
+
+WHOLE_UNIT = (0, 1 << 64)

@@ -1,0 +1,233 @@
+"""Block command handlers (SBC-3): READ, WRITE, VERIFY, WRITE AND VERIFY, SYNCHRONIZE CACHE,
+PRE-FETCH, READ CAPACITY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, READ DEFECT DATA.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import limits
+from . import sense as S
+from .cdb import be16, be32, be64, lba_and_length
+from .sense import Status
+
+if TYPE_CHECKING:
+    from .device import LogicalUnit
+    from .task import ScsiTask
+
+
+def transfer(lu: LogicalUnit, cdb: bytes) -> tuple[int, int]:
+    """(LBA, blocks) of a READ/WRITE/VERIFY CDB, range- and limit-checked (SBC-3 4.5)."""
+    lba, count, length_at = lba_and_length(cdb)
+    if len(cdb) == 6 and count == 0:
+        count = 256
+    lu.check_range(lba, count)
+    if count * lu.block_size > limits.MAX_TRANSFER_BYTES:
+        raise S.invalid_field_in_cdb(length_at, 7)
+    return lba, count
+
+
+async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    lba, count = transfer(lu, cdb)
+    if not count:
+        return
+    fua = len(cdb) > 6 and bool(cdb[1] & 0x08)
+    buf = bytearray(count * lu.block_size)
+    view = memoryview(buf)
+    async with lu.ranges.shared(lba, count):
+        if fua and lu.mode.write_cache:
+            await lu.flush()  # FUA: the data comes from the medium, not a newer cached copy
+        await lu.read_blocks(view, lba)
+    task.set_data_in(buf)
+
+
+async def receive_blocks(lu: LogicalUnit, task: ScsiTask, count: int) -> memoryview:
+    """Data-Out for `count` blocks, or for the whole blocks the initiator will send.
+
+    When the Expected Data Transfer Length is shorter than the CDB asks, only the blocks it
+    covers are transferred and acted on (the residual reports the rest, RFC 7143 11.4.5.2);
+    a length that ends inside a block cannot be acted on at all.
+    """
+    nbytes = count * lu.block_size
+    data = await task.receive_data_out(nbytes)
+    if len(data) < nbytes and len(data) % lu.block_size:
+        raise S.SenseError(S.SenseKey.ILLEGAL_REQUEST, S.Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+    return data
+
+
+async def write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    lba, count = transfer(lu, cdb)
+    if not count:
+        return
+    fua = len(cdb) > 6 and bool(cdb[1] & 0x08)
+    data = await receive_blocks(lu, task, count)
+    if not data:
+        return
+    async with lu.ranges.exclusive(lba, count):
+        await lu.write_blocks(data, lba, fua)
+
+
+def first_difference(a: memoryview | bytes, b: memoryview | bytes) -> int | None:
+    """Offset of the first differing byte, or None when equal (numpy compare)."""
+    x = np.frombuffer(a, dtype=np.uint8)
+    y = np.frombuffer(b, dtype=np.uint8)
+    n = min(len(x), len(y))
+    diff = np.flatnonzero(x[:n] != y[:n])
+    return int(diff[0]) if diff.size else None
+
+
+async def _compare_with_medium(lu: LogicalUnit, lba: int, data: memoryview) -> None:
+    current = bytearray(len(data))
+    await lu.read_blocks(memoryview(current), lba)
+    offset = first_difference(data, current)
+    if offset is not None:
+        raise S.miscompare(offset)
+
+
+async def verify(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """VERIFY(10/12/16) (SBC-3 5.26): BYTCHK 00b checks the medium, 01b compares the Data-Out,
+    11b compares one block of Data-Out with every block."""
+    bytchk = (cdb[1] >> 1) & 0x03
+    if bytchk == 0x02:
+        raise S.invalid_field_in_cdb(1, 2)
+    lba, count = transfer(lu, cdb)
+    if not count:
+        return
+    if bytchk == 0:
+        async with lu.ranges.shared(lba, count):
+            await lu.read_blocks(memoryview(bytearray(count * lu.block_size)), lba)
+        return
+    if bytchk == 1:
+        data = await receive_blocks(lu, task, count)
+        count = len(data) // lu.block_size
+    else:
+        block = await receive_blocks(lu, task, 1)
+        data = memoryview(bytes(block) * count)
+    async with lu.ranges.shared(lba, count):
+        await _compare_with_medium(lu, lba, data)
+
+
+async def write_and_verify(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """WRITE AND VERIFY(10/12/16) (SBC-3 5.35): write, make durable, verify the medium."""
+    bytchk = (cdb[1] >> 1) & 0x03
+    if bytchk > 1:
+        raise S.invalid_field_in_cdb(1, 2)
+    lba, count = transfer(lu, cdb)
+    if not count:
+        return
+    data = await receive_blocks(lu, task, count)
+    if not data:
+        return
+    async with lu.ranges.exclusive(lba, count):
+        await lu.write_blocks(data, lba, fua=True)
+        await _compare_with_medium(lu, lba, data)
+
+
+async def synchronize_cache(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    if len(cdb) == 10:
+        lba, count = be32(cdb, 2), be16(cdb, 7)
+    else:
+        lba, count = be64(cdb, 2), be32(cdb, 10)
+    lu.check_range(lba, count)
+    await lu.flush()
+
+
+async def pre_fetch(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """PRE-FETCH(10/16) (SBC-3 5.9): ask the page cache to read ahead; CONDITION MET when the
+    blocks fit in the cache."""
+    if len(cdb) == 10:
+        lba, count = be32(cdb, 2), be16(cdb, 7)
+    else:
+        lba, count = be64(cdb, 2), be32(cdb, 10)
+    lu.check_range(lba, count)
+    assert lu.backstore is not None
+    length = (count or lu.nblocks - lba) * lu.block_size
+    os.posix_fadvise(lu.backstore.fd, lba * lu.block_size, length, os.POSIX_FADV_WILLNEED)
+    if length <= limits.MAX_PREFETCH_BYTES:
+        task.status = Status.CONDITION_MET
+
+
+async def read_capacity_10(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    if not cdb[8] & 0x01 and be32(cdb, 2):
+        raise S.invalid_field_in_cdb(2, 7)  # LBA without PMI
+    last = min(lu.nblocks - 1, 0xFFFFFFFF)
+    task.set_data_in(struct.pack(">II", last, lu.block_size))
+
+
+def physical_exponent(lu: LogicalUnit) -> int:
+    """LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4 KiB physical blocks."""
+    return max(0, (4096 // lu.block_size).bit_length() - 1)
+
+
+async def read_capacity_16(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    alloc = be32(cdb, 10)
+    if not cdb[14] & 0x01 and be64(cdb, 2):
+        raise S.invalid_field_in_cdb(2, 7)
+    data = bytearray(32)
+    struct.pack_into(">QI", data, 0, lu.nblocks - 1, lu.block_size)
+    data[13] = physical_exponent(lu)
+    if lu.thin:
+        data[14] = 0x80 | 0x40  # LBPME, LBPRZ
+    task.set_data_in(bytes(data[:alloc]))
+
+
+async def start_stop_unit(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """START STOP UNIT (SBC-3 5.20).
+
+    A file has no spindle: power conditions are accepted and change nothing, and START=0
+    only writes the cache back (unless NO_FLUSH), leaving the unit ready. LOEJ ejects and
+    loads the medium of a removable LUN, unless a nexus prevents removal.
+    """
+    if cdb[4] >> 4:
+        return
+    no_flush = bool(cdb[4] & 0x04)
+    loej = bool(cdb[4] & 0x02)
+    start = bool(cdb[4] & 0x01)
+    if not start and not no_flush and lu.medium_present:
+        await lu.flush()
+    if loej and lu.removable:
+        if lu.prevent:
+            raise S.SenseError(S.SenseKey.ILLEGAL_REQUEST, S.Asc.MEDIUM_REMOVAL_PREVENTED)
+        lu.medium_present = start
+
+
+async def prevent_allow_medium_removal(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """PREVENT ALLOW MEDIUM REMOVAL (SBC-3 5.11): per I_T nexus, for removable media."""
+    prevent = cdb[4] & 0x03
+    if prevent > 1:
+        raise S.invalid_field_in_cdb(4, 1)
+    if prevent:
+        lu.prevent.add(task.nexus.key)
+    else:
+        lu.prevent.discard(task.nexus.key)
+
+
+async def orwrite(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """ORWRITE(16) (SBC-3 5.8): OR the Data-Out into the blocks, atomically."""
+    lba, count = transfer(lu, cdb)
+    if not count:
+        return
+    fua = bool(cdb[1] & 0x08)
+    data = await receive_blocks(lu, task, count)
+    async with lu.ranges.exclusive(lba, count):
+        current = bytearray(len(data))
+        await lu.read_blocks(memoryview(current), lba)
+        merged = np.bitwise_or(np.frombuffer(current, dtype=np.uint8),
+                               np.frombuffer(data, dtype=np.uint8))
+        await lu.write_blocks(memoryview(merged.tobytes()), lba, fua)
+
+
+async def read_defect_data(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """READ DEFECT DATA(10/12) (SBC-3 5.18): a file has no defect list; report an empty one."""
+    twelve = len(cdb) == 12
+    fmt = (cdb[1] if twelve else cdb[2]) & 0x1F
+    alloc = be32(cdb, 6) if twelve else be16(cdb, 7)
+    if twelve:
+        data = struct.pack(">BBHI", 0, fmt, 0, 0)
+    else:
+        data = struct.pack(">BBH", 0, fmt, 0)
+    task.set_data_in(data[:alloc])

@@ -1,0 +1,273 @@
+"""SCSI status, sense keys, additional sense codes, and the one exception that carries them.
+
+Every SCSI failure below the device server is raised as `SenseError`, built by a named
+constructor (`invalid_field_in_cdb(byte, bit)`, `lba_out_of_range()`, ...). The device server
+catches it in one place and encodes it as fixed or descriptor format sense (SPC-4 4.5).
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """SAM-5 status codes."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class SenseKey(IntEnum):
+    NO_SENSE = 0x0
+    RECOVERED_ERROR = 0x1
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    HARDWARE_ERROR = 0x4
+    ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
+    DATA_PROTECT = 0x7
+    BLANK_CHECK = 0x8
+    COPY_ABORTED = 0xA
+    ABORTED_COMMAND = 0xB
+    VOLUME_OVERFLOW = 0xD
+    MISCOMPARE = 0xE
+
+
+class Asc(IntEnum):
+    """Additional sense code and qualifier as ASC << 8 | ASCQ (SPC-4 table D.1)."""
+
+    NO_ADDITIONAL_SENSE = 0x0000
+    OPERATION_IN_PROGRESS = 0x0016
+    LUN_NOT_READY = 0x0400
+    LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED = 0x0402
+    LUN_NOT_READY_MANUAL_INTERVENTION_REQUIRED = 0x0403
+    LUN_COMMUNICATION_FAILURE = 0x0800
+    WRITE_ERROR = 0x0C00
+    THIRD_PARTY_DEVICE_FAILURE = 0x0D01
+    COPY_TARGET_DEVICE_NOT_REACHABLE = 0x0D02
+    INCORRECT_COPY_TARGET_DEVICE_TYPE = 0x0D03
+    COPY_TARGET_DEVICE_DATA_UNDERRUN = 0x0D04
+    COPY_TARGET_DEVICE_DATA_OVERRUN = 0x0D05
+    UNRECOVERED_READ_ERROR = 0x1100
+    PARAMETER_LIST_LENGTH_ERROR = 0x1A00
+    MISCOMPARE_DURING_VERIFY = 0x1D00
+    INVALID_COMMAND_OPERATION_CODE = 0x2000
+    LBA_OUT_OF_RANGE = 0x2100
+    INVALID_TOKEN_OPERATION_CAUSE_NOT_REPORTABLE = 0x2380
+    INVALID_TOKEN_OPERATION_UNSUPPORTED_TOKEN_TYPE = 0x2381
+    INVALID_TOKEN_OPERATION_REMOTE_TOKEN_USAGE_NOT_SUPPORTED = 0x2382
+    INVALID_TOKEN_OPERATION_REMOTE_ROD_TOKEN_CREATION_NOT_SUPPORTED = 0x2383
+    INVALID_TOKEN_OPERATION_TOKEN_UNKNOWN = 0x2384
+    INVALID_TOKEN_OPERATION_TOKEN_CORRUPT = 0x2385
+    INVALID_TOKEN_OPERATION_TOKEN_REVOKED = 0x2386
+    INVALID_TOKEN_OPERATION_TOKEN_EXPIRED = 0x2387
+    INVALID_TOKEN_OPERATION_TOKEN_CANCELLED = 0x2388
+    INVALID_TOKEN_OPERATION_TOKEN_DELETED = 0x2389
+    INVALID_TOKEN_OPERATION_INVALID_TOKEN_LENGTH = 0x238A
+    INVALID_FIELD_IN_CDB = 0x2400
+    INVALID_FIELD_IN_INFORMATION_UNIT = 0x0E03
+    LOGICAL_UNIT_NOT_SUPPORTED = 0x2500
+    INVALID_FIELD_IN_PARAMETER_LIST = 0x2600
+    PARAMETER_NOT_SUPPORTED = 0x2601
+    PARAMETER_VALUE_INVALID = 0x2602
+    INVALID_RELEASE_OF_PERSISTENT_RESERVATION = 0x2604
+    TOO_MANY_TARGET_DESCRIPTORS = 0x2606
+    UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE = 0x2607
+    TOO_MANY_SEGMENT_DESCRIPTORS = 0x2608
+    UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE = 0x2609
+    UNEXPECTED_INEXACT_SEGMENT = 0x260A
+    INLINE_DATA_LENGTH_EXCEEDED = 0x260B
+    INVALID_OPERATION_FOR_COPY_SOURCE_OR_DESTINATION = 0x260C
+    COPY_SEGMENT_GRANULARITY_VIOLATION = 0x260D
+    WRITE_PROTECTED = 0x2700
+    SPACE_ALLOCATION_FAILED_WRITE_PROTECT = 0x2707
+    NOT_READY_TO_READY_CHANGE = 0x2800
+    POWER_ON_RESET_OR_BUS_DEVICE_RESET = 0x2900
+    POWER_ON_OCCURRED = 0x2901
+    BUS_DEVICE_RESET_FUNCTION_OCCURRED = 0x2903
+    I_T_NEXUS_LOSS_OCCURRED = 0x2907
+    PARAMETERS_CHANGED = 0x2A00
+    MODE_PARAMETERS_CHANGED = 0x2A01
+    RESERVATIONS_PREEMPTED = 0x2A03
+    RESERVATIONS_RELEASED = 0x2A04
+    REGISTRATIONS_PREEMPTED = 0x2A05
+    CAPACITY_DATA_HAS_CHANGED = 0x2A09
+    COMMAND_SEQUENCE_ERROR = 0x2C00
+    COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = 0x2F00
+    COMMANDS_CLEARED_BY_DEVICE_SERVER = 0x2F02
+    MEDIUM_NOT_PRESENT = 0x3A00
+    SAVING_PARAMETERS_NOT_SUPPORTED = 0x3900
+    INQUIRY_DATA_HAS_CHANGED = 0x3F03
+    REPORTED_LUNS_DATA_HAS_CHANGED = 0x3F0E
+    INTERNAL_TARGET_FAILURE = 0x4400
+    PROTOCOL_SERVICE_CRC_ERROR = 0x4705
+    DATA_PHASE_ERROR = 0x4B00
+    INVALID_TARGET_PORT_TRANSFER_TAG = 0x4B01
+    TOO_MUCH_WRITE_DATA = 0x4B02
+    OVERLAPPED_COMMANDS_ATTEMPTED = 0x4E00
+    MEDIUM_REMOVAL_PREVENTED = 0x5302
+    INSUFFICIENT_RESOURCES = 0x5503
+    INSUFFICIENT_REGISTRATION_RESOURCES = 0x5504
+
+
+_INFO_DESC = struct.Struct(">BBBxQ")
+
+
+class SenseError(Exception):
+    """A SCSI command failure with its sense data (SPC-4 4.5).
+
+    `field` is a sense-key-specific field pointer (SPC-4 4.5.2.4.2): (in_cdb, byte, bit or None).
+    `information` fills the INFORMATION field; `status` is CHECK CONDITION unless a
+    constructor says otherwise (RESERVATION CONFLICT carries no sense).
+    """
+
+    def __init__(self, key: SenseKey, asc: Asc, *, information: int | None = None,
+                 field: tuple[bool, int, int | None] | None = None,
+                 sks: bytes | None = None, command_specific: int = 0,
+                 status: Status = Status.CHECK_CONDITION,
+                 extra_descriptors: bytes = b"") -> None:
+        super().__init__(f"{key.name} {asc.name}")
+        self.key = key
+        self.asc = asc
+        self.information = information
+        self.field = field
+        self.sks = sks
+        self.command_specific = command_specific
+        self.status = status
+        self.extra_descriptors = extra_descriptors
+
+    def sense_key_specific(self) -> bytes | None:
+        if self.sks is not None:
+            return self.sks
+        if self.field is None:
+            return None
+        in_cdb, byte, bit = self.field
+        b0 = 0x80 | (0x40 if in_cdb else 0)
+        if bit is not None:
+            b0 |= 0x08 | (bit & 7)
+        return bytes((b0, (byte >> 8) & 0xFF, byte & 0xFF))
+
+    def encode(self, descriptor_format: bool) -> bytes:
+        return encode_sense(self.key, self.asc, descriptor_format, self.information,
+                            self.sense_key_specific(), self.command_specific,
+                            self.extra_descriptors)
+
+
+def encode_sense(key: int, asc: int, descriptor_format: bool, information: int | None = None,
+                 sks: bytes | None = None, command_specific: int = 0,
+                 extra_descriptors: bytes = b"") -> bytes:
+    """Sense data in descriptor (72h) or fixed (70h) format, current error."""
+    if descriptor_format:
+        body = bytearray()
+        if information is not None:
+            body += _INFO_DESC.pack(0x00, 0x0A, 0x80, information)
+        if command_specific:
+            body += _INFO_DESC.pack(0x01, 0x0A, 0x00, command_specific)
+        if sks is not None:
+            body += bytes((0x02, 0x06, 0, 0)) + sks + b"\0"
+        body += extra_descriptors
+        return bytes((0x72, key, asc >> 8, asc & 0xFF, 0, 0, 0, len(body))) + bytes(body)
+    fixed = bytearray(18)
+    fixed[0] = 0x70
+    fixed[2] = key
+    if information is not None:
+        fixed[0] |= 0x80
+        struct.pack_into(">I", fixed, 3, information & 0xFFFFFFFF)
+    fixed[7] = 10
+    struct.pack_into(">I", fixed, 8, command_specific & 0xFFFFFFFF)
+    fixed[12] = asc >> 8
+    fixed[13] = asc & 0xFF
+    if sks is not None:
+        fixed[15:18] = sks
+    return bytes(fixed)
+
+
+# Named constructors, one per condition.
+def invalid_field_in_cdb(byte: int, bit: int | None = None) -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, field=(True, byte, bit))
+
+
+def invalid_field_in_parameter_list(byte: int, bit: int | None = None) -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST,
+                      field=(False, byte, bit))
+
+
+def parameter_list_error(asc: Asc, byte: int | None = None, bit: int | None = None) -> SenseError:
+    """ILLEGAL REQUEST with any parameter-list ASC, optionally pointing at the field."""
+    field = None if byte is None else (False, byte, bit)
+    return SenseError(SenseKey.ILLEGAL_REQUEST, asc, field=field)
+
+
+def parameter_list_length_error() -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.PARAMETER_LIST_LENGTH_ERROR)
+
+
+def invalid_opcode() -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE,
+                      field=(True, 0, None))
+
+
+def invalid_service_action(byte: int = 1, bit: int | None = 4) -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, field=(True, byte, bit))
+
+
+def lba_out_of_range() -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
+
+
+def logical_unit_not_supported() -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_UNIT_NOT_SUPPORTED)
+
+
+def write_protected() -> SenseError:
+    return SenseError(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+
+
+def space_allocation_failed() -> SenseError:
+    return SenseError(SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+
+
+def not_ready(asc: Asc = Asc.LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED) -> SenseError:
+    return SenseError(SenseKey.NOT_READY, asc)
+
+
+def medium_error(asc: Asc, lba: int | None = None) -> SenseError:
+    return SenseError(SenseKey.MEDIUM_ERROR, asc, information=lba)
+
+
+def miscompare(offset: int) -> SenseError:
+    return SenseError(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY, information=offset)
+
+
+def internal_target_failure() -> SenseError:
+    return SenseError(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+
+
+def unit_attention(asc: Asc) -> SenseError:
+    return SenseError(SenseKey.UNIT_ATTENTION, asc)
+
+
+def aborted_command(asc: Asc) -> SenseError:
+    return SenseError(SenseKey.ABORTED_COMMAND, asc)
+
+
+def saving_parameters_not_supported(byte: int, bit: int) -> SenseError:
+    """Saved mode pages asked for where none can be saved (SPC-4 6.11, 6.12)."""
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.SAVING_PARAMETERS_NOT_SUPPORTED,
+                      field=(True, byte, bit))
+
+
+def reservation_conflict() -> SenseError:
+    return SenseError(SenseKey.NO_SENSE, Asc.NO_ADDITIONAL_SENSE,
+                      status=Status.RESERVATION_CONFLICT)
+
+
+def insufficient_resources() -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_RESOURCES)

@@ -1,0 +1,100 @@
+"""The SCSI task as the device server sees it, and the I_T nexus that issued it.
+
+A transport protocol (iSCSI, or the copy manager acting as an internal initiator) creates a
+`ScsiTask`, gives it a `DataSource` that fetches Data-Out on demand, and reads the status,
+sense and Data-In back once the device server has executed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from enum import IntEnum
+from typing import Protocol
+
+from .sense import Status
+
+
+class TaskAttr(IntEnum):
+    SIMPLE = 0
+    ORDERED = 1
+    HEAD_OF_QUEUE = 2
+    ACA = 3
+
+
+class Nexus:
+    """An I_T nexus: initiator port and target port (SAM-5 4.6.2, SPC-4 5.13 for PR).
+
+    For iSCSI the initiator port name is "<iSCSI name>,i,0x<ISID>" and the target port name
+    "<iSCSI name>,t,0x<TPGT>" (RFC 7143 10.1.1). Two logins with different ISIDs are two nexuses.
+    """
+
+    __slots__ = ("initiator_name", "isid", "target_name", "tpgt", "relative_port", "key",
+                 "internal", "__weakref__")
+
+    def __init__(self, initiator_name: str, isid: bytes, target_name: str, tpgt: int,
+                 relative_port: int = 1, internal: bool = False) -> None:
+        self.initiator_name = initiator_name
+        self.isid = bytes(isid)
+        self.target_name = target_name
+        self.tpgt = tpgt
+        self.relative_port = relative_port
+        self.internal = internal
+        self.key = (initiator_name.lower(), self.isid, target_name.lower(), tpgt)
+
+    @property
+    def initiator_port_name(self) -> str:
+        return f"{self.initiator_name},i,0x{self.isid.hex()}"
+
+    @property
+    def target_port_name(self) -> str:
+        return f"{self.target_name},t,0x{self.tpgt:04x}"
+
+    def __repr__(self) -> str:
+        return f"<Nexus {self.initiator_port_name} -> {self.target_port_name}>"
+
+
+class DataSource(Protocol):
+    def fetch_data_out(self, task: ScsiTask, length: int) -> Awaitable[memoryview]:
+        """Collect `length` bytes of Data-Out (R2T as needed); resolves to a view of them."""
+        ...
+
+
+class ScsiTask:
+    """One command: CDB in, status/sense/Data-In out."""
+
+    __slots__ = ("cdb", "lun", "tag", "attr", "nexus", "expected_in", "expected_out",
+                 "source", "status", "sense", "data_in", "data_in_len", "data_out_len",
+                 "aborted", "abort_reported", "handle", "immediate_data")
+
+    def __init__(self, cdb: bytes | memoryview, lun: int, tag: int, nexus: Nexus,
+                 attr: TaskAttr = TaskAttr.SIMPLE, expected_in: int = 0,
+                 expected_out: int = 0, source: DataSource | None = None) -> None:
+        self.cdb = cdb
+        self.lun = lun
+        self.tag = tag
+        self.nexus = nexus
+        self.attr = attr
+        self.expected_in = expected_in
+        self.expected_out = expected_out
+        self.source = source
+        self.status: int = Status.GOOD
+        self.sense: bytes | None = None
+        self.data_in: bytes | bytearray | memoryview | None = None
+        self.data_in_len = 0
+        self.data_out_len = 0
+        self.aborted = False
+        self.abort_reported = False
+        self.handle: object | None = None
+
+    async def receive_data_out(self, length: int) -> memoryview:
+        """The first `length` bytes of Data-Out, collected from the initiator."""
+        self.data_out_len = length
+        if length == 0:
+            return memoryview(b"")
+        if self.source is None:
+            raise RuntimeError("task has no data source")
+        return await self.source.fetch_data_out(self, length)
+
+    def set_data_in(self, data: bytes | bytearray | memoryview, length: int | None = None) -> None:
+        self.data_in = data
+        self.data_in_len = len(data) if length is None else length

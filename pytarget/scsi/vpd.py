@@ -1,0 +1,173 @@
+"""Standard INQUIRY data and the vital product data pages (SPC-4 6.6, 7.8; SBC-3 6.6)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import limits
+from . import sense as S
+
+if TYPE_CHECKING:
+    from .device import LogicalUnit
+    from .task import Nexus, ScsiTask
+
+# VERSION 05h (SPC-3) is what this device server claims in standard INQUIRY data: it
+# implements the SPC-4 commands it lists, but follows SPC-3's reading of the copy target
+# descriptor LU ID TYPE field (reserved values rejected), as LIO and SCST do.
+VERSION = 0x05
+VERSION_DESCRIPTORS = (
+    0x00A0,  # SAM-5 (no version claimed)
+    0x0460,  # SPC-4 (no version claimed)
+    0x04C0,  # SBC-3 (no version claimed)
+    0x0960,  # iSCSI (no version claimed)
+)
+
+PROTOCOL_ISCSI = 0x5
+CODE_BINARY = 1
+CODE_ASCII = 2
+CODE_UTF8 = 3
+ASSOC_LU = 0
+ASSOC_PORT = 1
+ASSOC_TARGET = 2
+TYPE_VENDOR = 0
+TYPE_T10 = 1
+TYPE_EUI64 = 2
+TYPE_NAA = 3
+TYPE_RELATIVE_PORT = 4
+TYPE_PORT_GROUP = 5
+TYPE_SCSI_NAME = 8
+
+
+def _ascii(text: str, width: int) -> bytes:
+    return text.encode("ascii", "replace")[:width].ljust(width)
+
+
+def standard_inquiry(lu: LogicalUnit) -> bytes:
+    data = bytearray(96)
+    if not lu.exists:
+        data[0] = 0x7F  # PERIPHERAL QUALIFIER 011b, type 1Fh: no LU at this LUN
+    if lu.removable:
+        data[1] = 0x80  # RMB
+    data[2] = VERSION
+    data[3] = 0x12  # HISUP, RESPONSE DATA FORMAT 2
+    data[4] = len(data) - 5
+    data[5] = 0x10 | (0x08 if lu.third_party_copy else 0)  # TPGS=01b implicit ALUA; 3PC
+    data[7] = 0x02  # CMDQUE
+    data[8:16] = _ascii(lu.vendor, 8)
+    data[16:32] = _ascii(lu.product, 16)
+    data[32:36] = _ascii(lu.revision, 4)
+    for i, desc in enumerate(VERSION_DESCRIPTORS):
+        struct.pack_into(">H", data, 58 + 2 * i, desc)
+    return bytes(data)
+
+
+def designator(code_set: int, assoc: int, kind: int, value: bytes, piv: bool = False) -> bytes:
+    proto = PROTOCOL_ISCSI << 4 if piv else 0
+    return bytes((proto | code_set, (0x80 if piv else 0) | (assoc << 4) | kind, 0,
+                  len(value))) + value
+
+
+def scsi_name(text: str) -> bytes:
+    """A SCSI name string: UTF-8, null-terminated, padded to a multiple of 4 (SPC-4 7.8.6.11)."""
+    raw = text.encode() + b"\0"
+    return raw + bytes(-len(raw) & 3)
+
+
+def lu_designators(lu: LogicalUnit) -> list[bytes]:
+    """Designators naming the logical unit itself, NAA first (the one copy managers use)."""
+    return [
+        designator(CODE_BINARY, ASSOC_LU, TYPE_NAA, lu.naa),
+        designator(CODE_ASCII, ASSOC_LU, TYPE_T10, _ascii(lu.vendor, 8) + lu.serial.encode()),
+        designator(CODE_UTF8, ASSOC_LU, TYPE_SCSI_NAME, scsi_name("naa." + lu.naa.hex().upper())),
+    ]
+
+
+def port_designators(nexus: Nexus) -> list[bytes]:
+    return [
+        designator(CODE_BINARY, ASSOC_PORT, TYPE_RELATIVE_PORT,
+                   struct.pack(">HH", 0, nexus.relative_port), piv=True),
+        designator(CODE_BINARY, ASSOC_PORT, TYPE_PORT_GROUP, struct.pack(">HH", 0, nexus.tpgt),
+                   piv=True),
+        designator(CODE_UTF8, ASSOC_PORT, TYPE_SCSI_NAME, scsi_name(nexus.target_port_name),
+                   piv=True),
+        designator(CODE_UTF8, ASSOC_TARGET, TYPE_SCSI_NAME, scsi_name(nexus.target_name),
+                   piv=True),
+    ]
+
+
+def _page(code: int, body: bytes, byte0: int = 0) -> bytes:
+    return struct.pack(">BBH", byte0, code, len(body)) + body
+
+
+def supported_pages(lu: LogicalUnit, task: ScsiTask) -> bytes:
+    return bytes(lu.vpd_pages())
+
+
+def unit_serial_number(lu: LogicalUnit, task: ScsiTask) -> bytes:
+    return lu.serial.encode("ascii")
+
+
+def device_identification(lu: LogicalUnit, task: ScsiTask) -> bytes:
+    return b"".join(lu_designators(lu) + port_designators(task.nexus))
+
+
+def extended_inquiry(lu: LogicalUnit, task: ScsiTask) -> bytes:
+    """Extended INQUIRY Data (SPC-4 7.8.7): simple task attribute, volatile cache."""
+    body = bytearray(60)
+    body[1] = 0x01  # SIMPSUP
+    body[2] = 0x01  # V_SUP: a volatile write cache exists (the page cache)
+    return bytes(body)
+
+
+def block_limits(lu: LogicalUnit, task: ScsiTask) -> bytes:
+    """Block Limits (SBC-3 6.6.3), all values from `limits`."""
+    bs = lu.block_size
+    body = bytearray(60)
+    body[1] = lu.max_compare_and_write_blocks
+    struct.pack_into(">H", body, 2, max(1, 4096 // bs))  # OPTIMAL TRANSFER LENGTH GRANULARITY
+    struct.pack_into(">I", body, 4, limits.MAX_TRANSFER_BYTES // bs)
+    struct.pack_into(">I", body, 8, limits.OPTIMAL_TRANSFER_BYTES // bs)
+    struct.pack_into(">I", body, 12, limits.MAX_PREFETCH_BYTES // bs)
+    if lu.thin:
+        struct.pack_into(">I", body, 16, limits.MAX_UNMAP_BYTES // bs)
+        struct.pack_into(">I", body, 20, limits.MAX_UNMAP_DESCRIPTORS)
+        struct.pack_into(">I", body, 24, max(1, limits.UNMAP_GRANULARITY_BYTES // bs))
+        struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0
+    struct.pack_into(">Q", body, 32, lu.max_write_same_blocks)
+    return bytes(body)
+
+
+def block_device_characteristics(lu: LogicalUnit, task: ScsiTask) -> bytes:
+    """Block Device Characteristics (SBC-3 6.6.2): non-rotating medium."""
+    body = bytearray(60)
+    struct.pack_into(">H", body, 0, 0x0001)
+    return bytes(body)
+
+
+def logical_block_provisioning(lu: LogicalUnit, task: ScsiTask) -> bytes:
+    """Logical Block Provisioning (SBC-3 6.6.4)."""
+    body = bytearray(4)
+    if lu.thin:
+        body[1] = 0x80 | 0x40 | 0x20 | 0x04  # LBPU LBPWS LBPWS10 LBPRZ
+        body[2] = 0x02  # PROVISIONING TYPE: thin
+    return bytes(body)
+
+
+PAGES: dict[int, Callable[[LogicalUnit, ScsiTask], bytes]] = {
+    0x00: supported_pages,
+    0x80: unit_serial_number,
+    0x83: device_identification,
+    0x86: extended_inquiry,
+    0xB0: block_limits,
+    0xB1: block_device_characteristics,
+    0xB2: logical_block_provisioning,
+}
+
+
+def page(lu: LogicalUnit, task: ScsiTask, code: int) -> bytes:
+    builder = lu.vpd.get(code) if lu.exists else None
+    if builder is None:
+        raise S.invalid_field_in_cdb(2, 7)
+    return _page(code, builder(lu, task))

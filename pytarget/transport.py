@@ -1,0 +1,408 @@
+"""The only module that touches sockets: listeners, per-connection drivers, timers.
+
+A `ConnectionDriver` owns one TCP socket. It reads with `recv_into` into the buffer the sans-I/O
+`Connection` offers (its staging buffer, or straight into a task's Data-Out buffer), writes
+the connection's output with vectored `sendmsg` of header and payload views, runs SCSI commands
+on their logical units, and performs task management, login binding and logout. Session-wide
+work (reinstatement, resets across sessions) goes through the `Server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .iscsi import connection as C
+from .iscsi.connection import Connection
+from .iscsi.errors import LoginError
+from .iscsi.pdu import TmfFunction, TmfResponse, decode_lun, LogoutReason, LogoutResponse
+from .iscsi.session import IscsiTask, Session, sn_lt
+from .scsi import sense as S
+from .scsi.sense import Asc
+from .scsi.task import ScsiTask, TaskAttr
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("pytarget.transport")
+
+_ATTRS = {0: TaskAttr.SIMPLE, 1: TaskAttr.SIMPLE, 2: TaskAttr.ORDERED, 3: TaskAttr.HEAD_OF_QUEUE,
+          4: TaskAttr.ACA}
+MAX_SEND_PARTS = 512  # IOV_MAX is 1024; keep well below it
+
+
+class ConnectionDriver:
+    """Drives one Connection over one non-blocking socket."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.fd = sock.fileno()
+        local = sock.getsockname()[:2]
+        peer = sock.getpeername()[:2]
+        self.peer = peer
+        self.conn = Connection(server.registry, server.registry.limits, local, peer,
+                               self.loop.time(), **server.connection_options)
+        self.cid = 0
+        self.pending: deque[memoryview] = deque()
+        self.writing = False
+        self.reading = True
+        self.closed = False
+        self.runners: dict[int, tuple[asyncio.Task[Any], ScsiTask, Any]] = {}
+        self.background: set[asyncio.Task[Any]] = set()
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = self.loop.create_future()
+        self.loop.add_reader(self.fd, self._on_readable)
+        self._schedule_timer()
+
+    # ---------------------------------------------------------------- I/O
+    def _on_readable(self) -> None:
+        conn = self.conn
+        for _ in range(8):
+            buf = conn.get_buffer()
+            try:
+                n = self.sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._lost(f"receive failed: {exc.strerror}")
+                return
+            if n == 0:
+                self._lost("peer closed the connection")
+                return
+            conn.buffer_updated(n, self.loop.time())
+            self._process()
+            if self.closed or not self.reading or n < len(buf):
+                break
+
+    def _send(self) -> None:
+        """Queue the connection's output and write as much as the socket takes now."""
+        out = self.conn.data_to_send()
+        if out:
+            self.pending.extend(memoryview(b) if not isinstance(b, memoryview) else b for b in out)
+        if not self.writing:
+            self._write_some()
+
+    def _write_some(self) -> None:
+        pending = self.pending
+        while pending:
+            parts = [pending[i] for i in range(min(len(pending), MAX_SEND_PARTS))]
+            try:
+                sent = self.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                pending.clear()
+                self._lost(f"send failed: {exc.strerror}")
+                return
+            while sent:
+                head = pending[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    pending.popleft()
+                else:
+                    pending[0] = head[sent:]
+                    sent = 0
+        if pending and not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        elif not pending and self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        if not pending and self.conn.wants_close and not self.closed:
+            self._finish()
+
+    def _on_writable(self) -> None:
+        self._write_some()
+
+    # ---------------------------------------------------------------- events
+    def _process(self) -> None:
+        events = self.conn.events
+        while events:
+            ev = events.popleft()
+            kind = type(ev)
+            if kind is C.ExecuteCommand:
+                self._execute(ev.task)
+            elif kind is C.DataOutReady:
+                self._data_ready(ev.task)
+            elif kind is C.TaskManagement:
+                self._spawn(self._task_management(ev))
+            elif kind is C.LoginReady:
+                self._spawn(self._bind(ev))
+            elif kind is C.LogoutRequested:
+                self._spawn(self._logout(ev))
+            elif kind is C.Closed:
+                log.debug("%s: %s", self.peer, ev.reason)
+        self._send()
+        self._schedule_timer()
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # ---------------------------------------------------------------- SCSI commands
+    def _execute(self, itask: IscsiTask) -> None:
+        session = self.conn.session
+        assert session is not None and session.target is not None and session.nexus is not None
+        lun = decode_lun(itask.lun_field)
+        lu = session.target.lookup(lun, session.nexus)
+        scsi = ScsiTask(itask.cdb, lun if lun is not None else 0, itask.itt, session.nexus,
+                        _ATTRS.get(itask.attr, TaskAttr.SIMPLE),
+                        itask.edtl if itask.read else 0, itask.edtl if itask.write else 0, self)
+        scsi.handle = itask
+        itask.scsi = scsi
+        runner = lu.start(scsi)
+        self.runners[itask.itt] = (runner, scsi, lu)
+        runner.add_done_callback(lambda r, it=itask: self._finished(it))
+
+    def _finished(self, itask: IscsiTask) -> None:
+        entry = self.runners.pop(itask.itt, None)
+        if entry is None:
+            return
+        runner, scsi, _ = entry
+        if self.conn.session is None or itask.done:
+            return
+        if scsi.aborted or runner.cancelled():
+            self.conn.drop_task(itask)
+        else:
+            self.conn.send_scsi_result(itask, scsi.status, scsi.sense, scsi.data_in,
+                                       scsi.data_in_len, scsi.data_out_len)
+        self._send()
+
+    def fetch_data_out(self, task: ScsiTask, length: int) -> asyncio.Future[memoryview]:
+        """DataSource for the device server: R2T for what has not arrived yet."""
+        itask: IscsiTask = task.handle  # type: ignore[assignment]
+        fut: asyncio.Future[memoryview] = self.loop.create_future()
+        if itask.data_error or self.closed:
+            fut.set_exception(self._data_error(itask))
+            return fut
+        if self.conn.request_data_out(itask, length, fut):
+            fut.set_result(self._data_view(itask))
+        else:
+            self._send()
+        return fut
+
+    @staticmethod
+    def _data_view(itask: IscsiTask) -> memoryview:
+        if itask.buffer is None:
+            return memoryview(b"")
+        return memoryview(itask.buffer)[:min(itask.wanted, itask.edtl)]
+
+    @staticmethod
+    def _data_error(itask: IscsiTask) -> S.SenseError:
+        if itask.data_error == "digest":
+            return S.aborted_command(Asc.PROTOCOL_SERVICE_CRC_ERROR)
+        return S.aborted_command(Asc.DATA_PHASE_ERROR)
+
+    def _data_ready(self, itask: IscsiTask) -> None:
+        fut = itask.waiter
+        itask.waiter = None
+        if not isinstance(fut, asyncio.Future) or fut.done():
+            return
+        if itask.data_error:
+            fut.set_exception(self._data_error(itask))
+        else:
+            fut.set_result(self._data_view(itask))
+
+    # ---------------------------------------------------------------- task management
+    async def _task_management(self, ev: C.TaskManagement) -> None:
+        response = await self._do_tmf(ev)
+        if not self.closed:
+            self.conn.send_tmf_response(ev.itt, response)
+            self._send()
+        if ev.function == TmfFunction.TARGET_COLD_RESET and response == TmfResponse.FUNCTION_COMPLETE:
+            await self.server.drop_target_connections(self.conn.session)
+
+    async def _do_tmf(self, ev: C.TaskManagement) -> int:
+        session = self.conn.session
+        assert session is not None and session.target is not None and session.nexus is not None
+        nexus = session.nexus
+        fn = ev.function
+        lun = decode_lun(ev.lun_field)
+        needs_lu = fn in (TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET,
+                          TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET)
+        lu = session.target.lookup(lun, nexus)
+        if needs_lu and not lu.exists:
+            return TmfResponse.LUN_DOES_NOT_EXIST
+        if fn == TmfFunction.ABORT_TASK:
+            entry = self.runners.get(ev.referenced_task_tag)
+            if entry is None:
+                return TmfResponse.TASK_DOES_NOT_EXIST
+            runner, scsi, task_lu = entry
+            await task_lu.abort([(scsi, runner)])
+            return TmfResponse.FUNCTION_COMPLETE
+        if fn == TmfFunction.ABORT_TASK_SET:
+            await lu.abort_task_set(nexus)
+            return TmfResponse.FUNCTION_COMPLETE
+        if fn == TmfFunction.CLEAR_TASK_SET:
+            await lu.abort_task_set(None, issuer=nexus)
+            return TmfResponse.FUNCTION_COMPLETE
+        if fn == TmfFunction.LOGICAL_UNIT_RESET:
+            log.info("LUN reset of %s LUN %d by %s", session.target.name, lu.lun,
+                     nexus.initiator_port_name)
+            await lu.reset(nexus)
+            return TmfResponse.FUNCTION_COMPLETE
+        if fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            cold = fn == TmfFunction.TARGET_COLD_RESET
+            log.info("target %s reset of %s by %s", "cold" if cold else "warm",
+                     session.target.name, nexus.initiator_port_name)
+            for unit in session.target.luns.values():
+                await unit.reset(nexus, power_on=cold)
+            return TmfResponse.FUNCTION_COMPLETE
+        if fn == TmfFunction.TASK_REASSIGN:
+            return TmfResponse.TASK_REASSIGN_NOT_SUPPORTED
+        if fn == TmfFunction.CLEAR_ACA:
+            return TmfResponse.FUNCTION_NOT_SUPPORTED
+        return TmfResponse.FUNCTION_REJECTED
+
+    # ---------------------------------------------------------------- login / logout
+    async def _bind(self, ev: C.LoginReady) -> None:
+        try:
+            session, replaced = self.server.registry.bind_session(ev.result, self)
+        except LoginError as exc:
+            self.conn.fail_login(ev.response, exc.status)
+            self._send()
+            return
+        for old in replaced:
+            log.info("session %s reinstated by a new login", old.tsih)
+            await self.server.end_session(old, "reinstated")
+        if self.closed:
+            self.server.registry.remove_session(session)
+            return
+        self.cid = ev.result.cid
+        self.conn.complete_login(session, ev.response)
+        session.connections.append(self)
+        self.server.session_started(session, self)
+        self._send()
+
+    async def _logout(self, ev: C.LogoutRequested) -> None:
+        session = self.conn.session
+        assert session is not None
+        if ev.reason == LogoutReason.REMOVE_FOR_RECOVERY:
+            self.conn.send_logout_response(ev.itt, LogoutResponse.RECOVERY_NOT_SUPPORTED,
+                                           close=False)
+            self._send()
+            return
+        if ev.reason == LogoutReason.CLOSE_CONNECTION and ev.cid != self.cid:
+            self.conn.send_logout_response(ev.itt, LogoutResponse.CID_NOT_FOUND, close=False)
+            self._send()
+            return
+        self.reading = False
+        self.loop.remove_reader(self.fd)
+        await self.quiesce()
+        log.info("logout of %s (TSIH %d)", session.params.initiator_name, session.tsih)
+        self.conn.send_logout_response(ev.itt, LogoutResponse.SUCCESS)
+        self._send()
+
+    async def quiesce(self, timeout: float = 30.0) -> None:
+        """Wait for the commands of this connection to finish (aborting them after timeout)."""
+        runners = [r for r, _, _ in self.runners.values()]
+        if runners:
+            done, still = await asyncio.wait(runners, timeout=timeout)
+            if still:
+                await self.abort_all()
+
+    async def abort_all(self) -> None:
+        entries = list(self.runners.values())
+        by_lu: dict[int, list[Any]] = {}
+        for runner, scsi, lu in entries:
+            by_lu.setdefault(id(lu), [lu, []])[1].append((scsi, runner))
+        for lu, items in by_lu.values():
+            await lu.abort(items)
+
+    # ---------------------------------------------------------------- teardown
+    def _lost(self, reason: str) -> None:
+        log.info("%s: connection lost: %s", self.peer, reason)
+        self.conn.close(reason)
+        self._finish()
+
+    def close(self, reason: str) -> None:
+        """Close now (flushing what is queued is abandoned)."""
+        self.conn.close(reason)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+        if self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self._spawn(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        await self.abort_all()
+        # Waiters for Data-Out that will never come.
+        session = self.conn.session
+        if session is not None:
+            await self.server.connection_closed(self, session)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # ---------------------------------------------------------------- timers
+    def _schedule_timer(self) -> None:
+        deadline = self.conn.next_deadline()
+        if self.timer is not None:
+            if deadline is not None and abs(self.timer.when() - deadline) < 0.001:
+                return
+            self.timer.cancel()
+            self.timer = None
+        if deadline is not None and not self.closed:
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.conn.on_timer(self.loop.time())
+        self._process()
+
+
+class Listener:
+    """One listening socket of a portal."""
+
+    def __init__(self, server: Server, host: str, port: int) -> None:
+        self.server = server
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()[:2]
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(16):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s", exc)
+                    return
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.server.accepted(conn)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
