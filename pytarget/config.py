@@ -88,7 +88,7 @@ def parse_portal(text: str) -> tuple[str, int]:
         if not host:
             host, port_text = port_text, ""
     port = int(port_text) if port_text else 3260
-    if not 0 < port < 65536:
+    if not 0 <= port < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host, port
 

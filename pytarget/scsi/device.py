@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -22,7 +22,9 @@ from . import limits, vpd
 from . import sense as S
 from .locks import RangeLock
 from .modes import ModePages
-from .opcodes import NO_LU_TABLE, SBC_TABLE, Flag, OpTable
+from .opcodes import NO_LU_TABLE, SBC_TABLE, OpSpec, OpTable
+from .policy import Flag
+from .pr import PersistentReservations
 from .sense import Asc, SenseError, Status
 from .task import Nexus, ScsiTask
 
@@ -105,6 +107,7 @@ class LogicalUnit:
         self.medium_present = True
         self.prevent: set[tuple[Any, ...]] = set()  # nexuses preventing medium removal
         self.reservation: tuple[Any, ...] | None = None  # SPC-2 RESERVE holder
+        self.pr = PersistentReservations(self)
         self.closed = False
 
     # ------------------------------------------------------------------ execution
@@ -122,7 +125,7 @@ class LogicalUnit:
             spec = self.table.lookup(task.cdb)
             cdb = bytes(task.cdb[:spec.cdb_len])
             spec.check(cdb)
-            self._admit(task, spec.flags)
+            self._admit(task, spec)
             await spec.handler(self, task, cdb)
         except SenseError as exc:
             self._fail(task, exc)
@@ -142,16 +145,21 @@ class LogicalUnit:
         task.data_in = None
         task.data_in_len = 0
 
-    def _admit(self, task: ScsiTask, flags: Flag) -> None:
-        """Per-command policy from the table: unit attentions, medium, protection, reservations."""
+    def _admit(self, task: ScsiTask, spec: OpSpec) -> None:
+        """Per-command policy from the table: unit attentions, reservations, medium, protection.
+
+        The copy manager's internal sub-commands neither see nor consume unit attentions.
+        """
         nexus = task.nexus
-        if not flags & Flag.UA_EXEMPT:
+        flags = spec.flags
+        if not flags & Flag.UA_EXEMPT and not task.internal:
             pending = self._ua_queue(nexus)
             if pending:
                 raise S.unit_attention(pending.popleft())
         if flags & Flag.CONFLICTS_SPC2 and self.reservation is not None \
                 and self.reservation != nexus.key:
             raise S.reservation_conflict()
+        self.pr.check(nexus, spec.pr)
         if flags & Flag.MEDIUM and not self.medium_present:
             raise S.not_ready(Asc.MEDIUM_NOT_PRESENT)
         if flags & Flag.WRITES and self.write_protected:
@@ -162,7 +170,7 @@ class LogicalUnit:
         return self.readonly or self.mode.software_write_protect
 
     def persistent_reservation_active(self) -> bool:
-        return False
+        return self.pr.active
 
     def vpd_pages(self) -> list[int]:
         return sorted(self.vpd)
@@ -178,16 +186,14 @@ class LogicalUnit:
         queue = self._ua_queue(nexus)
         return queue.popleft() if queue else None
 
-    def establish_ua(self, asc: Asc, only: Nexus | None = None,
+    def establish_ua(self, asc: Asc, keys: Iterable[tuple[Any, ...]] | None = None,
                      skip: Nexus | None = None) -> None:
-        """Queue a unit attention for every nexus that has used this LU (or only one)."""
-        if only is not None:
-            keys = [only.key]
-            self._ua_queue(only)
-        else:
+        """Queue a unit attention for the given nexus keys, or for every nexus that has used
+        this LU (except `skip`)."""
+        if keys is None:
             keys = [k for k in self.ua if skip is None or k != skip.key]
         for key in keys:
-            queue = self.ua[key]
+            queue = self.ua.setdefault(key, deque((Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET,)))
             if asc in _RESET_UAS:
                 queue.clear()
             if asc not in queue and len(queue) < MAX_UA_QUEUE:
@@ -205,6 +211,10 @@ class LogicalUnit:
                 waits.append(runner)
         if waits:
             await asyncio.wait(waits)
+
+    async def abort_tasks_of(self, keys: set[tuple[Any, ...]]) -> None:
+        """Abort every task of the given nexuses (PREEMPT AND ABORT, SPC-4 5.13.11.2.5)."""
+        await self.abort([e for k, e in self.tasks.items() if k[0] in keys])
 
     async def abort_task_set(self, nexus: Nexus | None, issuer: Nexus | None = None) -> None:
         """ABORT TASK SET (nexus given) or CLEAR TASK SET (None, by `issuer`).

@@ -12,9 +12,10 @@ OPTIMAL_TRANSFER_BYTES = 1024 * 1024
 MAX_COMPARE_AND_WRITE_BLOCKS = 1  # raised by the COMPARE AND WRITE work
 MAX_PREFETCH_BYTES = 8 * 1024 * 1024
 
-# Logical block provisioning (SBC-3 6.6.4): one UNMAP descriptor may cover 1 GiB worth of
-# blocks; granules are 4 KiB.
-MAX_UNMAP_BYTES = 1 << 30
+# Logical block provisioning (SBC-3 6.6.4): an UNMAP may deallocate up to 1 Mi blocks
+# (512 MiB at 512-byte blocks; VMFS6 sends 1 MiB units, Linux splits at this limit) in up to
+# 256 descriptors; granules are 4 KiB, which divides 1 MiB.
+MAX_UNMAP_BLOCKS = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 256
 UNMAP_GRANULARITY_BYTES = 4096
 MAX_WRITE_SAME_BYTES = 1 << 30

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum, IntFlag
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from . import sbc, spc
+from . import pr, sbc, spc
 from . import sense as S
+from .policy import Flag, Pr
 
 if TYPE_CHECKING:
     from .device import LogicalUnit
@@ -72,23 +73,6 @@ class Opcode(IntEnum):
     WRITE_AND_VERIFY_12 = 0xAE
     VERIFY_12 = 0xAF
     READ_DEFECT_DATA_12 = 0xB7
-
-
-class Flag(IntFlag):
-    NONE = 0
-    UA_EXEMPT = 0x01  # runs with a unit attention pending, leaving it pending (SAM-5 5.14)
-    MEDIUM = 0x02  # needs the medium: NOT READY while stopped
-    WRITES = 0x04  # changes blocks: DATA PROTECT when write protected
-    CONFLICTS_SPC2 = 0x08  # RESERVATION CONFLICT under another nexus's RESERVE (SPC-2 5.5.1)
-
-
-class Pr(Enum):
-    """How a command fares under a persistent reservation held by another nexus (SPC-4 5.13)."""
-
-    ALLOWED = "allowed"  # under every reservation type
-    READ = "read"  # allowed under Write Exclusive types, conflicts under Exclusive Access
-    WRITE = "write"  # conflicts for non-registrants under every type
-    PR = "pr"  # PERSISTENT RESERVE IN/OUT: the PR code decides
 
 
 SA_IN_BYTE1 = 0x1F
@@ -268,6 +252,24 @@ SBC_SPECS: list[OpSpec] = [
            _u(O.READ_DEFECT_DATA_12, 0x1F, LEN4, LEN4, 0, C), sbc.read_defect_data, M, Pr.READ),
     OpSpec(O.REPORT_LUNS, None, "REPORT LUNS", _u(O.REPORT_LUNS, 0, 0xFF, 0, 0, 0, LEN4, 0, C),
            spc.report_luns, A),
+    OpSpec(O.PERSISTENT_RESERVE_IN, 0x00, "PERSISTENT RESERVE IN (READ KEYS)",
+           _u(O.PERSISTENT_RESERVE_IN, 0x00, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
+           Flag.NONE, Pr.PR),
+    OpSpec(O.PERSISTENT_RESERVE_IN, 0x01, "PERSISTENT RESERVE IN (READ RESERVATION)",
+           _u(O.PERSISTENT_RESERVE_IN, 0x01, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
+           Flag.NONE, Pr.PR),
+    OpSpec(O.PERSISTENT_RESERVE_IN, 0x02, "PERSISTENT RESERVE IN (REPORT CAPABILITIES)",
+           _u(O.PERSISTENT_RESERVE_IN, 0x02, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
+           Flag.NONE, Pr.PR),
+    OpSpec(O.PERSISTENT_RESERVE_IN, 0x03, "PERSISTENT RESERVE IN (READ FULL STATUS)",
+           _u(O.PERSISTENT_RESERVE_IN, 0x03, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
+           Flag.NONE, Pr.PR),
+    *[OpSpec(O.PERSISTENT_RESERVE_OUT, sa, f"PERSISTENT RESERVE OUT ({name})",
+             _u(O.PERSISTENT_RESERVE_OUT, sa, 0xFF, 0, 0, LEN4, C), pr.persistent_reserve_out,
+             Flag.NONE, Pr.PR)
+      for sa, name in ((0, "REGISTER"), (1, "RESERVE"), (2, "RELEASE"), (3, "CLEAR"),
+                       (4, "PREEMPT"), (5, "PREEMPT AND ABORT"),
+                       (6, "REGISTER AND IGNORE EXISTING KEY"), (7, "REGISTER AND MOVE"))],
     OpSpec(O.MAINTENANCE_IN, 0x0A, "REPORT TARGET PORT GROUPS",
            _u(O.MAINTENANCE_IN, 0xEA, 0, 0, 0, 0, LEN4, 0, C), spc.report_target_port_groups),
     OpSpec(O.MAINTENANCE_IN, 0x0C, "REPORT SUPPORTED OPERATION CODES",

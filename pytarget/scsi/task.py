@@ -64,7 +64,7 @@ class ScsiTask:
 
     __slots__ = ("cdb", "lun", "tag", "attr", "nexus", "expected_in", "expected_out",
                  "source", "status", "sense", "data_in", "data_in_len", "data_out_len",
-                 "aborted", "abort_reported", "handle", "immediate_data")
+                 "aborted", "handle", "internal")
 
     def __init__(self, cdb: bytes | memoryview, lun: int, tag: int, nexus: Nexus,
                  attr: TaskAttr = TaskAttr.SIMPLE, expected_in: int = 0,
@@ -83,8 +83,8 @@ class ScsiTask:
         self.data_in_len = 0
         self.data_out_len = 0
         self.aborted = False
-        self.abort_reported = False
         self.handle: object | None = None
+        self.internal = False  # issued by the copy manager on behalf of `nexus`
 
     async def receive_data_out(self, length: int) -> memoryview:
         """The first `length` bytes of Data-Out, collected from the initiator."""

@@ -131,7 +131,7 @@ def block_limits(lu: LogicalUnit, task: ScsiTask) -> bytes:
     struct.pack_into(">I", body, 8, limits.OPTIMAL_TRANSFER_BYTES // bs)
     struct.pack_into(">I", body, 12, limits.MAX_PREFETCH_BYTES // bs)
     if lu.thin:
-        struct.pack_into(">I", body, 16, limits.MAX_UNMAP_BYTES // bs)
+        struct.pack_into(">I", body, 16, limits.MAX_UNMAP_BLOCKS)
         struct.pack_into(">I", body, 20, limits.MAX_UNMAP_DESCRIPTORS)
         struct.pack_into(">I", body, 24, max(1, limits.UNMAP_GRANULARITY_BYTES // bs))
         struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0

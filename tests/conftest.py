@@ -1,0 +1,98 @@
+"""Shared fixtures: configurations on disk and live pytarget processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_IQN = "iqn.2026-11.io.pytarget:test"
+INITIATOR1 = "iqn.2026-11.io.pytarget.test:initiator1"
+INITIATOR2 = "iqn.2026-11.io.pytarget.test:initiator2"
+
+
+def write_config(directory: Path, luns: list[dict[str, Any]] | None = None,
+                 targets: list[dict[str, Any]] | None = None, **extra: Any) -> Path:
+    """A YAML config in `directory` with one target (TARGET_IQN) unless `targets` is given."""
+    if targets is None:
+        if luns is None:
+            luns = [{"id": 0, "path": "lun0.img", "size": "64MiB"}]
+        targets = [{"name": TARGET_IQN, "luns": luns}]
+    doc = {"portals": ["127.0.0.1:0"], "targets": targets, **extra}
+    path = directory / "pytarget.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@dataclass
+class LiveTarget:
+    """A `pytarget serve` child process listening on an ephemeral loopback port."""
+
+    config: Path
+    process: subprocess.Popen[str]
+    host: str
+    port: int
+    log: Path
+    iqn: str = TARGET_IQN
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def portal(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def url(self, lun: int = 0, iqn: str | None = None) -> str:
+        return f"iscsi://{self.host}:{self.port}/{iqn or self.iqn}/{lun}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_target(config: Path, *args: str, log_name: str = "pytarget.log",
+                 env: dict[str, str] | None = None) -> LiveTarget:
+    """Start `pytarget serve` and wait until it reports its listening port."""
+    log = config.parent / log_name
+    out = log.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytarget", "serve", "--config", str(config), *args],
+        stdout=out, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
+        env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 30
+    pattern = re.compile(r"listening on ([0-9.:a-f]+):(\d+)")
+    while time.monotonic() < deadline:
+        m = pattern.search(log.read_text(errors="replace"))
+        if m:
+            return LiveTarget(config, proc, m.group(1), int(m.group(2)), log)
+        if proc.poll() is not None:
+            raise RuntimeError(f"pytarget exited with {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"pytarget did not start:\n{log.read_text()}")
+
+
+@pytest.fixture
+def live_target(tmp_path: Path) -> Iterator[LiveTarget]:
+    """One target (TARGET_IQN) with a 64 MiB thin LUN 0 of 512-byte blocks."""
+    target = start_target(write_config(tmp_path))
+    yield target
+    target.stop()

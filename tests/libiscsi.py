@@ -1,0 +1,50 @@
+"""Running libiscsi's conformance tool `iscsi-test-cu` and reading its verdicts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+ISCSI_TEST_CU = shutil.which("iscsi-test-cu")
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    returncode: int
+    output: str
+    passed: int = 0
+    failed: int = 0
+    tests: int = 0
+    skips: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.returncode == 0 and not self.failed and not self.skips and self.tests > 0
+
+
+def parse(suite: str, returncode: int, output: str) -> SuiteResult:
+    result = SuiteResult(suite, returncode, output)
+    m = re.search(r"^\s*tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", output, re.M)
+    if m:
+        result.tests, result.passed, result.failed = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    result.skips = [line.strip() for line in output.splitlines() if "[SKIPPED]" in line]
+    result.failures = [line.strip() for line in output.splitlines()
+                       if "FAILED" in line or re.match(r"\s*\d+\. test_", line)]
+    return result
+
+
+def run_suite(suite: str, url: str, initiator1: str, initiator2: str, timeout: float = 600,
+              extra: list[str] | None = None, urls: list[str] | None = None) -> SuiteResult:
+    assert ISCSI_TEST_CU is not None
+    cmd = [ISCSI_TEST_CU, "-d", "-i", initiator1, "-I", initiator2, f"--test=ALL.{suite}",
+           *(extra or []), url, *(urls or [])]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return parse(suite, proc.returncode, proc.stdout + proc.stderr)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return parse(suite, -1, out + "\n[TIMEOUT]")
