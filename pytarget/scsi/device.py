@@ -22,7 +22,7 @@ from . import limits, vpd
 from . import sense as S
 from .locks import RangeLock
 from .modes import ModePages
-from .opcodes import NO_LU_TABLE, SBC_TABLE, OpSpec, OpTable
+from .opcodes import NO_LU_TABLE, SBC_THICK_TABLE, SBC_TABLE, OpSpec, OpTable
 from .policy import Flag
 from .pr import PersistentReservations
 from .sense import Asc, SenseError, Status
@@ -38,6 +38,7 @@ VENDOR = "PYTARGET"
 PRODUCT = "pytarget disk"
 REVISION = "0001"
 MAX_UA_QUEUE = 16
+INLINE_WRITE_MAX = 262144  # larger writes go to the I/O threads
 # Resets supersede every other pending unit attention (SAM-5 5.14).
 _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCCURRED,
                         Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED})
@@ -75,12 +76,12 @@ class LuConfig:
 class LogicalUnit:
     """A direct-access block device (SBC-3) backed by a file."""
 
-    table: OpTable = SBC_TABLE
     exists = True
 
     def __init__(self, config: LuConfig, backstore: FileBackstore | None,
                  directory: LunDirectory) -> None:
         self.config = config
+        self.table: OpTable = SBC_TABLE if config.thin else SBC_THICK_TABLE
         self.lun = config.lun
         self.backstore = backstore
         self.directory = directory
@@ -109,6 +110,7 @@ class LogicalUnit:
         self.reservation: tuple[Any, ...] | None = None  # SPC-2 RESERVE holder
         self.pr = PersistentReservations(self)
         self.closed = False
+        self.stats_miscompares = 0
 
     # ------------------------------------------------------------------ execution
     def start(self, task: ScsiTask) -> asyncio.Task[None]:
@@ -272,29 +274,31 @@ class LogicalUnit:
             if not self.backstore.read_nowait(buf, offset):
                 await self.in_thread(self.backstore.read_into, buf, offset)
         except OSError as exc:
-            raise self._io_error(exc, lba, write=False) from exc
+            raise self.io_error(exc, lba, write=False) from exc
 
-    async def write_blocks(self, data: memoryview, lba: int, fua: bool) -> None:
+    async def write_blocks(self, data: memoryview, lba: int, fua: bool,
+                           inline: bool = True) -> None:
+        """Write whole blocks; small writes go to the page cache from the event loop."""
         assert self.backstore is not None
         offset = lba * self.block_size
         try:
-            if len(data) <= 262144:
+            if inline and len(data) <= INLINE_WRITE_MAX:
                 self.backstore.write(data, offset)
             else:
                 await self.in_thread(self.backstore.write, data, offset)
             if fua or not self.mode.write_cache:
                 await self.in_thread(self.backstore.flush)
         except OSError as exc:
-            raise self._io_error(exc, lba, write=True) from exc
+            raise self.io_error(exc, lba, write=True) from exc
 
     async def flush(self) -> None:
         assert self.backstore is not None
         try:
             await self.in_thread(self.backstore.flush)
         except OSError as exc:
-            raise self._io_error(exc, None, write=True) from exc
+            raise self.io_error(exc, None, write=True) from exc
 
-    def _io_error(self, exc: OSError, lba: int | None, write: bool) -> SenseError:
+    def io_error(self, exc: OSError, lba: int | None, write: bool) -> SenseError:
         log.error("LUN %d: I/O error at LBA %s: %s", self.lun, lba, exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return S.space_allocation_failed()
@@ -315,11 +319,11 @@ class LogicalUnit:
 class NoLogicalUnit(LogicalUnit):
     """What answers for a LUN with no logical unit behind it (SPC-4 4.6.4)."""
 
-    table = NO_LU_TABLE
     exists = False
 
     def __init__(self, lun: int, directory: LunDirectory) -> None:
         super().__init__(LuConfig(lun=lun), None, directory)
+        self.table = NO_LU_TABLE
 
     def _ua_queue(self, nexus: Nexus) -> deque[Asc]:
         return deque()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 MAX_TRANSFER_BYTES = 8 * 1024 * 1024
 OPTIMAL_TRANSFER_BYTES = 1024 * 1024
-MAX_COMPARE_AND_WRITE_BLOCKS = 1  # raised by the COMPARE AND WRITE work
+MAX_COMPARE_AND_WRITE_BLOCKS = 128
 MAX_PREFETCH_BYTES = 8 * 1024 * 1024
 
 # Logical block provisioning (SBC-3 6.6.4): an UNMAP may deallocate up to 1 Mi blocks
@@ -18,7 +18,9 @@ MAX_PREFETCH_BYTES = 8 * 1024 * 1024
 MAX_UNMAP_BLOCKS = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 256
 UNMAP_GRANULARITY_BYTES = 4096
-MAX_WRITE_SAME_BYTES = 1 << 30
+# One WRITE SAME covers at most 16 MiB (32768 blocks of 512 bytes): initiators split larger
+# zeroing into several commands.
+MAX_WRITE_SAME_BYTES = 16 << 20
 
 MAX_PARAMETER_LIST = 65536  # MODE SELECT, UNMAP and other parameter lists, in bytes
 

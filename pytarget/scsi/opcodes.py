@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from . import pr, sbc, spc
+from . import pr, provisioning, sbc, spc
 from . import sense as S
 from .policy import Flag, Pr
 
@@ -88,6 +88,7 @@ class OpSpec:
     flags: Flag = Flag.CONFLICTS_SPC2
     pr: Pr = Pr.ALLOWED
     timeout: int = 30  # RECOMMENDED COMMAND TIMEOUT, seconds (SPC-4 6.35.4)
+    fields: tuple[tuple[int, int, int], ...] = ()  # multi-bit fields: (byte, msb, lsb)
     _mask: int = field(default=0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -116,8 +117,9 @@ class OpSpec:
             bad = cdb[i] & ~allowed
             if bad:
                 bit = bad.bit_length() - 1
-                while bit < 7 and not allowed & (1 << (bit + 1)):
-                    bit += 1  # point at the most significant bit of the offending field
+                for byte, msb, lsb in self.fields:
+                    if byte == i and lsb <= bit <= msb:
+                        bit = msb  # point at the most significant bit of the field
                 raise S.invalid_field_in_cdb(i, bit)
 
     def timeouts_descriptor(self) -> bytes:
@@ -189,14 +191,20 @@ def _u(*parts: int | tuple[int, ...]) -> bytes:
     return bytes(out)
 
 
-def rw_specs(name: str, ops: tuple[int, int, int, int | None], flags_byte: int,
+PROTECT = ((1, 7, 5),)  # RDPROTECT / WRPROTECT / VRPROTECT / ORPROTECT
+
+
+def rw_specs(name: str, ops: tuple[int | None, int, int, int], flags_byte: int,
              handler: Handler, fl: Flag, pr: Pr) -> list[OpSpec]:
     """The 6/10/12/16-byte variants of one block command."""
     op6, op10, op12, op16 = ops
     specs = [
-        OpSpec(op10, None, f"{name}(10)", _u(op10, flags_byte, LBA4, GROUP, LEN2, C), handler, fl, pr),
-        OpSpec(op12, None, f"{name}(12)", _u(op12, flags_byte, LBA4, LEN4, GROUP, C), handler, fl, pr),
-        OpSpec(op16, None, f"{name}(16)", _u(op16, flags_byte, LBA8, LEN4, GROUP, C), handler, fl, pr),
+        OpSpec(op10, None, f"{name}(10)", _u(op10, flags_byte, LBA4, GROUP, LEN2, C), handler,
+               fl, pr, fields=PROTECT),
+        OpSpec(op12, None, f"{name}(12)", _u(op12, flags_byte, LBA4, LEN4, GROUP, C), handler,
+               fl, pr, fields=PROTECT),
+        OpSpec(op16, None, f"{name}(16)", _u(op16, flags_byte, LBA8, LEN4, GROUP, C), handler,
+               fl, pr, fields=PROTECT),
     ]
     if op6 is not None:
         specs.append(OpSpec(op6, None, f"{name}(6)", _u(op6, 0x1F, 0xFF, 0xFF, 0xFF, C), handler, fl, pr))
@@ -282,7 +290,19 @@ SBC_SPECS: list[OpSpec] = [
     *rw_specs("WRITE", (O.WRITE_6, O.WRITE_10, O.WRITE_12, O.WRITE_16), RW_FLAGS_WRITE,
               sbc.write, W, Pr.WRITE),
     OpSpec(O.ORWRITE, None, "ORWRITE(16)", _u(O.ORWRITE, RW_FLAGS_WRITE, LBA8, LEN4, GROUP, C),
-           sbc.orwrite, W, Pr.WRITE),
+           sbc.orwrite, W, Pr.WRITE, fields=PROTECT),
+    OpSpec(O.COMPARE_AND_WRITE, None, "COMPARE AND WRITE",
+           _u(O.COMPARE_AND_WRITE, RW_FLAGS_WRITE, LBA8, 0, 0, 0, 0xFF, GROUP, C),
+           sbc.compare_and_write, W, Pr.WRITE, fields=PROTECT),
+    OpSpec(O.WRITE_SAME_10, None, "WRITE SAME(10)",
+           _u(O.WRITE_SAME_10, 0x18, LBA4, GROUP, LEN2, C), provisioning.write_same, W, Pr.WRITE,
+           fields=PROTECT),
+    OpSpec(O.WRITE_SAME_16, None, "WRITE SAME(16)",
+           _u(O.WRITE_SAME_16, 0x19, LBA8, LEN4, GROUP, C), provisioning.write_same, W, Pr.WRITE,
+           fields=PROTECT),
+    OpSpec(O.SERVICE_ACTION_IN_16, 0x12, "GET LBA STATUS",
+           _u(O.SERVICE_ACTION_IN_16, 0x12, LBA8, LEN4, 0, C), provisioning.get_lba_status, M,
+           Pr.READ),
     *rw_specs("VERIFY", (None, O.VERIFY_10, O.VERIFY_12, O.VERIFY_16), VERIFY_FLAGS,
               sbc.verify, M, Pr.READ),
     *rw_specs("WRITE AND VERIFY",
@@ -290,7 +310,12 @@ SBC_SPECS: list[OpSpec] = [
               VERIFY_FLAGS, sbc.write_and_verify, W, Pr.WRITE),
 ]
 
-SBC_TABLE = OpTable(SBC_SPECS)
+UNMAP_SPEC = OpSpec(O.UNMAP, None, "UNMAP", _u(O.UNMAP, 0x01, 0, 0, 0, 0, GROUP, LEN2, C),
+                    provisioning.unmap, W, Pr.WRITE)
+
+# Thin LUNs accept UNMAP; fully provisioned ones do not know the command, as a disk would not.
+SBC_TABLE = OpTable([*SBC_SPECS, UNMAP_SPEC])
+SBC_THICK_TABLE = OpTable(SBC_SPECS)
 
 # A LUN with no logical unit answers only these (SPC-4 4.6.4); the rest get LOGICAL UNIT NOT
 # SUPPORTED from `lookup` below.

@@ -127,6 +127,36 @@ async def write_and_verify(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         await _compare_with_medium(lu, lba, data)
 
 
+async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """COMPARE AND WRITE (SBC-3 5.2): atomic against every command that writes the range.
+
+    The exclusive range lock is taken before the Data-Out is fetched, so a RESERVE or any
+    other writer queued after this command waits for it to finish. On a miscompare nothing is
+    written and INFORMATION holds the offset of the first differing byte.
+    """
+    lba = be64(cdb, 2)
+    blocks = cdb[13]
+    nbytes = blocks * lu.block_size
+    if task.expected_out != 2 * nbytes:
+        # the Data-Out is the compare half then the write half, exactly (SBC-3 5.2)
+        raise S.invalid_field_in_cdb(13, 7)
+    if blocks == 0:
+        return
+    if blocks > lu.max_compare_and_write_blocks:
+        raise S.invalid_field_in_cdb(13, 7)
+    lu.check_range(lba, blocks)
+    fua = bool(cdb[1] & 0x08)
+    async with lu.ranges.exclusive(lba, blocks):
+        data = await task.receive_data_out(2 * nbytes)
+        current = bytearray(nbytes)
+        await lu.read_blocks(memoryview(current), lba)
+        offset = first_difference(data[:nbytes], current)
+        if offset is not None:
+            lu.stats_miscompares += 1
+            raise S.miscompare(offset)
+        await lu.write_blocks(data[nbytes:], lba, fua)
+
+
 async def synchronize_cache(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     if len(cdb) == 10:
         lba, count = be32(cdb, 2), be16(cdb, 7)

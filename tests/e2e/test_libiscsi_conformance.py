@@ -17,11 +17,13 @@ pytestmark = [
 ]
 
 # LUN 0: thin, 512-byte blocks, 64 MiB (the size libiscsi's tests are written for).
-# LUN 1: read-only. LUN 2: removable medium.
+# LUN 1: read-only. LUN 2: removable medium. LUN 3: fresh, for MultipathIO, whose
+# COMPARE AND WRITE loop expects LBA 256 never to have been written.
 LUNS = [
     {"id": 0, "path": "lun0.img", "size": "64MiB"},
     {"id": 1, "path": "lun1.img", "size": "64MiB", "readonly": True},
     {"id": 2, "path": "lun2.img", "size": "64MiB", "removable": True},
+    {"id": 3, "path": "lun3.img", "size": "64MiB"},
 ]
 
 SUITES_LUN0 = [
@@ -30,6 +32,7 @@ SUITES_LUN0 = [
     "TestUnitReady", "Verify10", "Verify12", "Verify16", "Write10", "Write12", "Write16",
     "WriteVerify10", "WriteVerify12", "WriteVerify16", "OrWrite", "ReadDefectData10",
     "ReadDefectData12", "iSCSIcmdsn", "iSCSIdatasn", "iSCSIResiduals", "iSCSITMF",
+    "Unmap", "WriteSame10", "WriteSame16", "GetLBAStatus", "CompareAndWrite",
 ]
 SUITES_REMOVABLE = ["StartStopUnit", "NoMedia", "PreventAllow"]
 SUITES_READONLY = ["ReadOnly"]
@@ -67,3 +70,9 @@ def test_removable_suite(conformance_target: LiveTarget, suite: str) -> None:
 @pytest.mark.parametrize("suite", SUITES_READONLY)
 def test_readonly_suite(conformance_target: LiveTarget, suite: str) -> None:
     _check(run_suite(suite, conformance_target.url(1), INITIATOR1, INITIATOR2))
+
+
+def test_multipath_io(conformance_target: LiveTarget) -> None:
+    """Two sessions (two I_T nexuses) to the same LUN act as two paths."""
+    url = conformance_target.url(3)
+    _check(run_suite("MultipathIO", url, INITIATOR1, INITIATOR2, urls=[url]))
