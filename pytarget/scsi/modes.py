@@ -43,7 +43,7 @@ def _page(code: int, body: bytes, changeable: bytes, subpage: int = 0) -> ModePa
         header = bytes((code | 0x40, subpage)) + len(body).to_bytes(2, "big")
     else:
         header = bytes((code, len(body)))
-    return ModePage(code, subpage, header + body, bytes(len(header)) + changeable)
+    return ModePage(code, subpage, header + body, header + changeable)
 
 
 PAGE_RW_ERROR_RECOVERY = 0x01
