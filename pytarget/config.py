@@ -242,6 +242,8 @@ def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not writable")
 

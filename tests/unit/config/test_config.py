@@ -1,0 +1,115 @@
+"""Configuration: validation errors name the key and file, nothing is created or resized."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytarget.config import ConfigError, load, parse_portal, parse_size, prepare_backing_files
+
+GOOD = """\
+portals: ["127.0.0.1:3260"]
+targets:
+  - name: iqn.2026-11.io.pytarget:disk
+    luns:
+      - id: 0
+        path: disk0.img
+        size: 1GiB
+        block_size: 512
+        readonly: false
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config(tmp_path: Path) -> None:
+    config = load(write(tmp_path, GOOD))
+    lun = config.targets[0].luns[0]
+    assert lun.path == tmp_path / "disk0.img" and lun.size == 1 << 30 and lun.thin
+    assert config.portals == [("127.0.0.1", 3260)]
+
+
+@pytest.mark.parametrize("text,key", [
+    (GOOD.replace("readonly: false", "readonly: false\n        colour: blue"),
+     "targets[0].luns[0].colour"),
+    (GOOD.replace("1GiB", "1XB"), "targets[0].luns[0].size"),
+    (GOOD.replace("1GiB", "1000"), "targets[0].luns[0].size"),  # not a multiple of 512
+    (GOOD.replace("block_size: 512", "block_size: 1024"), "targets[0].luns[0].block_size"),
+    (GOOD + "      - id: 0\n        path: other.img\n        size: 1MiB\n",
+     "targets[0].luns[1].id"),
+    (GOOD.replace("iqn.2026-11.io.pytarget:disk", "not-an-iqn"), "targets[0].name"),
+    (GOOD.replace("portals:", "portal:"), "portal"),
+    (GOOD.replace('"127.0.0.1:3260"', '"127.0.0.1:99999"'), "portals[0]"),
+    (GOOD.replace("readonly: false", "readonly: maybe"), "targets[0].luns[0].readonly"),
+    (GOOD.replace("        size: 1GiB\n", ""), "targets[0].luns[0].size"),
+])
+def test_errors_name_the_key_and_create_nothing(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == key
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "disk0.img").exists()
+
+
+def test_unusable_backing_path(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("a file, not a directory")
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, GOOD.replace("path: disk0.img", "path: plain/disk0.img")))
+    assert info.value.key == "targets[0].luns[0].path"
+
+
+def test_directory_as_backing_file(tmp_path: Path) -> None:
+    (tmp_path / "disk0.img").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, GOOD))
+    assert info.value.key == "targets[0].luns[0].path"
+
+
+def test_existing_file_is_never_resized(tmp_path: Path) -> None:
+    image = tmp_path / "disk0.img"
+    image.write_bytes(b"x" * 8192)
+    config = load(write(tmp_path, GOOD))
+    assert prepare_backing_files(config) == []
+    assert image.read_bytes() == b"x" * 8192
+
+
+def test_missing_file_is_created_sparse(tmp_path: Path) -> None:
+    config = load(write(tmp_path, GOOD))
+    assert prepare_backing_files(config) == [tmp_path / "disk0.img"]
+    st = os.stat(tmp_path / "disk0.img")
+    assert st.st_size == 1 << 30 and st.st_blocks * 512 < 1 << 20
+
+
+def test_sizes_and_portals() -> None:
+    assert parse_size("4K") == 4096 and parse_size("1GiB") == 1 << 30 and parse_size(512) == 512
+    for bad in ("", "-1", "1.5G", True, 0, "12 parsecs"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert parse_portal("[::1]:3261") == ("::1", 3261)
+    assert parse_portal("10.0.0.1") == ("10.0.0.1", 3260)
+
+
+def test_cli_reports_one_line_and_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("1GiB", "lots"))
+    proc = subprocess.run([sys.executable, "-m", "pytarget", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "targets[0].luns[0].size" in lines[0] and str(path) in lines[0]
+    assert not (tmp_path / "disk0.img").exists()
+
+
+def test_builtin_default_matches_luns_default() -> None:
+    repo = Path(__file__).resolve().parents[3]
+    from importlib import resources
+    assert resources.files("pytarget").joinpath("default.yaml").read_text() == \
+        (repo / "luns" / "default.yaml").read_text()
