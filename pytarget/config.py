@@ -56,6 +56,14 @@ class Config:
     base: Path
     portals: list[tuple[str, int]]
     targets: list[TargetConfig]
+    # VPD 85h network services (SPC-4 7.8.9): (SERVICE TYPE, URL)
+    management_addresses: list[tuple[int, str]] = field(default_factory=list)
+
+
+MANAGEMENT_SERVICES = {
+    "unspecified": 0x00, "storage-configuration": 0x01, "diagnostics": 0x02, "status": 0x03,
+    "logging": 0x04, "code-download": 0x05, "copy": 0x06, "administrative-configuration": 0x07,
+}
 
 
 def parse_size(value: Any) -> int:
@@ -140,7 +148,8 @@ def parse(text: str, file: str, base: Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "-"
         raise ConfigError(file, where, "invalid YAML") from None
-    doc = r.mapping(doc if doc is not None else {}, "", {"portals", "targets"}, {"targets"})
+    doc = r.mapping(doc if doc is not None else {}, "",
+                    {"portals", "targets", "management_addresses"}, {"targets"})
     portals_raw = doc.get("portals", ["0.0.0.0:3260"])
     if not isinstance(portals_raw, list) or not portals_raw:
         raise r.fail("portals", "expected a non-empty list of HOST:PORT")
@@ -185,7 +194,26 @@ def parse(text: str, file: str, base: Path) -> Config:
             paths[resolved] = f"{lkey}.path"
             luns.append(lun)
         targets.append(TargetConfig(name, alias, luns))
-    return Config(file, base, portals, targets)
+    return Config(file, base, portals, targets, _management_addresses(r, doc))
+
+
+def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, str]]:
+    """management_addresses: [{service: copy, url: "iscsi://192.0.2.1:3260"}, ...]"""
+    raw = doc.get("management_addresses", [])
+    if not isinstance(raw, list):
+        raise r.fail("management_addresses", "expected a list")
+    out: list[tuple[int, str]] = []
+    for i, item in enumerate(raw):
+        key = f"management_addresses[{i}]"
+        item = r.mapping(item, key, {"service", "url"}, {"service", "url"})
+        service = item["service"]
+        if service not in MANAGEMENT_SERVICES:
+            raise r.fail(f"{key}.service", "one of " + ", ".join(MANAGEMENT_SERVICES))
+        url = item["url"]
+        if not isinstance(url, str) or not url.isascii() or not 0 < len(url) <= 250:
+            raise r.fail(f"{key}.url", "expected a URL of 1-250 ASCII characters")
+        out.append((MANAGEMENT_SERVICES[service], url))
+    return out
 
 
 def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:

@@ -4,17 +4,21 @@ sessions tracked across connections, and a clean shutdown."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 from .backstore.file import FileBackstore
 from .config import Config, prepare_backing_files
+from .copy.manager import CopyManager, RegistryDomain
 from .iscsi.session import Session
 from .iscsi.target import TargetNode, TargetRegistry
 from .scsi.device import LogicalUnit, LuConfig
+from .scsi.pr import PrStateError
 from .transport import ConnectionDriver, Listener
 
 log = logging.getLogger("pytarget")
@@ -31,15 +35,27 @@ def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, by
 def build_registry(config: Config) -> TargetRegistry:
     registry = TargetRegistry()
     registry.portals = list(config.portals)
+    pr_paths: set[Path] = set()
     for tc in config.targets:
         node = TargetNode(tc.name, tc.alias)
         for lc in tc.luns:
+            # APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json
+            pr_path = config.base / f"{lc.path.name}.pr.json"
+            if pr_path in pr_paths:
+                raise PrStateError(errno.EEXIST, "two LUNs would keep persistent reservations "
+                                   "in one file (backing file names must differ)", str(pr_path))
+            pr_paths.add(pr_path)
             backstore = FileBackstore(str(lc.path), readonly=lc.readonly)
             serial, naa = lu_identity(tc.name, lc.id, lc.serial)
             lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
-                                 thin=lc.thin, removable=lc.removable, serial=serial, naa=naa)
+                                 thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
+                                 pr_state_path=str(pr_path))
             node.luns[lc.id] = LogicalUnit(lu_config, backstore, node)
         registry.add_target(node)
+    copy_manager = CopyManager(RegistryDomain(registry), config.management_addresses)
+    for node in registry.targets.values():
+        for lu in node.luns.values():
+            copy_manager.attach(lu)
     return registry
 
 

@@ -51,6 +51,7 @@ class ConnectionDriver:
         self.cid = 0
         self.pending: deque[memoryview] = deque()
         self.writing = False
+        self.flush_scheduled = False
         self.reading = True
         self.closed = False
         self.runners: dict[int, tuple[asyncio.Task[Any], ScsiTask, Any]] = {}
@@ -81,11 +82,21 @@ class ConnectionDriver:
                 break
 
     def _send(self) -> None:
-        """Queue the connection's output and write as much as the socket takes now."""
+        """Queue the connection's output; it is written once per event-loop iteration.
+
+        Responses of commands that complete in the same iteration then leave in one vectored
+        `sendmsg` instead of one system call each.
+        """
         out = self.conn.data_to_send()
         if out:
             self.pending.extend(memoryview(b) if not isinstance(b, memoryview) else b for b in out)
-        if not self.writing:
+        if not self.writing and not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if not self.writing and not self.closed:
             self._write_some()
 
     def _write_some(self) -> None:
@@ -323,7 +334,14 @@ class ConnectionDriver:
         self._finish()
 
     def close(self, reason: str) -> None:
-        """Close now (flushing what is queued is abandoned)."""
+        """Close now, after one last non-blocking attempt to send what is queued (a TMF or
+        Logout response that precedes the close must reach the initiator)."""
+        self.pending.extend(memoryview(b) for b in self.conn.data_to_send())
+        if self.pending and not self.closed:
+            try:
+                self.sock.sendmsg(list(self.pending)[:MAX_SEND_PARTS])
+            except OSError:
+                pass
         self.conn.close(reason)
         self._finish()
 

@@ -119,6 +119,7 @@ class Connection:
         self._end = 0
         self._bhs: Bhs | None = None
         self._header_len = 0
+        self._ahs = b""  # the current PDU's Additional Header Segments
         self._need_data = 0  # payload + padding + digest of the current PDU
         self._direct: memoryview | None = None
         self._direct_filled = 0
@@ -218,6 +219,9 @@ class Connection:
                         raise ConnectionFatal("header digest error")
                 self._bhs = bhs
                 self._header_len = header_len
+                if bhs.total_ahs_length:
+                    at = self._start + pdu.BHS_LEN
+                    self._ahs = bytes(self._view[at:at + bhs.total_ahs_length])
                 self._start += header_len
                 dsl = bhs.data_segment_length
                 self._need_data = dsl + pdu.pad_len(dsl) + (4 if dsl and self.params.data_digest else 0)
@@ -255,8 +259,21 @@ class Connection:
         return max(8192, self.limits.max_recv_data_segment_length)
 
     def _reject_and_discard(self, bhs: Bhs, reason: RejectReason, message: str) -> None:
+        """Reject a PDU whose header is sound and skip its data segment.
+
+        A rejected request still uses up its CmdSN, as when it is rejected after dispatch;
+        a rejected Data-Out ends its command like any other Data-Out fault.
+        """
         self._bhs = None
         self._discard = self._need_data
+        session = self.session
+        if self.state == State.FULL_FEATURE and session is not None:
+            if bhs.opcode == Op.DATA_OUT:
+                task = session.tasks.get(bhs.itt)
+                if task is not None and task.write and not task.data_error:
+                    self._fail_task_data(task, "sequence", bhs)
+            elif bhs.opcode in _NUMBERED and not self._accept_cmd_sn(bhs):
+                return
         self._fault(PduReject(reason, message), bhs)
 
     def _try_direct(self, bhs: Bhs) -> bool:
@@ -324,7 +341,8 @@ class Connection:
             return None
         if bhs.opcode == Op.DATA_OUT:
             task = session.tasks.get(bhs.itt)
-            if task is None or not task.write or task.buffer is None or task.data_error:
+            if task is None or not task.write or task.buffer is None or task.data_error \
+                    or task.data_failure:
                 return None
             try:
                 self._check_data_out(bhs, task)
@@ -470,8 +488,8 @@ class Connection:
             raise PduReject(RejectReason.PROTOCOL_ERROR, "immediate data not negotiated")
         if dsl > edtl or dsl > session.params.first_burst_length or dsl > MAX_DATA_OUT:
             raise PduReject(RejectReason.PROTOCOL_ERROR, "immediate data beyond the burst")
-        if not flags & pdu.F_FINAL:
-            raise PduReject(RejectReason.PROTOCOL_ERROR, "SCSI command continued in a Data-Out")
+        if not flags & pdu.F_FINAL and (not write or session.params.initial_r2t):
+            raise PduReject(RejectReason.PROTOCOL_ERROR, "unsolicited Data-Out not allowed")
         cdb = bhs.cdb
         if bhs.total_ahs_length:
             cdb = self._extended_cdb(bhs)
@@ -481,7 +499,8 @@ class Connection:
         session.active += 1
         if write and edtl:
             task.buffer = bytearray(min(edtl, MAX_DATA_OUT))
-            if session.params.initial_r2t:
+            # F=1: no unsolicited Data-Out follows the command (RFC 7143 11.3.1).
+            if session.params.initial_r2t or flags & pdu.F_FINAL:
                 task.unsolicited_end = min(dsl, edtl)
                 task.unsolicited_done = True
             else:
@@ -496,8 +515,7 @@ class Connection:
 
     def _extended_cdb(self, bhs: Bhs) -> bytes:
         """CDB longer than 16 bytes from an Extended CDB AHS (RFC 7143 11.3.3/11.2.1.3)."""
-        ahs = bytes(self._view[self._start - self._header_len + pdu.BHS_LEN:
-                               self._start - self._header_len + pdu.BHS_LEN + bhs.total_ahs_length])
+        ahs = self._ahs
         cdb = bhs.cdb
         pos = 0
         while pos + 4 <= len(ahs):
@@ -549,13 +567,16 @@ class Connection:
             # Data for a task that already ended or failed: consumed quietly.
             log.debug("discarding Data-Out for ITT 0x%08x", bhs.itt)
             return
+        if task.data_failure:
+            self._drain(bhs, task)
+            return
         try:
             self._check_data_out(bhs, task)
         except PduReject as exc:
             # ErrorRecoveryLevel 0 cannot recover a data sequence: the command ends with
             # CHECK CONDITION and the rest of its Data-Out is discarded.
             log.info("ITT 0x%08x: %s; ending the command", bhs.itt, exc)
-            self._fail_task_data(task, "sequence")
+            self._fail_task_data(task, "sequence", bhs)
             return
         dsl = bhs.data_segment_length
         assert task.buffer is not None
@@ -567,26 +588,31 @@ class Connection:
         if bhs.ttt == pdu.RESERVED_TAG:
             task.unsolicited_received += dsl
             task.unsolicited_next_sn += 1
-            if bhs.final:
-                task.unsolicited_done = True
-                self._fill_unsolicited_gap(task)
+            if bhs.final or task.unsolicited_received >= task.unsolicited_end:
+                self._end_unsolicited(task)
         else:
             r2t = task.r2ts[bhs.ttt]
             r2t.received += dsl
             r2t.next_data_sn += 1
             if bhs.final or r2t.received >= r2t.length:
-                if r2t.received < r2t.length:
-                    raise PduReject(RejectReason.PROTOCOL_ERROR, "R2T burst ended short")
                 del task.r2ts[bhs.ttt]
+                if r2t.received < r2t.length:
+                    log.info("ITT 0x%08x: R2T burst ended short; ending the command", bhs.itt)
+                    self._fail_task_data(task, "sequence")
+                    return
                 self._issue_r2ts(task)
         self._maybe_data_complete(task)
 
-    def _fill_unsolicited_gap(self, task: IscsiTask) -> None:
-        """The unsolicited burst ended early: the rest of it must be solicited."""
-        got = task.unsolicited_received
-        if got < task.unsolicited_end and task.wanted > got:
-            task.next_r2t_offset = got
-            self._issue_r2ts(task)
+    def _end_unsolicited(self, task: IscsiTask) -> None:
+        """The unsolicited burst is over; what it left out must be solicited (RFC 7143 11.7.1).
+
+        R2Ts wait for this moment, so none has been issued yet for the range it covered.
+        """
+        task.unsolicited_done = True
+        if task.unsolicited_received < task.unsolicited_end:
+            task.unsolicited_end = task.unsolicited_received
+            task.next_r2t_offset = task.unsolicited_received
+        self._issue_r2ts(task)
 
     def _maybe_data_complete(self, task: IscsiTask) -> None:
         if task.wanted and task.waiter is not None and self._data_done(task):
@@ -601,20 +627,26 @@ class Connection:
     def request_data_out(self, task: IscsiTask, length: int, waiter: object) -> bool:
         """The device server wants `length` bytes of Data-Out: solicit what is missing.
 
-        Returns True when the data is already complete; otherwise a DataOutReady event follows.
+        Returns True when the data is already complete (or has failed: see `data_error`);
+        otherwise a DataOutReady event follows.
         """
         task.wanted = min(length, task.edtl)
         task.waiter = waiter
+        if task.data_error:
+            return True
+        if task.data_failure:
+            return False
         if self._data_done(task):
             return True
-        if task.next_r2t_offset < task.unsolicited_end and task.unsolicited_done:
-            task.next_r2t_offset = task.unsolicited_received
         self._issue_r2ts(task)
         return False
 
     def _issue_r2ts(self, task: IscsiTask) -> None:
+        """R2Ts for what is wanted and not yet asked for, once the unsolicited burst is over."""
         session = self.session
         assert session is not None
+        if task.data_failure or not task.unsolicited_done:
+            return
         limit = session.params.max_outstanding_r2t
         burst = session.params.max_burst_length
         while len(task.r2ts) < limit and task.next_r2t_offset < task.wanted:
@@ -634,14 +666,39 @@ class Connection:
         """ErrorRecoveryLevel 0: the command whose data was corrupted is ended (RFC 7143 7.8)."""
         session = self.session
         task = session.tasks.get(bhs.itt) if session else None
-        if task is not None and task.write:
-            self._fail_task_data(task, "digest")
+        if task is not None and task.write and not task.data_error:
+            self._fail_task_data(task, "digest", bhs)
 
-    def _fail_task_data(self, task: IscsiTask, reason: str) -> None:
-        if task.data_error:
+    def _fail_task_data(self, task: IscsiTask, reason: str, bhs: Bhs | None = None) -> None:
+        """End a command whose Data-Out cannot be accepted, once every Data-Out still
+        outstanding for it has arrived (RFC 7143 7.8): `bhs` is the offending PDU, counted
+        towards that as discarded."""
+        if not task.data_failure:
+            task.data_failure = reason
+        if bhs is not None:
+            self._drain(bhs, task)
+        else:
+            self._drained(task)
+
+    def _drain(self, bhs: Bhs, task: IscsiTask) -> None:
+        """Count a discarded Data-Out of a failing command against its open sequences."""
+        dsl = bhs.data_segment_length
+        if bhs.ttt == pdu.RESERVED_TAG:
+            task.unsolicited_received += dsl
+            if bhs.final or task.unsolicited_received >= task.unsolicited_end:
+                task.unsolicited_done = True
+        else:
+            r2t = task.r2ts.get(bhs.ttt)
+            if r2t is not None:
+                r2t.received += dsl
+                if bhs.final or r2t.received >= r2t.length:
+                    del task.r2ts[bhs.ttt]
+        self._drained(task)
+
+    def _drained(self, task: IscsiTask) -> None:
+        if task.r2ts or not task.unsolicited_done or task.data_error:
             return
-        task.data_error = reason
-        task.r2ts.clear()
+        task.data_error = task.data_failure
         if task.waiter is not None:
             self.events.append(DataOutReady(task))
 
@@ -908,3 +965,5 @@ class Connection:
 
 
 _PADDING = {1: b"\0", 2: b"\0\0", 3: b"\0\0\0"}
+# Requests that carry a CmdSN of their own (RFC 7143 4.2.2.1).
+_NUMBERED = frozenset({Op.SCSI_CMD, Op.NOP_OUT, Op.TASK_MGMT_REQ, Op.TEXT_REQ, Op.LOGOUT_REQ})

@@ -78,8 +78,8 @@ KEYS: dict[str, Key] = {
     )
 }
 
-# Keys answered "Irrelevant" because the features they tune are never enabled here.
-IRRELEVANT = frozenset({"IFMarkInt", "OFMarkInt"})
+# Keys RFC 7143 obsoleted that a responder must answer "Reject" (RFC 7143 13.26).
+OBSOLETE = frozenset({"IFMarkInt", "OFMarkInt"})
 # Declarations this target accepts without answering.
 DECLARATIVE_FROM_INITIATOR = frozenset({"InitiatorName", "InitiatorAlias", "SessionType",
                                          "TargetName"})
@@ -177,8 +177,8 @@ class Negotiator:
         if name in self.seen and name not in SECURITY_KEYS:
             raise LoginError(LoginStatus.INITIATOR_ERROR, f"key {name} offered twice")
         self.seen.add(name)
-        if name in IRRELEVANT:
-            return "Irrelevant"
+        if name in OBSOLETE:
+            return "Reject"
         key = KEYS.get(name)
         if key is None:
             return "NotUnderstood"

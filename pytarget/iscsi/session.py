@@ -45,7 +45,7 @@ class IscsiTask:
                  "attr", "scsi", "buffer", "received", "unsolicited_end",
                  "unsolicited_received", "unsolicited_done", "unsolicited_next_sn",
                  "wanted", "next_r2t_offset", "r2ts", "r2t_sn", "data_sn", "waiter",
-                 "data_error", "done")
+                 "data_error", "data_failure", "done")
 
     def __init__(self, itt: int, cmd_sn: int, immediate: bool, lun_field: int, read: bool,
                  write: bool, edtl: int, cdb: bytes, attr: int) -> None:
@@ -72,6 +72,7 @@ class IscsiTask:
         self.data_sn = 0
         self.waiter: object | None = None
         self.data_error = ""  # "digest" or "sequence": the Data-Out could not be accepted
+        self.data_failure = ""  # data_error to be, once the outstanding Data-Out is in
         self.done = False
 
 

@@ -9,6 +9,7 @@ write protection, reservation conflicts) all come from the opcode table in `opco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -18,11 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import numpy as np
+
 from . import limits, vpd
 from . import sense as S
-from .locks import RangeLock
+from .locks import RangeLock, _Request
 from .modes import ModePages
-from .opcodes import NO_LU_TABLE, SBC_THICK_TABLE, SBC_TABLE, OpSpec, OpTable
+from .opcodes import NO_LU_TABLE, SBC_THICK_TABLE, SBC_TABLE, Opcode, OpSpec, OpTable
 from .policy import Flag
 from .pr import PersistentReservations
 from .sense import Asc, SenseError, Status
@@ -30,6 +33,7 @@ from .task import Nexus, ScsiTask
 
 if TYPE_CHECKING:
     from ..backstore.file import FileBackstore
+    from ..copy.manager import CopyService
 
 log = logging.getLogger("pytarget.scsi")
 T = TypeVar("T")
@@ -38,6 +42,8 @@ VENDOR = "PYTARGET"
 PRODUCT = "pytarget disk"
 REVISION = "0001"
 MAX_UA_QUEUE = 16
+COPY_ALIGNMENT = 4096  # FICLONERANGE offsets and lengths are filesystem-block aligned
+COPY_BUFFER_BYTES = 1 << 20
 INLINE_WRITE_MAX = 262144  # larger writes go to the I/O threads
 # Resets supersede every other pending unit attention (SAM-5 5.14).
 _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCCURRED,
@@ -51,6 +57,27 @@ def io_executor() -> ThreadPoolExecutor:
     if _executor is None:
         _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pytarget-io")
     return _executor
+
+
+class _UnitRangeLock(RangeLock):
+    """The LU's range locks, which tell `write_observers` when blocks are about to change.
+
+    Everything that changes blocks holds an exclusive lock on exactly those blocks, granted only
+    once earlier readers of them are done; the copy manager uses this to invalidate ROD tokens
+    (SBC-3 4.29.4). An exclusive lock reaching past the medium is a barrier (RESERVE), not a
+    write.
+    """
+
+    def __init__(self, lu: LogicalUnit) -> None:
+        super().__init__()
+        self.lu = lu
+
+    async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
+        req = await super().acquire(start, count, exclusive)
+        if exclusive and start + count <= self.lu.nblocks:
+            for observer in self.lu.write_observers:
+                observer(start, max(count, 1))
+        return req
 
 
 class LunDirectory(Protocol):
@@ -71,6 +98,7 @@ class LuConfig:
     vendor: str = VENDOR
     product: str = PRODUCT
     revision: str = REVISION
+    pr_state_path: str | None = None  # APTPL state file; None: APTPL=1 is not supported
 
 
 class LogicalUnit:
@@ -102,7 +130,10 @@ class LogicalUnit:
         if not self.thin:
             del self.vpd[0xB2]
         self.mode = ModePages(self)
-        self.ranges = RangeLock()
+        self.write_observers: list[Callable[[int, int], None]] = []
+        self.ranges: RangeLock = _UnitRangeLock(self)
+        self.copy_service: CopyService | None = None  # set by the copy manager that serves this LU
+        self.stats_copy_paths: dict[str, int] = {}
         self.ua: dict[tuple[Any, ...], deque[Asc]] = {}
         self.tasks: dict[tuple[tuple[Any, ...], int], tuple[ScsiTask, asyncio.Task[Any]]] = {}
         self.medium_present = True
@@ -161,7 +192,7 @@ class LogicalUnit:
         if flags & Flag.CONFLICTS_SPC2 and self.reservation is not None \
                 and self.reservation != nexus.key:
             raise S.reservation_conflict()
-        self.pr.check(nexus, spec.pr)
+        self.pr.check(nexus, spec.pr, task.cdb)
         if flags & Flag.MEDIUM and not self.medium_present:
             raise S.not_ready(Asc.MEDIUM_NOT_PRESENT)
         if flags & Flag.WRITES and self.write_protected:
@@ -244,6 +275,8 @@ class LogicalUnit:
             self.ua[key] = deque((asc,))
         if issuer is not None and issuer.key not in self.ua:
             self.ua[issuer.key] = deque((asc,))
+        if self.copy_service is not None:
+            await self.copy_service.reset()
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The I_T nexus is gone (logout, dropped connection, session reinstatement)."""
@@ -251,6 +284,8 @@ class LogicalUnit:
             self.reservation = None
         self.prevent.discard(nexus.key)
         self.ua.pop(nexus.key, None)
+        if self.copy_service is not None:
+            self.copy_service.nexus_lost(nexus)
 
     # ------------------------------------------------------------------ block I/O
     def check_range(self, lba: int, count: int) -> None:
@@ -305,6 +340,136 @@ class LogicalUnit:
         if write:
             return S.medium_error(Asc.WRITE_ERROR, lba)
         return S.medium_error(Asc.UNRECOVERED_READ_ERROR, lba)
+
+    # ------------------------------------------------------------------ internal copy
+    def admit_internal(self, nexus: Nexus, opcode: int) -> None:
+        """The policy `opcode` would meet from `nexus` (reservations, medium, write protection),
+        for a sub-command the copy manager issues on that nexus's behalf; no unit attention."""
+        spec = self.table.get(opcode, None)
+        assert spec is not None
+        task = ScsiTask(b"", self.lun, 0, nexus)
+        task.internal = True
+        self._admit(task, spec)
+
+    async def copy_blocks_from(self, src: LogicalUnit, src_lba: int, dst_lba: int, count: int,
+                               nexus: Nexus, guard: Callable[[], None] | None = None
+                               ) -> set[str]:
+        """Copy `count` of this LU's blocks from `src` (which may be this LU) for `nexus`.
+
+        The copy manager's data mover: the checks a READ of the source and a WRITE of the
+        destination would get (LBA range, reservations, medium, write protection), a shared
+        lock on the source blocks and an exclusive one on the destination blocks (one exclusive
+        lock over both when they overlap within one LU), then the fastest path the backstores
+        offer, chosen per extent: holes become holes (or zeros on a fully provisioned LU),
+        data is cloned (FICLONERANGE), else copied in the kernel (copy_file_range), else read
+        and written. `guard` runs once the locks are held (a ROD token's validity check).
+        Returns the paths taken ("hole", "reflink", "copy_range", "buffered").
+        """
+        nbytes = count * self.block_size
+        if nbytes % src.block_size:
+            raise S.invalid_field_in_parameter_list(0, None)
+        src_count = nbytes // src.block_size
+        src.admit_internal(nexus, Opcode.READ_16)
+        self.admit_internal(nexus, Opcode.WRITE_16)
+        src.check_range(src_lba, src_count)
+        self.check_range(dst_lba, count)
+        if not count:
+            return set()
+        assert src.backstore is not None and self.backstore is not None
+        so, do = src_lba * src.block_size, dst_lba * self.block_size
+        overlap = src is self and so < do + nbytes and do < so + nbytes
+        async with contextlib.AsyncExitStack() as stack:
+            if overlap:
+                start = min(src_lba, dst_lba)
+                await stack.enter_async_context(
+                    self.ranges.exclusive(start, max(src_lba, dst_lba) + count - start))
+            else:
+                for lu, lba, n, excl in sorted(
+                        ((src, src_lba, src_count, False), (self, dst_lba, count, True)),
+                        key=lambda e: (id(e[0]), e[1])):
+                    lock = lu.ranges.exclusive(lba, n) if excl else lu.ranges.shared(lba, n)
+                    await stack.enter_async_context(lock)
+            if guard is not None:
+                guard()
+            try:
+                paths = await self.in_thread(self._copy_bytes, src.backstore, so, do, nbytes,
+                                             overlap)
+                if not self.mode.write_cache:
+                    await self.in_thread(self.backstore.flush)
+            except OSError as exc:
+                raise self.io_error(exc, dst_lba, write=True) from exc
+        for path in paths:
+            self.stats_copy_paths[path] = self.stats_copy_paths.get(path, 0) + 1
+        return paths
+
+    def _copy_bytes(self, src: FileBackstore, so: int, do: int, n: int,
+                    overlap: bool) -> set[str]:
+        """The blocking part of `copy_blocks_from`, run on an I/O thread."""
+        dst = self.backstore
+        assert dst is not None
+        if overlap:
+            return {self._copy_buffered(src, so, do, n, whole=True)}
+        paths: set[str] = set()
+        for extent in src.extents(so, n):
+            at = do + extent.offset - so
+            if not extent.mapped:
+                (dst.punch if self.thin else dst.zero)(at, extent.length)
+                paths.add("hole")
+            else:
+                paths |= self._copy_data(src, extent.offset, at, extent.length)
+        return paths
+
+    def _copy_data(self, src: FileBackstore, so: int, do: int, n: int) -> set[str]:
+        dst = self.backstore
+        assert dst is not None
+        paths: set[str] = set()
+        align = max(COPY_ALIGNMENT, self.block_size)
+        if dst.can_reflink and so % align == do % align:
+            head = min(n, -so % align)
+            body = (n - head) // align * align
+            if body and dst.reflink_from(src, so + head, do + head, body):
+                paths.add("reflink")
+                if head:
+                    paths |= self._copy_data(src, so, do, head)
+                tail = n - head - body
+                if tail:
+                    paths |= self._copy_data(src, so + head + body, do + head + body, tail)
+                return paths
+        if not (src is dst and so < do + n and do < so + n) and dst.copy_range_from(src, so, do, n):
+            return {"copy_range"}
+        return {self._copy_buffered(src, so, do, n)}
+
+    def _copy_buffered(self, src: FileBackstore, so: int, do: int, n: int,
+                       whole: bool = False) -> str:
+        """preadv/pwritev; blocks of zeros become holes on a thin LU. `whole` reads everything
+        before writing anything (memmove semantics for an overlapping copy within one file)."""
+        dst = self.backstore
+        assert dst is not None
+        step = n if whole else min(n, COPY_BUFFER_BYTES)
+        buf = memoryview(bytearray(step))
+        done = 0
+        while done < n:
+            k = min(step, n - done)
+            src.read_into(buf[:k], so + done)
+            self._write_or_punch(buf[:k], do + done)
+            done += k
+        return "buffered"
+
+    def _write_or_punch(self, data: memoryview, offset: int) -> None:
+        """Write `data`; on a thin LU runs of all-zero blocks are deallocated instead."""
+        dst = self.backstore
+        assert dst is not None
+        if not self.thin:
+            dst.write(data, offset)
+            return
+        bs = self.block_size
+        nonzero = np.asarray(np.frombuffer(data, dtype=np.uint8).reshape(-1, bs).any(axis=1))
+        edges = [0, *(np.flatnonzero(np.diff(nonzero)) + 1).tolist(), len(nonzero)]
+        for a, b in zip(edges, edges[1:]):
+            if nonzero[a]:
+                dst.write(data[a * bs:b * bs], offset + a * bs)
+            else:
+                dst.punch(offset + a * bs, (b - a) * bs)
 
     def close(self) -> None:
         if self.backstore is not None and not self.closed:

@@ -27,3 +27,29 @@ MAX_PARAMETER_LIST = 65536  # MODE SELECT, UNMAP and other parameter lists, in b
 
 def blocks(nbytes: int, block_size: int) -> int:
     return nbytes // block_size
+
+# Third-party copy (SPC-4 5.17, 6.4, 6.18, 7.8.17): the copy manager's limits, reported by
+# RECEIVE COPY RESULTS (OPERATING PARAMETERS) and VPD 8Fh and enforced by the parameter list
+# parser. libiscsi's DescrLimits needs the list length to hold one descriptor more than either
+# count allows, so that the count checks, not the length check, fire: 33·32+28 and 32+65·28 fit.
+MAX_CSCD_DESCRIPTORS = 32
+MAX_SEGMENT_DESCRIPTORS = 64
+MAX_DESCRIPTOR_LIST_BYTES = 4096  # CSCD descriptors + segment descriptors
+MAX_INLINE_DATA_BYTES = 0
+HELD_DATA_LIMIT_BYTES = 0
+MAX_SEGMENT_BYTES = 0xFFFF * 4096  # NUMBER OF BLOCKS is 16 bits: the largest segment possible
+MAX_CONCURRENT_COPIES = 64  # per logical unit, identified and unidentified alike
+MAX_HELD_RESULTS = 256  # per I_T nexus and logical unit; the oldest is discarded past this
+COPY_CHUNK_BYTES = 8 << 20  # one sub-command; an abort stops a copy within one chunk
+COPY_CHUNK_MAX_BYTES = 256 << 20  # chunks grow to this while every chunk is a reflink
+COPY_PIPELINE_DEPTH = 2  # chunks in flight per segment: the next read overlaps this write
+
+# ROD tokens (SBC-3 4.29, SPC-4 5.17.6): POPULATE TOKEN / WRITE USING TOKEN.
+MAX_ROD_RANGES = 64  # block device range descriptors in one command
+DEFAULT_INACTIVITY_TIMEOUT = 60  # seconds
+MAX_INACTIVITY_TIMEOUT = 600
+MIN_TOKEN_LIFETIME = 1
+MAX_TOKEN_LIFETIME = 3600  # a token also dies this long after creation, however busy
+MAX_TOKEN_TRANSFER_BYTES = 4 << 30  # bytes one token may represent
+OPTIMAL_TOKEN_TRANSFER_BYTES = 256 << 20
+MAX_ROD_TOKENS = 4096  # live tokens per copy manager

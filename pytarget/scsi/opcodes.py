@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from ..copy import commands as copy
 from . import pr, provisioning, sbc, spc
 from . import sense as S
 from .policy import Flag, Pr
@@ -235,10 +236,10 @@ SBC_SPECS: list[OpSpec] = [
     OpSpec(O.RELEASE_10, None, "RELEASE(10)", _u(O.RELEASE_10, 0, 0, 0, 0, 0, 0, 0, 0, C),
            spc.release, Flag.NONE, Pr.WRITE),
     OpSpec(O.START_STOP_UNIT, None, "START STOP UNIT",
-           _u(O.START_STOP_UNIT, 0x01, 0, 0x0F, 0xF7, C), sbc.start_stop_unit, R2, Pr.WRITE),
+           _u(O.START_STOP_UNIT, 0x01, 0, 0x0F, 0xF7, C), sbc.start_stop_unit, R2, Pr.START_STOP),
     OpSpec(O.PREVENT_ALLOW_MEDIUM_REMOVAL, None, "PREVENT ALLOW MEDIUM REMOVAL",
            _u(O.PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 0x03, C), sbc.prevent_allow_medium_removal,
-           R2, Pr.WRITE),
+           R2, Pr.PREVENT_ALLOW),
     OpSpec(O.READ_CAPACITY_10, None, "READ CAPACITY(10)",
            _u(O.READ_CAPACITY_10, 0, LBA4, 0, 0, 0x01, C), sbc.read_capacity_10, M),
     OpSpec(O.SERVICE_ACTION_IN_16, 0x10, "READ CAPACITY(16)",
@@ -262,19 +263,19 @@ SBC_SPECS: list[OpSpec] = [
            spc.report_luns, A),
     OpSpec(O.PERSISTENT_RESERVE_IN, 0x00, "PERSISTENT RESERVE IN (READ KEYS)",
            _u(O.PERSISTENT_RESERVE_IN, 0x00, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
-           Flag.NONE, Pr.PR),
+           R2, Pr.PR),
     OpSpec(O.PERSISTENT_RESERVE_IN, 0x01, "PERSISTENT RESERVE IN (READ RESERVATION)",
            _u(O.PERSISTENT_RESERVE_IN, 0x01, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
-           Flag.NONE, Pr.PR),
+           R2, Pr.PR),
     OpSpec(O.PERSISTENT_RESERVE_IN, 0x02, "PERSISTENT RESERVE IN (REPORT CAPABILITIES)",
            _u(O.PERSISTENT_RESERVE_IN, 0x02, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
-           Flag.NONE, Pr.PR),
+           R2, Pr.PR),
     OpSpec(O.PERSISTENT_RESERVE_IN, 0x03, "PERSISTENT RESERVE IN (READ FULL STATUS)",
            _u(O.PERSISTENT_RESERVE_IN, 0x03, 0, 0, 0, 0, 0, LEN2, C), pr.persistent_reserve_in,
-           Flag.NONE, Pr.PR),
+           R2, Pr.PR),
     *[OpSpec(O.PERSISTENT_RESERVE_OUT, sa, f"PERSISTENT RESERVE OUT ({name})",
              _u(O.PERSISTENT_RESERVE_OUT, sa, 0xFF, 0, 0, LEN4, C), pr.persistent_reserve_out,
-             Flag.NONE, Pr.PR)
+             R2, Pr.PR)
       for sa, name in ((0, "REGISTER"), (1, "RESERVE"), (2, "RELEASE"), (3, "CLEAR"),
                        (4, "PREEMPT"), (5, "PREEMPT AND ABORT"),
                        (6, "REGISTER AND IGNORE EXISTING KEY"), (7, "REGISTER AND MOVE"))],
@@ -282,9 +283,10 @@ SBC_SPECS: list[OpSpec] = [
            _u(O.MAINTENANCE_IN, 0xEA, 0, 0, 0, 0, LEN4, 0, C), spc.report_target_port_groups),
     OpSpec(O.MAINTENANCE_IN, 0x0C, "REPORT SUPPORTED OPERATION CODES",
            _u(O.MAINTENANCE_IN, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, LEN4, 0, C),
-           spc.report_supported_operation_codes),
+           spc.report_supported_operation_codes, pr=Pr.READ),
     OpSpec(O.MAINTENANCE_IN, 0x0D, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
-           _u(O.MAINTENANCE_IN, 0x0D, 0x80, 0, 0, 0, LEN4, 0, C), spc.report_supported_tmf),
+           _u(O.MAINTENANCE_IN, 0x0D, 0x80, 0, 0, 0, LEN4, 0, C), spc.report_supported_tmf,
+           pr=Pr.READ),
     *rw_specs("READ", (O.READ_6, O.READ_10, O.READ_12, O.READ_16), RW_FLAGS_READ, sbc.read, M,
               Pr.READ),
     *rw_specs("WRITE", (O.WRITE_6, O.WRITE_10, O.WRITE_12, O.WRITE_16), RW_FLAGS_WRITE,
@@ -313,9 +315,52 @@ SBC_SPECS: list[OpSpec] = [
 UNMAP_SPEC = OpSpec(O.UNMAP, None, "UNMAP", _u(O.UNMAP, 0x01, 0, 0, 0, 0, GROUP, LEN2, C),
                     provisioning.unmap, W, Pr.WRITE)
 
+# Third-party copy (SPC-4 6.3, 6.4, 6.18; SBC-3 5.10, 5.22, 5.46). Sub-commands apply the
+# reservation policy on each copy source and destination; the copy manager's own unit only
+# conflicts like the command's own effect (POPULATE TOKEN reads, WRITE USING TOKEN writes).
+_LIST_ID4 = LEN4
+COPY_SPECS: list[OpSpec] = [
+    OpSpec(O.EXTENDED_COPY, 0x00, "EXTENDED COPY(LID1)",
+           _u(O.EXTENDED_COPY, 0x00, (0,) * 8, LEN4, 0, C), copy.extended_copy, R2),
+    OpSpec(O.EXTENDED_COPY, 0x01, "EXTENDED COPY(LID4)",
+           _u(O.EXTENDED_COPY, 0x01, (0,) * 8, LEN4, 0, C), copy.extended_copy, R2),
+    OpSpec(O.EXTENDED_COPY, 0x10, "POPULATE TOKEN",
+           _u(O.EXTENDED_COPY, 0x10, (0,) * 4, _LIST_ID4, LEN4, GROUP, C), copy.populate_token,
+           M, Pr.READ),
+    OpSpec(O.EXTENDED_COPY, 0x11, "WRITE USING TOKEN",
+           _u(O.EXTENDED_COPY, 0x11, (0,) * 4, _LIST_ID4, LEN4, GROUP, C),
+           copy.write_using_token, W, Pr.WRITE),
+    OpSpec(O.EXTENDED_COPY, 0x1C, "COPY OPERATION ABORT",
+           _u(O.EXTENDED_COPY, 0x1C, _LIST_ID4, (0,) * 9, C), copy.copy_operation_abort, R2),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x00, "RECEIVE COPY STATUS(LID1)",
+           _u(O.RECEIVE_COPY_RESULTS, 0x00, 0xFF, (0,) * 7, LEN4, 0, C),
+           copy.receive_copy_status_lid1, R2, Pr.READ),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x01, "RECEIVE COPY DATA(LID1)",
+           _u(O.RECEIVE_COPY_RESULTS, 0x01, 0xFF, (0,) * 7, LEN4, 0, C), copy.receive_copy_data,
+           R2, Pr.READ),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x03, "RECEIVE COPY OPERATING PARAMETERS",
+           _u(O.RECEIVE_COPY_RESULTS, 0x03, (0,) * 8, LEN4, 0, C),
+           copy.receive_copy_operating_parameters, R2, Pr.READ),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x04, "RECEIVE COPY FAILURE DETAILS(LID1)",
+           _u(O.RECEIVE_COPY_RESULTS, 0x04, 0xFF, (0,) * 7, LEN4, 0, C),
+           copy.receive_copy_failure_details, R2, Pr.READ),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x05, "RECEIVE COPY STATUS(LID4)",
+           _u(O.RECEIVE_COPY_RESULTS, 0x05, _LIST_ID4, (0,) * 4, LEN4, 0, C),
+           copy.receive_copy_status_lid4, R2, Pr.READ),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x06, "RECEIVE COPY DATA(LID4)",
+           _u(O.RECEIVE_COPY_RESULTS, 0x06, _LIST_ID4, (0,) * 4, LEN4, 0, C),
+           copy.receive_copy_data, R2, Pr.READ),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x07, "RECEIVE ROD TOKEN INFORMATION",
+           _u(O.RECEIVE_COPY_RESULTS, 0x07, _LIST_ID4, (0,) * 4, LEN4, 0, C),
+           copy.receive_rod_token_information, R2, Pr.READ),
+    OpSpec(O.RECEIVE_COPY_RESULTS, 0x08, "REPORT ALL ROD TOKENS",
+           _u(O.RECEIVE_COPY_RESULTS, 0x08, (0,) * 8, LEN4, 0, C), copy.report_all_rod_tokens,
+           R2, Pr.READ),
+]
+
 # Thin LUNs accept UNMAP; fully provisioned ones do not know the command, as a disk would not.
-SBC_TABLE = OpTable([*SBC_SPECS, UNMAP_SPEC])
-SBC_THICK_TABLE = OpTable(SBC_SPECS)
+SBC_TABLE = OpTable([*SBC_SPECS, *COPY_SPECS, UNMAP_SPEC])
+SBC_THICK_TABLE = OpTable([*SBC_SPECS, *COPY_SPECS])
 
 # A LUN with no logical unit answers only these (SPC-4 4.6.4); the rest get LOGICAL UNIT NOT
 # SUPPORTED from `lookup` below.

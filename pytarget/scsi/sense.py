@@ -60,17 +60,17 @@ class Asc(IntEnum):
     MISCOMPARE_DURING_VERIFY = 0x1D00
     INVALID_COMMAND_OPERATION_CODE = 0x2000
     LBA_OUT_OF_RANGE = 0x2100
-    INVALID_TOKEN_OPERATION_CAUSE_NOT_REPORTABLE = 0x2380
-    INVALID_TOKEN_OPERATION_UNSUPPORTED_TOKEN_TYPE = 0x2381
-    INVALID_TOKEN_OPERATION_REMOTE_TOKEN_USAGE_NOT_SUPPORTED = 0x2382
-    INVALID_TOKEN_OPERATION_REMOTE_ROD_TOKEN_CREATION_NOT_SUPPORTED = 0x2383
-    INVALID_TOKEN_OPERATION_TOKEN_UNKNOWN = 0x2384
-    INVALID_TOKEN_OPERATION_TOKEN_CORRUPT = 0x2385
-    INVALID_TOKEN_OPERATION_TOKEN_REVOKED = 0x2386
-    INVALID_TOKEN_OPERATION_TOKEN_EXPIRED = 0x2387
-    INVALID_TOKEN_OPERATION_TOKEN_CANCELLED = 0x2388
-    INVALID_TOKEN_OPERATION_TOKEN_DELETED = 0x2389
-    INVALID_TOKEN_OPERATION_INVALID_TOKEN_LENGTH = 0x238A
+    INVALID_TOKEN_OPERATION_CAUSE_NOT_REPORTABLE = 0x2300
+    INVALID_TOKEN_OPERATION_UNSUPPORTED_TOKEN_TYPE = 0x2301
+    INVALID_TOKEN_OPERATION_REMOTE_TOKEN_USAGE_NOT_SUPPORTED = 0x2302
+    INVALID_TOKEN_OPERATION_REMOTE_ROD_TOKEN_CREATION_NOT_SUPPORTED = 0x2303
+    INVALID_TOKEN_OPERATION_TOKEN_UNKNOWN = 0x2304
+    INVALID_TOKEN_OPERATION_TOKEN_CORRUPT = 0x2305
+    INVALID_TOKEN_OPERATION_TOKEN_REVOKED = 0x2306
+    INVALID_TOKEN_OPERATION_TOKEN_EXPIRED = 0x2307
+    INVALID_TOKEN_OPERATION_TOKEN_CANCELLED = 0x2308
+    INVALID_TOKEN_OPERATION_TOKEN_DELETED = 0x2309
+    INVALID_TOKEN_OPERATION_INVALID_TOKEN_LENGTH = 0x230A
     INVALID_FIELD_IN_CDB = 0x2400
     INVALID_FIELD_IN_INFORMATION_UNIT = 0x0E03
     LOGICAL_UNIT_NOT_SUPPORTED = 0x2500
@@ -271,3 +271,44 @@ def reservation_conflict() -> SenseError:
 
 def insufficient_resources() -> SenseError:
     return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_RESOURCES)
+
+
+# Third-party copy (SPC-4 6.4.5, 5.17.6).
+FORWARDED_FROM_SOURCE = 1  # SENSE DATA SOURCE in the forwarded sense data descriptor
+FORWARDED_FROM_DESTINATION = 2
+
+
+def forwarded_sense(source: int, status: int, sense: bytes | None) -> bytes:
+    """Forwarded sense data descriptor (SPC-4 4.5.2.9): what a copy source or destination said."""
+    body = (sense or b"")[:250]
+    return bytes((0x0C, 2 + len(body), source & 0x0F, status)) + body
+
+
+def segment_pointer(byte: int, bit: int | None = None) -> bytes:
+    """Sense-key specific segment pointer (SPC-4 4.5.2.4.6) into the parameter list (SD=0)."""
+    b0 = 0x80 | (0x08 | (bit & 7) if bit is not None else 0)
+    return bytes((b0, (byte >> 8) & 0xFF, byte & 0xFF))
+
+
+def copy_aborted(asc: Asc, segment: int, *, residual: int | None = None,
+                 pointer: int | None = None, forwarded: bytes = b"") -> SenseError:
+    """COPY ABORTED: the segment being processed goes in COMMAND-SPECIFIC INFORMATION, the blocks
+    it left uncopied in INFORMATION, the descriptor at fault in the segment pointer."""
+    return SenseError(SenseKey.COPY_ABORTED, asc, information=residual,
+                      sks=None if pointer is None else segment_pointer(pointer),
+                      command_specific=segment, extra_descriptors=forwarded)
+
+
+def copy_target_not_reachable(segment: int, pointer: int) -> SenseError:
+    return copy_aborted(Asc.COPY_TARGET_DEVICE_NOT_REACHABLE, segment, pointer=pointer)
+
+
+def operation_in_progress() -> SenseError:
+    """A copy with the same list identifier is still active (SPC-4 6.4.3.2)."""
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.OPERATION_IN_PROGRESS)
+
+
+def invalid_token(asc: Asc, byte: int | None = None) -> SenseError:
+    """INVALID TOKEN OPERATION, with the reason in the qualifier (SPC-4 5.17.6.4)."""
+    return SenseError(SenseKey.ILLEGAL_REQUEST, asc,
+                      field=None if byte is None else (False, byte, None))

@@ -242,7 +242,7 @@ async def reserve(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     async with lu.ranges.exclusive(0, 1 << 64):
         pass
     holder = lu.reservation
-    if holder is not None and holder != task.nexus.key:
+    if (holder is not None and holder != task.nexus.key) or lu.persistent_reservation_active():
         raise S.reservation_conflict()
     lu.reservation = task.nexus.key
 

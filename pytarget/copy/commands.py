@@ -1,0 +1,432 @@
+"""Command handlers of the copy manager: EXTENDED COPY (LID1, LID4), POPULATE TOKEN, WRITE USING
+TOKEN, COPY OPERATION ABORT (83h) and RECEIVE COPY RESULTS / RECEIVE ROD TOKEN INFORMATION /
+REPORT ALL ROD TOKENS (84h). SPC-4 6.4, 6.18; SBC-3 5.10, 5.46.
+
+Handlers take (lu, task, cdb) like every device-server handler and raise SenseError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import TYPE_CHECKING
+
+from ..scsi import limits
+from ..scsi import sense as S
+from ..scsi.cdb import be16, be32, be64
+from ..scsi.sense import Asc, SenseError
+from . import descriptors, discovery
+from .descriptors import ListIdUsage, Segment, SegmentType
+from .engine import CopyAborted, CopyJob, Plan, Side, aborted_status, internal_command
+from .manager import CopyOperation, CopyService, CopyStatus
+from .tokens import ROD_TYPE_AUR, ROD_TYPE_BLOCK_ZERO, TOKEN_LENGTH, RodToken
+
+if TYPE_CHECKING:
+    from ..scsi.device import LogicalUnit
+    from ..scsi.task import ScsiTask
+
+SA_EXTENDED_COPY_LID1 = 0x00
+SA_EXTENDED_COPY_LID4 = 0x01
+SA_POPULATE_TOKEN = 0x10
+SA_WRITE_USING_TOKEN = 0x11
+SA_COPY_OPERATION_ABORT = 0x1C
+SA_COPY_STATUS_LID1 = 0x00
+SA_COPY_DATA_LID1 = 0x01
+SA_OPERATING_PARAMETERS = 0x03
+SA_FAILURE_DETAILS_LID1 = 0x04
+SA_COPY_STATUS_LID4 = 0x05
+SA_COPY_DATA_LID4 = 0x06
+SA_ROD_TOKEN_INFORMATION = 0x07
+SA_REPORT_ALL_ROD_TOKENS = 0x08
+
+RANGE_DESCRIPTOR = 16
+PT_HEADER = 16
+WUT_HEADER = 536
+WUT_TOKEN_AT = 16
+UNITS_BYTES = 0x00
+UNITS_BLOCKS = 0xF1
+
+
+def _service(lu: LogicalUnit) -> CopyService:
+    if lu.copy_service is None:
+        raise S.invalid_opcode()
+    return lu.copy_service
+
+
+def _reply(task: ScsiTask, data: bytes | bytearray, alloc: int) -> None:
+    task.set_data_in(bytes(data[:alloc]))
+
+
+async def _parameter_list(task: ScsiTask, length: int) -> bytes:
+    data = bytes(await task.receive_data_out(length))
+    if len(data) < length:
+        raise S.parameter_list_length_error()
+    return data
+
+
+async def _run(service: CopyService, op: CopyOperation, work: asyncio.Future[None] | None,
+               coro_factory) -> None:  # type: ignore[no-untyped-def]
+    """Run an operation's work as its own task, so COPY OPERATION ABORT can stop it; record the
+    outcome; re-raise the failure for the command's status."""
+    runner = asyncio.ensure_future(coro_factory())
+    op.runner = runner
+    try:
+        try:
+            await asyncio.wait([runner])
+        except asyncio.CancelledError:
+            runner.cancel()
+            await asyncio.wait([runner])
+            op.finish(None, aborted=True)
+            raise
+        if runner.cancelled() or isinstance(runner.exception(), CopyAborted):
+            op.finish(aborted_status(), aborted=True)
+            raise aborted_status()
+        exc = runner.exception()
+        if isinstance(exc, SenseError):
+            op.finish(exc)
+            raise exc
+        if exc is not None:
+            op.finish(S.internal_target_failure())
+            raise exc
+        op.finish(None)
+    finally:
+        op.runner = None
+        service.end(op)
+
+
+# ---------------------------------------------------------------------- EXTENDED COPY
+async def extended_copy(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """EXTENDED COPY(LID1) and (LID4) (SPC-4 6.4.2, 6.4.3)."""
+    service = _service(lu)
+    lid4 = (cdb[1] & 0x1F) == SA_EXTENDED_COPY_LID4
+    length = be32(cdb, 10)
+    if length == 0:
+        return  # no parameter list: nothing to do (SPC-4 6.4.1)
+    header = descriptors.LID4_HEADER if lid4 else descriptors.LID1_HEADER
+    if length > header + limits.MAX_DESCRIPTOR_LIST_BYTES + limits.MAX_INLINE_DATA_BYTES + 4096:
+        raise S.invalid_field_in_cdb(10, 7)
+    plist = descriptors.parse(await _parameter_list(task, length), lid4)
+    op = service.begin(task.nexus, plist.list_id, cdb[1] & 0x1F,
+                       held=plist.usage is ListIdUsage.HOLD,
+                       identified=plist.usage is not ListIdUsage.NONE, priority=plist.priority)
+    job = CopyJob(service, task.nexus, plist, op)
+    try:
+        plans = job.prepare()
+    except SenseError as exc:
+        op.finish(exc)
+        service.end(op)
+        raise
+    if plist.immediate:
+        op.status = CopyStatus.IN_PROGRESS_BACKGROUND
+        background = asyncio.ensure_future(_run(service, op, None, lambda: job.run(plans)))
+        background.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return
+    await _run(service, op, None, lambda: job.run(plans))
+
+
+async def copy_operation_abort(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """COPY OPERATION ABORT (SPC-4 6.3): stop the named copy of this I_T nexus."""
+    op = _service(lu).find(task.nexus, be32(cdb, 2))
+    if op is None:
+        raise S.invalid_field_in_cdb(2, 7)
+    if op.active:
+        op.abort_requested = True
+        if op.runner is not None:
+            op.runner.cancel()
+
+
+# ---------------------------------------------------------------------- RECEIVE COPY RESULTS
+def _find(lu: LogicalUnit, task: ScsiTask, list_id: int) -> CopyOperation:
+    op = _service(lu).find(task.nexus, list_id)
+    if op is None:
+        raise S.invalid_field_in_cdb(2, 7)
+    return op
+
+
+def _transfer_count(nbytes: int, width_bits: int) -> tuple[int, int]:
+    """(TRANSFER COUNT UNITS, TRANSFER COUNT) in the smallest binary unit that fits."""
+    units = 0
+    while nbytes >> (10 * units) >= 1 << width_bits:
+        units += 1
+    return units, nbytes >> (10 * units)
+
+
+def _sense(lu: LogicalUnit, op: CopyOperation) -> bytes:
+    if op.error is None or op.scsi_status != S.Status.CHECK_CONDITION:
+        return b""
+    return op.error.encode(lu.mode.d_sense)
+
+
+def _lid4_status(lu: LogicalUnit, op: CopyOperation, tail: bytes = b"") -> bytes:
+    sense = _sense(lu, op)
+    if op.service_action in (SA_POPULATE_TOKEN, SA_WRITE_USING_TOKEN):
+        units, count = UNITS_BLOCKS, op.blocks_transferred
+    else:
+        units, count = UNITS_BYTES, op.bytes_transferred
+    body = struct.pack(">BBHIBBBBQH6x", op.service_action, op.status,
+                       min(op.operations, 0xFFFF), 0 if not op.active else 1000,
+                       op.scsi_status, len(sense), len(sense), units, count,
+                       min(op.segments_processed, 0xFFFF)) + sense + tail
+    return struct.pack(">I", len(body)) + body
+
+
+def _retrieved(lu: LogicalUnit, op: CopyOperation) -> None:
+    if not op.active:
+        _service(lu).discard(op)
+
+
+async def receive_copy_status_lid1(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """COPY STATUS (SPC-4 6.18.2): LID1 status of a held or active copy."""
+    op = _find(lu, task, cdb[2])
+    state = {CopyStatus.COMPLETED: 0x01, CopyStatus.FAILED: 0x02,
+             CopyStatus.ABORTED: 0x02}.get(op.status, 0x00)
+    units, count = _transfer_count(op.bytes_transferred, 32)
+    data = struct.pack(">IBHBI", 8, state, min(op.segments_processed, 0xFFFF), units, count)
+    _reply(task, data, be32(cdb, 10))
+    if op.status is not CopyStatus.FAILED:
+        _retrieved(lu, op)
+
+
+async def receive_copy_data(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """RECEIVE COPY DATA (LID1, LID4) (SPC-4 6.18.3, 6.18.6): no segment this copy manager
+    supports holds data (HELD DATA LIMIT 0), so the list is always empty."""
+    lid4 = (cdb[1] & 0x1F) == SA_COPY_DATA_LID4
+    _find(lu, task, be32(cdb, 2) if lid4 else cdb[2])
+    _reply(task, bytes(4), be32(cdb, 10))
+
+
+async def receive_copy_operating_parameters(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    _service(lu)
+    _reply(task, discovery.operating_parameters(lu), be32(cdb, 10))
+
+
+async def receive_copy_failure_details(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """FAILURE DETAILS (SPC-4 6.18.5): the sense data of a finished LID1 copy."""
+    op = _find(lu, task, cdb[2])
+    if op.active:
+        raise S.invalid_field_in_cdb(2, 7)
+    sense = _sense(lu, op)
+    failed = op.status in (CopyStatus.FAILED, CopyStatus.ABORTED)
+    data = bytearray(60)
+    if failed:
+        struct.pack_into(">I", data, 0, 56 + len(sense))
+        data[56] = 0x02 if op.scsi_status == S.Status.CHECK_CONDITION else op.scsi_status
+        struct.pack_into(">H", data, 58, len(sense))
+        data += sense
+    _reply(task, data, be32(cdb, 10))
+    _retrieved(lu, op)
+
+
+async def receive_copy_status_lid4(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """RECEIVE COPY STATUS(LID4) (SPC-4 6.18.7)."""
+    op = _find(lu, task, be32(cdb, 2))
+    _reply(task, _lid4_status(lu, op), be32(cdb, 10))
+    _retrieved(lu, op)
+
+
+async def receive_rod_token_information(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """RECEIVE ROD TOKEN INFORMATION (SBC-3 5.22): status, and the token POPULATE TOKEN made."""
+    op = _find(lu, task, be32(cdb, 2))
+    tail = struct.pack(">I", 0)
+    if op.token is not None:
+        tail = struct.pack(">IH", 2 + len(op.token), 0) + op.token
+    _reply(task, _lid4_status(lu, op, tail), be32(cdb, 10))
+    _retrieved(lu, op)
+
+
+async def report_all_rod_tokens(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """REPORT ALL ROD TOKENS (SPC-4 6.18.8): ROD management tokens, without the secret part."""
+    tokens = _service(lu).manager.tokens.report(task.nexus)
+    body = bytes(4) + b"".join(tokens)
+    _reply(task, struct.pack(">I", len(body)) + body, be32(cdb, 10))
+
+
+# ---------------------------------------------------------------------- ROD tokens
+def _ranges(lu: LogicalUnit, data: bytes, at: int, length: int) -> list[tuple[int, int]]:
+    """Block device range descriptors (SBC-3 5.10.2): in range, not overlapping."""
+    if length % RANGE_DESCRIPTOR or not length:
+        raise S.invalid_field_in_parameter_list(at - 2, 7)
+    if length // RANGE_DESCRIPTOR > limits.MAX_ROD_RANGES:
+        raise S.parameter_list_error(Asc.TOO_MANY_SEGMENT_DESCRIPTORS, at - 2, 7)
+    ranges: list[tuple[int, int]] = []
+    for i in range(length // RANGE_DESCRIPTOR):
+        lba, count = be64(data, at + 16 * i), be32(data, at + 16 * i + 8)
+        lu.check_range(lba, count) if count else None
+        if count:
+            ranges.append((lba, count))
+    ordered = sorted(ranges)
+    for (a, n), (b, _) in zip(ordered, ordered[1:]):
+        if a + n > b:
+            raise S.invalid_field_in_parameter_list(at, 7)
+    return ranges
+
+
+async def populate_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """POPULATE TOKEN (SBC-3 5.10): a ROD token representing the ranges' data as of now."""
+    service = _service(lu)
+    list_id, length = be32(cdb, 6), be32(cdb, 10)
+    if length == 0:
+        return
+    if length > PT_HEADER + RANGE_DESCRIPTOR * limits.MAX_ROD_RANGES:
+        raise S.invalid_field_in_cdb(10, 7)
+    data = await _parameter_list(task, length)
+    if length < PT_HEADER or be16(data, 0) + 2 > length or be16(data, 0) < PT_HEADER - 2:
+        raise S.parameter_list_length_error()
+    flags = data[2]
+    if flags & ~0x03:
+        raise S.invalid_field_in_parameter_list(2, 7)
+    inactivity = be32(data, 4) or limits.DEFAULT_INACTIVITY_TIMEOUT
+    if inactivity > limits.MAX_INACTIVITY_TIMEOUT:
+        raise S.invalid_field_in_parameter_list(4, 7)
+    if flags & 0x02 and be32(data, 8) != ROD_TYPE_AUR:
+        raise S.invalid_field_in_parameter_list(8, 7)  # RTV: only access-upon-reference tokens
+    desc_len = be16(data, 14)
+    if PT_HEADER + desc_len > min(length, be16(data, 0) + 2):
+        raise S.parameter_list_length_error()
+    ranges = _ranges(lu, data, PT_HEADER, desc_len)
+    if sum(n for _, n in ranges) * lu.block_size > limits.MAX_TOKEN_TRANSFER_BYTES:
+        raise S.invalid_field_in_parameter_list(14, 7)
+    op = service.begin(task.nexus, list_id, SA_POPULATE_TOKEN, held=True, identified=True)
+    try:
+        token = await _snapshot(lu, task, ranges, inactivity)
+    except BaseException as exc:
+        op.finish(exc if isinstance(exc, SenseError) else S.internal_target_failure())
+        service.end(op)
+        raise
+    op.token = token.raw
+    op.blocks_transferred = token.nbytes // lu.block_size
+    op.operations = len(ranges)
+    op.finish(None)
+    service.end(op)
+
+
+async def _snapshot(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, int]],
+                    inactivity: int) -> RodToken:
+    """Register the token while holding shared locks on its ranges: writes already granted
+    finish first, and any later write invalidates it."""
+    manager = _service(lu).manager
+    guards = [lu.ranges.shared(lba, n) for lba, n in sorted(ranges)]
+    entered = []
+    try:
+        for guard in guards:
+            await guard.__aenter__()
+            entered.append(guard)
+        return manager.tokens.create(lu, task.nexus, ranges, inactivity)
+    finally:
+        for guard in reversed(entered):
+            await guard.__aexit__(None, None, None)
+
+
+async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """WRITE USING TOKEN (SBC-3 5.46): copy the token's data (or zeros) into the ranges."""
+    service = _service(lu)
+    list_id, length = be32(cdb, 6), be32(cdb, 10)
+    if length == 0:
+        return
+    if length > WUT_HEADER + RANGE_DESCRIPTOR * limits.MAX_ROD_RANGES:
+        raise S.invalid_field_in_cdb(10, 7)
+    data = await _parameter_list(task, length)
+    if length < WUT_HEADER or be16(data, 0) + 2 > length or be16(data, 0) < WUT_HEADER - 2:
+        raise S.parameter_list_length_error()
+    flags = data[2]
+    if flags & ~0x03:
+        raise S.invalid_field_in_parameter_list(2, 7)
+    delete = bool(flags & 0x02)
+    offset = be64(data, 8)
+    raw = data[WUT_TOKEN_AT:WUT_TOKEN_AT + TOKEN_LENGTH]
+    desc_len = be16(data, 534)
+    if WUT_HEADER + desc_len > min(length, be16(data, 0) + 2):
+        raise S.parameter_list_length_error()
+    ranges = _ranges(lu, data, WUT_HEADER, desc_len)
+    zero = be32(raw, 0) == ROD_TYPE_BLOCK_ZERO
+    token = None if zero else service.manager.tokens.lookup(raw, task.nexus, WUT_TOKEN_AT)
+    total = sum(n for _, n in ranges) * lu.block_size
+    if token is not None and offset * lu.block_size + total > token.nbytes:
+        raise S.invalid_field_in_parameter_list(8, 7)  # past the end of the ROD
+    op = service.begin(task.nexus, list_id, SA_WRITE_USING_TOKEN, held=True, identified=True)
+    if token is None:
+        work = _write_zeros(lu, task, ranges, op)
+    else:
+        work = _write_from_token(service, lu, task, token, offset, ranges, op)
+    tokens = service.manager.tokens
+    if token is not None:
+        tokens.acquire(token)
+    try:
+        await _run(service, op, None, lambda: work)
+    finally:
+        if token is not None:
+            tokens.release(token)
+            if delete and op.status is CopyStatus.COMPLETED:
+                tokens.delete(token)
+
+
+async def _write_zeros(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, int]],
+                       op: CopyOperation) -> None:
+    """The block device zero ROD token: WRITE SAME(16) sub-commands, which deallocate on a thin
+    LU (UNMAP) and zero in place on a fully provisioned one."""
+    step = max(1, lu.max_write_same_blocks)
+    for index, (lba, count) in enumerate(ranges):
+        done = 0
+        while done < count:
+            if op.abort_requested:
+                raise CopyAborted
+            n = min(step, count - done)
+            cdb = bytes((0x93, 0x09 if lu.thin else 0x01)) + (lba + done).to_bytes(8, "big") \
+                + n.to_bytes(4, "big") + bytes(2)
+            try:
+                await internal_command(lu, cdb, task.nexus)
+            except Exception as exc:
+                status = getattr(exc, "status", S.Status.CHECK_CONDITION)
+                raise S.copy_aborted(Asc.THIRD_PARTY_DEVICE_FAILURE, index,
+                                     residual=count - done,
+                                     forwarded=S.forwarded_sense(
+                                         S.FORWARDED_FROM_DESTINATION, status,
+                                         getattr(exc, "sense", None))) from None
+            done += n
+            op.blocks_transferred += n
+            op.operations += 1
+        op.segments_processed += 1
+
+
+async def _write_from_token(service: CopyService, lu: LogicalUnit, task: ScsiTask,
+                            token: RodToken, offset: int, ranges: list[tuple[int, int]],
+                            op: CopyOperation) -> None:
+    """Walk the token's source ranges from `offset` alongside the destination ranges; each
+    matching piece goes through the copy engine with the token checked under the locks."""
+    src = token.lu
+    sbs, dbs = src.block_size, lu.block_size
+    source = _byte_runs([(a * sbs, n * sbs) for a, n in token.ranges], offset * dbs)
+    tokens = service.manager.tokens
+    job = CopyJob(service, task.nexus, descriptors.CopyList(True, op.list_id, ListIdUsage.HOLD,
+                                                            0, False, (), ()), op)
+    job.guard = lambda: tokens.check(token)
+    for index, (lba, count) in enumerate(ranges):
+        want = count * dbs
+        at = lba * dbs
+        while want:
+            s_at, s_len = next(source)
+            n = min(s_len, want)
+            if s_len > n:
+                source = _chain((s_at + n, s_len - n), source)
+            seg = Segment(index, WUT_HEADER + RANGE_DESCRIPTOR * index,
+                          SegmentType.BLOCK_TO_BLOCK, 0, 0)
+            tokens.check(token)
+            await job._copy_blocks(Plan(seg, Side(src, None), Side(lu, None), s_at, at, n))
+            at += n
+            want -= n
+        op.segments_processed += 1
+    op.blocks_transferred = op.bytes_transferred // dbs
+
+
+def _byte_runs(runs: list[tuple[int, int]], skip: int):  # type: ignore[no-untyped-def]
+    for start, n in runs:
+        if skip >= n:
+            skip -= n
+            continue
+        yield start + skip, n - skip
+        skip = 0
+
+
+def _chain(first: tuple[int, int], rest):  # type: ignore[no-untyped-def]
+    yield first
+    yield from rest

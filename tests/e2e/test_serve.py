@@ -1,0 +1,68 @@
+"""`pytarget serve` as a user runs it: the built-in default, and clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import start_target, write_config
+
+ISCSI_LS = shutil.which("iscsi-ls")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(ISCSI_LS is None, reason="iscsi-ls (libiscsi-bin) not installed")
+def test_default_configuration_serves_on_3260(tmp_path: Path) -> None:
+    """With no arguments and no luns/ directory, the built-in luns/default.yaml is served."""
+    assert _port_free(3260), "port 3260 is taken by another program"
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "pytarget", "serve"], cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        out = subprocess.run([ISCSI_LS, "-s", "iscsi://127.0.0.1:3260/"], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "Target:iqn.2026-11.io.pytarget:disk Portal:127.0.0.1:3260,1" in out.stdout
+        assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS \(Size:1023M\)", out.stdout), out.stdout
+        image = tmp_path / "luns" / "default.img"
+        assert image.stat().st_size == 1 << 30
+        assert image.stat().st_blocks * 512 < 1 << 20  # sparse
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
+def test_existing_backing_file_is_kept_and_sigterm_flushes(tmp_path: Path) -> None:
+    image = tmp_path / "lun0.img"
+    content = os.urandom(4096) * 256  # 1 MiB that must survive start and stop untouched
+    image.write_bytes(content)
+    target = start_target(write_config(tmp_path, luns=[
+        {"id": 0, "path": "lun0.img", "size": "64MiB"}]))
+    with socket.create_connection((target.host, target.port)):
+        pass
+    assert target.stop(signal.SIGTERM) == 0
+    assert image.read_bytes() == content
+    assert "shutting down" in target.log_text()
