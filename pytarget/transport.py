@@ -54,7 +54,8 @@ class ConnectionDriver:
         self.flush_scheduled = False
         self.reading = True
         self.closed = False
-        self.runners: dict[int, tuple[asyncio.Task[Any], ScsiTask, Any]] = {}
+        self.inflight: dict[int, tuple[ScsiTask, Any]] = {}  # ITT -> (task, logical unit)
+        self.idle: asyncio.Future[None] | None = None
         self.background: set[asyncio.Task[Any]] = set()
         self.timer: asyncio.TimerHandle | None = None
         self.done = self.loop.create_future()
@@ -161,25 +162,28 @@ class ConnectionDriver:
     def _execute(self, itask: IscsiTask) -> None:
         session = self.conn.session
         assert session is not None and session.target is not None and session.nexus is not None
-        lun = decode_lun(itask.lun_field)
-        lu = session.target.lookup(lun, session.nexus)
-        scsi = ScsiTask(itask.cdb, lun if lun is not None else 0, itask.itt, session.nexus,
+        lu = session.lun_cache.get(itask.lun_field)
+        if lu is None:
+            lun = decode_lun(itask.lun_field)
+            lu = session.lun_cache[itask.lun_field] = session.target.lookup(lun, session.nexus)
+        scsi = ScsiTask(itask.cdb, lu.lun, itask.itt, session.nexus,
                         _ATTRS.get(itask.attr, TaskAttr.SIMPLE),
                         itask.edtl if itask.read else 0, itask.edtl if itask.write else 0, self)
         scsi.handle = itask
         itask.scsi = scsi
-        runner = lu.start(scsi)
-        self.runners[itask.itt] = (runner, scsi, lu)
-        runner.add_done_callback(lambda r, it=itask: self._finished(it))
+        self.inflight[itask.itt] = (scsi, lu)
+        lu.submit(scsi, self._completed)
 
-    def _finished(self, itask: IscsiTask) -> None:
-        entry = self.runners.pop(itask.itt, None)
-        if entry is None:
+    def _completed(self, scsi: ScsiTask) -> None:
+        itask: IscsiTask = scsi.handle  # type: ignore[assignment]
+        if self.inflight.get(itask.itt, (None,))[0] is not scsi:
             return
-        runner, scsi, _ = entry
+        del self.inflight[itask.itt]
+        if not self.inflight and self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
         if self.conn.session is None or itask.done:
             return
-        if scsi.aborted or runner.cancelled():
+        if scsi.aborted:
             self.conn.drop_task(itask)
         else:
             self.conn.send_scsi_result(itask, scsi.status, scsi.sense, scsi.data_in,
@@ -242,11 +246,11 @@ class ConnectionDriver:
         if needs_lu and not lu.exists:
             return TmfResponse.LUN_DOES_NOT_EXIST
         if fn == TmfFunction.ABORT_TASK:
-            entry = self.runners.get(ev.referenced_task_tag)
+            entry = self.inflight.get(ev.referenced_task_tag)
             if entry is None:
                 return TmfResponse.TASK_DOES_NOT_EXIST
-            runner, scsi, task_lu = entry
-            await task_lu.abort([(scsi, runner)])
+            scsi, task_lu = entry
+            await task_lu.abort_task(scsi.nexus, scsi.tag)
             return TmfResponse.FUNCTION_COMPLETE
         if fn == TmfFunction.ABORT_TASK_SET:
             await lu.abort_task_set(nexus)
@@ -313,19 +317,20 @@ class ConnectionDriver:
 
     async def quiesce(self, timeout: float = 30.0) -> None:
         """Wait for the commands of this connection to finish (aborting them after timeout)."""
-        runners = [r for r, _, _ in self.runners.values()]
-        if runners:
-            done, still = await asyncio.wait(runners, timeout=timeout)
-            if still:
-                await self.abort_all()
+        if not self.inflight:
+            return
+        self.idle = self.loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.idle), timeout)
+        except asyncio.TimeoutError:
+            await self.abort_all()
 
     async def abort_all(self) -> None:
-        entries = list(self.runners.values())
-        by_lu: dict[int, list[Any]] = {}
-        for runner, scsi, lu in entries:
-            by_lu.setdefault(id(lu), [lu, []])[1].append((scsi, runner))
-        for lu, items in by_lu.values():
-            await lu.abort(items)
+        by_lu: dict[int, tuple[Any, list[tuple[int, Any]]]] = {}
+        for scsi, lu in list(self.inflight.values()):
+            by_lu.setdefault(id(lu), (lu, []))[1].append((scsi.nexus.key, scsi.tag))
+        for lu, keys in by_lu.values():
+            await lu.abort([lu.tasks[k] for k in keys if k in lu.tasks])
 
     # ---------------------------------------------------------------- teardown
     def _lost(self, reason: str) -> None:

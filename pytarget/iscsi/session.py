@@ -8,7 +8,7 @@ bound. `IscsiTask` keeps the iSCSI side of one SCSI command: its buffers and its
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..scsi.task import Nexus, ScsiTask
 from .params import ConnectionParams, SessionParams
@@ -93,6 +93,9 @@ class Session:
         self.connections: list[object] = []
         self.closed = False
         self.connection_params: ConnectionParams | None = None
+        # LUN field -> device server, resolved once per session (an ACL change applies to
+        # new logins; a reconfiguration that adds or removes LUNs clears it).
+        self.lun_cache: dict[int, Any] = {}
 
     @property
     def discovery(self) -> bool:

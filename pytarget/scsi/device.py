@@ -13,20 +13,20 @@ import contextlib
 import errno
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import limits, vpd
+from . import limits, stats, vpd
 from . import sense as S
 from .locks import RangeLock, _Request
 from .modes import ModePages
 from .opcodes import NO_LU_TABLE, SBC_THICK_TABLE, SBC_TABLE, Opcode, OpSpec, OpTable
-from .policy import Flag
 from .pr import PersistentReservations
 from .sense import Asc, SenseError, Status
 from .task import Nexus, ScsiTask
@@ -134,6 +134,8 @@ class LogicalUnit:
         self.ranges: RangeLock = _UnitRangeLock(self)
         self.copy_service: CopyService | None = None  # set by the copy manager that serves this LU
         self.stats_copy_paths: dict[str, int] = {}
+        self.stats_copy_bytes: dict[str, int] = {}
+        self.stats_commands: dict[int, list[int]] = {}  # opcode -> stats row
         self.ua: dict[tuple[Any, ...], deque[Asc]] = {}
         self.tasks: dict[tuple[tuple[Any, ...], int], tuple[ScsiTask, asyncio.Task[Any]]] = {}
         self.medium_present = True
@@ -152,8 +154,34 @@ class LogicalUnit:
         runner.add_done_callback(lambda _r: self.tasks.pop(key, None))
         return runner
 
+    def submit(self, task: ScsiTask, on_done: Callable[[ScsiTask], None]) -> None:
+        """Execute eagerly: run the command now, up to its first real wait.
+
+        Most commands (page-cache reads, writes whose data came as immediate data) never
+        wait: they finish here, with no asyncio Task and no extra loop iteration, and
+        `on_done` runs at once. A command that must wait joins the task set as a Task that
+        resumes it, so aborts and resets reach it like any other. A task whose execution was
+        cancelled (abort, reset, connection loss) ends with `task.aborted` set.
+        """
+        coro = self.execute(task)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            on_done(task)
+            return
+        runner = asyncio.get_running_loop().create_task(_resume(coro, waiting, task))
+        key = (task.nexus.key, task.tag)
+        self.tasks[key] = (task, runner)
+
+        def finished(_runner: asyncio.Task[None]) -> None:
+            self.tasks.pop(key, None)
+            on_done(task)
+
+        runner.add_done_callback(finished)
+
     async def execute(self, task: ScsiTask) -> None:
         """Run one command to completion; status, sense and Data-In are left on `task`."""
+        started = perf_counter_ns()
         try:
             spec = self.table.lookup(task.cdb)
             cdb = bytes(task.cdb[:spec.cdb_len])
@@ -171,6 +199,17 @@ class LogicalUnit:
         except Exception:
             log.exception("LUN %d: internal failure executing %s", self.lun, bytes(task.cdb).hex())
             self._fail(task, S.internal_target_failure())
+        if not task.internal:
+            row = self.stats_commands.get(task.cdb[0])
+            if row is None:
+                row = self.stats_commands[task.cdb[0]] = stats.new_row()
+            elapsed = perf_counter_ns() - started
+            row[stats.COMMANDS] += 1
+            row[stats.DATA_IN] += task.data_in_len
+            row[stats.DATA_OUT] += task.data_out_len
+            row[stats.NOT_GOOD] += task.status != Status.GOOD
+            row[stats.LATENCY_NS] += elapsed
+            row[stats.bucket(elapsed)] += 1
 
     def _fail(self, task: ScsiTask, exc: SenseError) -> None:
         task.status = exc.status
@@ -184,18 +223,18 @@ class LogicalUnit:
         The copy manager's internal sub-commands neither see nor consume unit attentions.
         """
         nexus = task.nexus
-        flags = spec.flags
-        if not flags & Flag.UA_EXEMPT and not task.internal:
-            pending = self._ua_queue(nexus)
-            if pending:
-                raise S.unit_attention(pending.popleft())
-        if flags & Flag.CONFLICTS_SPC2 and self.reservation is not None \
-                and self.reservation != nexus.key:
+        if not spec.ua_exempt and not task.internal:
+            pending = self.ua.get(nexus.key)
+            if pending is None or pending:
+                pending = self._ua_queue(nexus)
+                if pending:
+                    raise S.unit_attention(pending.popleft())
+        if spec.spc2 and self.reservation is not None and self.reservation != nexus.key:
             raise S.reservation_conflict()
         self.pr.check(nexus, spec.pr, task.cdb)
-        if flags & Flag.MEDIUM and not self.medium_present:
+        if spec.medium and not self.medium_present:
             raise S.not_ready(Asc.MEDIUM_NOT_PRESENT)
-        if flags & Flag.WRITES and self.write_protected:
+        if spec.writes and self.write_protected:
             raise S.write_protected()
 
     @property
@@ -398,46 +437,48 @@ class LogicalUnit:
                     await self.in_thread(self.backstore.flush)
             except OSError as exc:
                 raise self.io_error(exc, dst_lba, write=True) from exc
-        for path in paths:
+        for path, moved in paths.items():
             self.stats_copy_paths[path] = self.stats_copy_paths.get(path, 0) + 1
-        return paths
+            self.stats_copy_bytes[path] = self.stats_copy_bytes.get(path, 0) + moved
+        return set(paths)
 
     def _copy_bytes(self, src: FileBackstore, so: int, do: int, n: int,
-                    overlap: bool) -> set[str]:
-        """The blocking part of `copy_blocks_from`, run on an I/O thread."""
+                    overlap: bool) -> Counter[str]:
+        """The blocking part of `copy_blocks_from`, run on an I/O thread; the bytes each path
+        moved."""
         dst = self.backstore
         assert dst is not None
         if overlap:
-            return {self._copy_buffered(src, so, do, n, whole=True)}
-        paths: set[str] = set()
+            return Counter({self._copy_buffered(src, so, do, n, whole=True): n})
+        paths: Counter[str] = Counter()
         for extent in src.extents(so, n):
             at = do + extent.offset - so
             if not extent.mapped:
                 (dst.punch if self.thin else dst.zero)(at, extent.length)
-                paths.add("hole")
+                paths["hole"] += extent.length
             else:
-                paths |= self._copy_data(src, extent.offset, at, extent.length)
+                paths.update(self._copy_data(src, extent.offset, at, extent.length))
         return paths
 
-    def _copy_data(self, src: FileBackstore, so: int, do: int, n: int) -> set[str]:
+    def _copy_data(self, src: FileBackstore, so: int, do: int, n: int) -> Counter[str]:
         dst = self.backstore
         assert dst is not None
-        paths: set[str] = set()
+        paths: Counter[str] = Counter()
         align = max(COPY_ALIGNMENT, self.block_size)
         if dst.can_reflink and so % align == do % align:
             head = min(n, -so % align)
             body = (n - head) // align * align
             if body and dst.reflink_from(src, so + head, do + head, body):
-                paths.add("reflink")
+                paths["reflink"] += body
                 if head:
-                    paths |= self._copy_data(src, so, do, head)
+                    paths.update(self._copy_data(src, so, do, head))
                 tail = n - head - body
                 if tail:
-                    paths |= self._copy_data(src, so + head + body, do + head + body, tail)
+                    paths.update(self._copy_data(src, so + head + body, do + head + body, tail))
                 return paths
         if not (src is dst and so < do + n and do < so + n) and dst.copy_range_from(src, so, do, n):
-            return {"copy_range"}
-        return {self._copy_buffered(src, so, do, n)}
+            return Counter({"copy_range": n})
+        return Counter({self._copy_buffered(src, so, do, n): n})
 
     def _copy_buffered(self, src: FileBackstore, so: int, do: int, n: int,
                        whole: bool = False) -> str:
@@ -479,6 +520,34 @@ class LogicalUnit:
             finally:
                 self.backstore.close()
         self.closed = True
+
+
+async def _resume(coro: Any, waiting: Any, task: ScsiTask) -> None:
+    """Drive a coroutine that has already run up to its first suspension (`waiting`).
+
+    Each awaitable it yields is awaited here; the coroutine then reads the outcome itself when
+    resumed. A cancellation of this Task is thrown into the coroutine at its wait, as a Task
+    would have done.
+    """
+    try:
+        while True:
+            try:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    waiting._asyncio_future_blocking = False
+                    await waiting
+            except asyncio.CancelledError as exc:
+                waiting = coro.throw(exc)
+                continue
+            except BaseException:
+                pass  # the coroutine sees the exception when it reads the future's result
+            waiting = coro.send(None)
+    except StopIteration:
+        return
+    except asyncio.CancelledError:
+        task.aborted = True
+        raise
 
 
 class NoLogicalUnit(LogicalUnit):

@@ -100,6 +100,11 @@ class OpSpec:
             usage[1] |= SA_IN_BYTE1
         usage[0] = 0xFF
         object.__setattr__(self, "_mask", int.from_bytes(usage, "big"))
+        # The policy flags as plain booleans: enum.Flag arithmetic is slow on the hot path.
+        object.__setattr__(self, "ua_exempt", bool(self.flags & Flag.UA_EXEMPT))
+        object.__setattr__(self, "medium", bool(self.flags & Flag.MEDIUM))
+        object.__setattr__(self, "writes", bool(self.flags & Flag.WRITES))
+        object.__setattr__(self, "spc2", bool(self.flags & Flag.CONFLICTS_SPC2))
 
     @property
     def cdb_len(self) -> int:
