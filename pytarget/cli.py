@@ -1,38 +1,137 @@
-"""Command line: `pytarget serve [--config FILE] [--portal HOST:PORT]...`."""
+"""Command line: `pytarget serve`, and the operator's commands around a running target:
+`status` and `reload` (over the control socket), `lun create|remove|resize` and
+`target create|remove` (which edit the configuration file, then ask a running target to
+reload it)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import json
+import os
 import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
-from . import __version__
-from .config import ConfigError, load, parse_portal
+from . import __version__, logs
+from .config import (DEFAULT_CONFIG, IQN_RE, MAX_LUN, Config, ConfigError, load, parse,
+                     parse_portal, parse_size)
+
+EXIT_CONFIG = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help=f"YAML configuration (default: {DEFAULT_CONFIG})")
+
+
+def _socket_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the control socket (default: from the configuration)")
+
+
+def _reload_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-reload", action="store_true",
+                        help="only edit the file; do not ask a running target to reload it")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pytarget", description="A userspace iSCSI target.")
     parser.add_argument("--version", action="version", version=f"pytarget {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
     serve = sub.add_parser("serve", help="run the target")
-    serve.add_argument("--config", "-c", help="YAML configuration (default: luns/default.yaml)")
+    _config_option(serve)
     serve.add_argument("--portal", "-p", action="append", default=[], metavar="HOST:PORT",
                        help="listen here instead of the configured portals (repeatable)")
-    serve.add_argument("--log-level", default="info",
-                       choices=("debug", "info", "warning", "error"))
-    serve.add_argument("--nop-interval", type=float, default=30.0, metavar="SECONDS",
-                       help="ping idle connections with NOP-In after this long (0: never)")
+    serve.add_argument("--log-level", default="info", choices=logs.LEVELS)
+    serve.add_argument("--log-format", default="text", choices=logs.FORMATS,
+                       help="text for people, json (one object per line) for log collectors")
+    serve.add_argument("--nop-interval", type=float, default=None, metavar="SECONDS",
+                       help="ping idle connections with NOP-In after this long (0: never; "
+                            "default: limits.nop_interval, 30)")
+    serve.add_argument("--nop-timeout", type=float, default=None, metavar="SECONDS",
+                       help="drop a connection whose NOP-In is not answered within this "
+                            "(default: limits.nop_timeout, 30)")
+    serve.add_argument("--login-timeout", type=float, default=None, metavar="SECONDS",
+                       help="drop a connection whose login takes longer "
+                            "(default: limits.login_timeout, 15)")
+
+    status = sub.add_parser("status", help="show the running target's targets, LUNs, "
+                                           "sessions, reservations and copies")
+    _config_option(status)
+    _socket_option(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    reload = sub.add_parser("reload", help="make the running target re-read its "
+                                           "configuration (as SIGHUP does)")
+    _config_option(reload)
+    _socket_option(reload)
+
+    lun = sub.add_parser("lun", help="add, remove or grow LUNs in the configuration")
+    lun_sub = lun.add_subparsers(dest="action", required=True)
+    create = lun_sub.add_parser("create", help="add a LUN backed by PATH")
+    create.add_argument("path", metavar="PATH", help="backing file (created sparse when missing)")
+    create.add_argument("--size", help="size, e.g. 10GiB (needed when PATH does not exist)")
+    create.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    create.add_argument("--target", metavar="IQN", help="the target (default: the only one)")
+    create.add_argument("--id", type=int, metavar="N", help="LUN number (default: lowest free)")
+    create.add_argument("--readonly", action="store_true")
+    create.add_argument("--thick", action="store_true",
+                        help="fully provisioned: no UNMAP (default: thin)")
+    create.add_argument("--serial", help="unit serial number (default: derived)")
+    _config_option(create)
+    _reload_option(create)
+    remove = lun_sub.add_parser("remove", help="remove a LUN (its backing file is kept)")
+    remove.add_argument("id", type=int, metavar="N")
+    remove.add_argument("--target", metavar="IQN")
+    _config_option(remove)
+    _reload_option(remove)
+    resize = lun_sub.add_parser("resize", help="grow a LUN (its backing file grows at the "
+                                               "reload; LUNs never shrink)")
+    resize.add_argument("id", type=int, metavar="N")
+    resize.add_argument("--size", required=True)
+    resize.add_argument("--target", metavar="IQN")
+    _config_option(resize)
+    _reload_option(resize)
+
+    target = sub.add_parser("target", help="add or remove targets in the configuration")
+    target_sub = target.add_subparsers(dest="action", required=True)
+    tcreate = target_sub.add_parser("create", help="add a target (no LUNs yet)")
+    tcreate.add_argument("name", metavar="IQN")
+    tcreate.add_argument("--alias")
+    tcreate.add_argument("--portal", action="append", default=[], metavar="HOST:PORT",
+                         help="portals of a new configuration file (default 0.0.0.0:3260)")
+    _config_option(tcreate)
+    _reload_option(tcreate)
+    tremove = target_sub.add_parser("remove", help="remove a target and its LUNs from the "
+                                                   "configuration (backing files are kept)")
+    tremove.add_argument("name", metavar="IQN")
+    _config_option(tremove)
+    _reload_option(tremove)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
+        logs.setup(args.log_level, args.log_format)
         return serve(args)
-    return 2
+    handlers = {"status": status, "reload": reload, "lun": lun, "target": target}
+    try:
+        return handlers[args.command](args)
+    except CliError as exc:
+        print(f"pytarget {args.command}: {exc}", file=sys.stderr)
+        return exc.status
+    except ConfigError as exc:
+        print(f"pytarget {args.command}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -43,13 +142,15 @@ def serve(args: argparse.Namespace) -> int:
         portals = [parse_portal(p) for p in args.portal] or None
     except ConfigError as exc:
         print(f"pytarget: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except ValueError as exc:
         print(f"pytarget: --portal: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
 
     async def run() -> None:
-        server = Server(config, portals, nop_interval=args.nop_interval)
+        timers = {name: value for name in ("nop_interval", "nop_timeout", "login_timeout")
+                  if (value := getattr(args, name)) is not None}
+        server = Server(config, portals, args.config, **timers)
         await server.run_forever()
 
     try:
@@ -58,3 +159,261 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pytarget: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------- control socket
+def _control(args: argparse.Namespace, command: str) -> Any:
+    from .control import ControlError, request
+
+    path = Path(args.socket) if args.socket else _socket_of(args.config)
+    try:
+        return request(path, command)
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _socket_of(config_file: str | None) -> Path:
+    """The control socket of the target serving `config_file`, even when the file has been
+    edited into a state that does not load (the target then refuses the reload and says why)."""
+    import yaml
+
+    from .control import socket_path
+
+    try:
+        return socket_path(load(config_file))
+    except ConfigError:
+        path = Path(config_file) if config_file else DEFAULT_CONFIG
+        try:
+            raw = (yaml.safe_load(path.read_text()) or {}).get("control_socket")
+        except (OSError, yaml.YAMLError, AttributeError):
+            raw = None
+        base = path.resolve().parent
+        if isinstance(raw, str) and raw:
+            return Path(raw) if Path(raw).is_absolute() else base / raw
+        return base / f"{path.stem}.sock"
+
+
+def status(args: argparse.Namespace) -> int:
+    from .status import render
+
+    doc = _control(args, "status")
+    print(json.dumps(doc, indent=2) if args.json else render(doc), end="\n" if args.json else "")
+    return 0
+
+
+def reload(args: argparse.Namespace) -> int:
+    result = _control(args, "reload")
+    changes = result.get("changes", [])
+    for change in changes:
+        print(change)
+    if not changes:
+        print("no changes")
+    return 0
+
+
+# ---------------------------------------------------------------- configuration edits
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config else DEFAULT_CONFIG
+
+
+def _read_config_text(path: Path, create_default: bool) -> str:
+    """The file's text; the built-in default's text when the default file does not exist yet."""
+    if path.exists():
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    if create_default and path == DEFAULT_CONFIG:
+        return resources.files("pytarget").joinpath("default.yaml").read_text()
+    raise CliError(f"{path} does not exist (create it with `pytarget target create IQN "
+                   f"--config {path}`)", EXIT_CONFIG)
+
+
+def _pick_target(config: Config, name: str | None) -> str:
+    if name is not None:
+        for tc in config.targets:
+            if tc.name.lower() == name.lower():
+                return tc.name
+        raise CliError(f"{config.file} has no target {name}", EXIT_CONFIG)
+    if len(config.targets) != 1:
+        raise CliError(f"{config.file} has {len(config.targets)} targets: name one with "
+                       "--target IQN", EXIT_CONFIG)
+    return config.targets[0].name
+
+
+def _commit(path: Path, old_text: str | None, result: Any, summary: str,
+            no_reload: bool) -> int:
+    """Check the edited text as `serve` would, write it, and have a running target reload."""
+    from .confedit import write_atomically
+    from .control import ControlError, request, socket_path
+
+    base = path.resolve().parent
+    try:
+        config = parse(result.text, str(path), base)
+    except ConfigError as exc:
+        raise CliError(f"the edited configuration would not load, nothing written: {exc}",
+                       EXIT_CONFIG) from None
+    if result.text == old_text:
+        print("nothing to change")
+        return 0
+    write_atomically(path, result.text)
+    print(f"{summary} in {path}")
+    if result.rewritten:
+        print(f"note: {path} was rewritten whole: its comments and layout were not kept")
+    if no_reload:
+        return 0
+    sock = socket_path(config)
+    if not sock.exists():
+        print("no running target uses this configuration; it applies at the next start")
+        return 0
+    try:
+        answer = request(sock, "reload")
+    except ControlError as exc:
+        if "not running" in str(exc):
+            print("no running target uses this configuration; it applies at the next start")
+            return 0
+        raise CliError(f"the file is written, but the running target did not apply it: {exc}")
+    for change in answer.get("changes", []):
+        print(f"running target: {change}")
+    return 0
+
+
+def _config_relative(path_text: str, base: Path) -> str:
+    """PATH as given on the command line (relative to the current directory), as the
+    configuration writes it (relative to the configuration's directory when inside it)."""
+    path = Path(path_text).expanduser()
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    absolute = Path(os.path.normpath(absolute))
+    try:
+        return absolute.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def lun(args: argparse.Namespace) -> int:
+    from . import confedit
+    from .status import size_text
+
+    path = _config_path(args)
+    text = _read_config_text(path, create_default=args.action == "create")
+    config = parse(text, str(path), path.resolve().parent)
+    target_name = _pick_target(config, args.target)
+    tc = next(t for t in config.targets if t.name == target_name)
+    try:
+        if args.action == "create":
+            entry, summary = _new_lun(args, config, tc)
+            result = confedit.add_lun(text, target_name, entry)
+        elif args.action == "remove":
+            if all(lc.id != args.id for lc in tc.luns):
+                raise CliError(f"target {target_name} has no LUN {args.id}", EXIT_CONFIG)
+            result = confedit.remove_lun(text, target_name, args.id)
+            summary = f"removed LUN {args.id} from {target_name} (its backing file is kept)"
+        else:
+            lc = next((lc for lc in tc.luns if lc.id == args.id), None)
+            if lc is None:
+                raise CliError(f"target {target_name} has no LUN {args.id}", EXIT_CONFIG)
+            size = _size(args.size)
+            current = lc.path.stat().st_size if lc.path.is_file() else None
+            if current is not None and size < current:
+                raise CliError(f"{lc.path} holds {size_text(current)}: LUNs never shrink",
+                               EXIT_CONFIG)
+            result = confedit.set_lun_size(text, target_name, args.id, args.size)
+            summary = f"LUN {args.id} of {target_name} set to {size_text(size)}"
+    except confedit.EditError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    return _commit(path, text if path.exists() else None, result, summary, args.no_reload)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise CliError(f"--size: {exc}", EXIT_CONFIG) from None
+
+
+def _new_lun(args: argparse.Namespace, config: Config, tc: Any) -> tuple[dict[str, Any], str]:
+    from .status import size_text
+
+    used = {lc.id for lc in tc.luns}
+    lun_id = args.id if args.id is not None else next(i for i in range(MAX_LUN + 1)
+                                                      if i not in used)
+    if lun_id in used:
+        raise CliError(f"target {tc.name} already has LUN {lun_id}", EXIT_CONFIG)
+    if not 0 <= lun_id <= MAX_LUN:
+        raise CliError(f"--id must be 0..{MAX_LUN}", EXIT_CONFIG)
+    entry: dict[str, Any] = {"id": lun_id, "path": _config_relative(args.path, config.base)}
+    backing = Path(entry["path"]) if Path(entry["path"]).is_absolute() \
+        else config.base / entry["path"]
+    if args.size is not None:
+        size = _size(args.size)
+        if backing.is_file() and backing.stat().st_size != size:
+            raise CliError(f"{backing} exists with {size_text(backing.stat().st_size)}; omit "
+                           "--size to use it as it is (pytarget never resizes a file it did "
+                           "not create)", EXIT_CONFIG)
+        entry["size"] = args.size
+    elif not backing.exists():
+        raise CliError(f"{backing} does not exist: give --size to create it", EXIT_CONFIG)
+    if args.block_size != 512:
+        entry["block_size"] = args.block_size
+    if args.readonly:
+        entry["readonly"] = True
+    if args.thick:
+        entry["thin"] = False
+    if args.serial:
+        entry["serial"] = args.serial
+    what = size_text(_size(args.size)) if args.size else "existing file"
+    return entry, f"added LUN {lun_id} ({entry['path']}, {what}) to {tc.name}"
+
+
+def target(args: argparse.Namespace) -> int:
+    from . import confedit
+    from .confedit import EditResult
+
+    path = _config_path(args)
+    exists = path.exists()
+    if args.action == "create":
+        if not IQN_RE.match(args.name):
+            raise CliError(f"{args.name} is not an iSCSI name (iqn.YYYY-MM.reversed.domain"
+                           "[:id])", EXIT_CONFIG)
+        entry: dict[str, Any] = {"name": args.name}
+        if args.alias:
+            entry["alias"] = args.alias
+        entry["luns"] = []
+        if not exists and path != DEFAULT_CONFIG:
+            portals = args.portal or ["0.0.0.0:3260"]
+            for p in portals:
+                try:
+                    parse_portal(p)
+                except ValueError as exc:
+                    raise CliError(f"--portal: {exc}", EXIT_CONFIG) from None
+            body = yaml_dump({"portals": portals, "targets": [entry]})
+            result = EditResult(f"# pytarget configuration (see `pytarget serve --help`)\n"
+                                f"{body}", False)
+            text = None
+        else:
+            text = _read_config_text(path, create_default=True)
+            config = parse(text, str(path), path.resolve().parent)
+            if any(t.name.lower() == args.name.lower() for t in config.targets):
+                raise CliError(f"{path} already has target {args.name}", EXIT_CONFIG)
+            result = confedit.add_target(text, entry)
+        summary = f"added target {args.name}"
+    else:
+        text = _read_config_text(path, create_default=False)
+        config = parse(text, str(path), path.resolve().parent)
+        name = _pick_target(config, args.name)
+        if len(config.targets) == 1:
+            raise CliError(f"{name} is the only target: a configuration needs one",
+                           EXIT_CONFIG)
+        try:
+            result = confedit.remove_target(text, name)
+        except confedit.EditError as exc:
+            raise CliError(str(exc), EXIT_CONFIG) from None
+        summary = f"removed target {name} (backing files are kept)"
+    return _commit(path, text if exists else None, result, summary, args.no_reload)
+
+
+def yaml_dump(doc: Any) -> str:
+    import yaml
+
+    text: str = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=100)
+    return text

@@ -14,6 +14,7 @@ import errno
 import logging
 import socket
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .iscsi import connection as C
@@ -53,7 +54,10 @@ class ConnectionDriver:
         self.writing = False
         self.flush_scheduled = False
         self.reading = True
+        self.paused = False  # reading stopped while the peer does not take our output
         self.closed = False
+        self.last_progress = 0.0
+        self.stall_timer: asyncio.TimerHandle | None = None
         self.inflight: dict[int, tuple[ScsiTask, Any]] = {}  # ITT -> (task, logical unit)
         self.idle: asyncio.Future[None] | None = None
         self.background: set[asyncio.Task[Any]] = set()
@@ -79,7 +83,7 @@ class ConnectionDriver:
                 return
             conn.buffer_updated(n, self.loop.time())
             self._process()
-            if self.closed or not self.reading or n < len(buf):
+            if self.closed or not self.reading or self.paused or n < len(buf):
                 break
 
     def _send(self) -> None:
@@ -91,6 +95,8 @@ class ConnectionDriver:
         out = self.conn.data_to_send()
         if out:
             self.pending.extend(memoryview(b) if not isinstance(b, memoryview) else b for b in out)
+            if self.writing and not self.paused:
+                self._check_backlog()
         if not self.writing and not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -112,6 +118,8 @@ class ConnectionDriver:
                 pending.clear()
                 self._lost(f"send failed: {exc.strerror}")
                 return
+            if self.writing:
+                self.last_progress = self.loop.time()
             while sent:
                 head = pending[0]
                 if sent >= len(head):
@@ -123,14 +131,52 @@ class ConnectionDriver:
         if pending and not self.writing:
             self.writing = True
             self.loop.add_writer(self.fd, self._on_writable)
+            self.last_progress = self.loop.time()
+            self._arm_stall_timer()
+            self._check_backlog()
         elif not pending and self.writing:
             self.writing = False
             self.loop.remove_writer(self.fd)
+            if self.paused:
+                self._resume_reading()
         if not pending and self.conn.wants_close and not self.closed:
             self._finish()
 
     def _on_writable(self) -> None:
         self._write_some()
+
+    # ---------------------------------------------------------------- output back-pressure
+    # Only while the socket refuses data: a peer that stops reading makes us stop reading
+    # (so its requests cannot pile up responses), and is dropped after send_timeout.
+    def _check_backlog(self) -> None:
+        if sum(map(len, self.pending)) > self.server.config.limits.output_high_water:
+            self.paused = True
+            self.conn.rx_paused = True
+            if self.reading and not self.closed:
+                self.loop.remove_reader(self.fd)
+
+    def _resume_reading(self) -> None:
+        self.paused = False
+        self.conn.rx_paused = False
+        if self.reading and not self.closed:
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _arm_stall_timer(self) -> None:
+        if self.stall_timer is None:
+            self.stall_timer = self.loop.call_at(
+                self.last_progress + self.server.config.limits.send_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self.stall_timer = None
+        if not self.writing or self.closed:
+            return
+        timeout = self.server.config.limits.send_timeout
+        if self.loop.time() - self.last_progress >= timeout:
+            log.warning("%s: dropped: it took none of our output for %.0f s", self.peer, timeout)
+            self.pending.clear()
+            self._lost("peer stopped reading")
+            return
+        self._arm_stall_timer()
 
     # ---------------------------------------------------------------- events
     def _process(self) -> None:
@@ -171,8 +217,15 @@ class ConnectionDriver:
                         itask.edtl if itask.read else 0, itask.edtl if itask.write else 0, self)
         scsi.handle = itask
         itask.scsi = scsi
+        if itask.read and self.conn.params.data_digest:
+            scsi.prepare_data_in = partial(self._digest_data_in, itask)
         self.inflight[itask.itt] = (scsi, lu)
         lu.submit(scsi, self._completed)
+
+    def _digest_data_in(self, itask: IscsiTask, data: memoryview) -> None:
+        """On an I/O thread: the Data-In digests of a read's buffer, ready for sending."""
+        length = min(len(data), itask.edtl)
+        itask.data_in_digests = (length, self.conn.data_in_digests(data, length))
 
     def _completed(self, scsi: ScsiTask) -> None:
         itask: IscsiTask = scsi.handle  # type: ignore[assignment]
@@ -260,13 +313,17 @@ class ConnectionDriver:
             return TmfResponse.FUNCTION_COMPLETE
         if fn == TmfFunction.LOGICAL_UNIT_RESET:
             log.info("LUN reset of %s LUN %d by %s", session.target.name, lu.lun,
-                     nexus.initiator_port_name)
+                     nexus.initiator_port_name,
+                     extra={"event": "lun_reset", "initiator": nexus.initiator_port_name,
+                            "target": session.target.name, "lun": lu.lun})
             await lu.reset(nexus)
             return TmfResponse.FUNCTION_COMPLETE
         if fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             cold = fn == TmfFunction.TARGET_COLD_RESET
             log.info("target %s reset of %s by %s", "cold" if cold else "warm",
-                     session.target.name, nexus.initiator_port_name)
+                     session.target.name, nexus.initiator_port_name,
+                     extra={"event": "target_reset", "initiator": nexus.initiator_port_name,
+                            "target": session.target.name})
             for unit in session.target.luns.values():
                 await unit.reset(nexus, power_on=cold)
             return TmfResponse.FUNCTION_COMPLETE
@@ -295,6 +352,7 @@ class ConnectionDriver:
         session.connections.append(self)
         self.server.session_started(session, self)
         self._send()
+        self._schedule_timer()  # keep-alive and PDU timers start now, even if all stays quiet
 
     async def _logout(self, ev: C.LogoutRequested) -> None:
         session = self.conn.session
@@ -311,7 +369,9 @@ class ConnectionDriver:
         self.reading = False
         self.loop.remove_reader(self.fd)
         await self.quiesce()
-        log.info("logout of %s (TSIH %d)", session.params.initiator_name, session.tsih)
+        log.info("logout of %s (TSIH %d)", session.params.initiator_name, session.tsih,
+                 extra={"event": "logout", "initiator": session.params.initiator_name,
+                        "isid": session.isid.hex(), "tsih": session.tsih})
         self.conn.send_logout_response(ev.itt, LogoutResponse.SUCCESS)
         self._send()
 
@@ -362,6 +422,8 @@ class ConnectionDriver:
             self.writing = False
         if self.timer is not None:
             self.timer.cancel()
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
         try:
             self.sock.close()
         except OSError:

@@ -73,10 +73,12 @@ def start_target(config: Path, *args: str, log_name: str = "pytarget.log",
     """Start `pytarget serve` and wait until it reports its listening port."""
     log = config.parent / log_name
     out = log.open("w")
+    # PYTHONPATH: the child runs this checkout's code whatever `pip install -e` points at.
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytarget", "serve", "--config", str(config), *args],
         stdout=out, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
-        env={**os.environ, **(env or {})})
+        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
     deadline = time.monotonic() + 30
     pattern = re.compile(r"listening on ([0-9.:a-f]+):(\d+)")
     while time.monotonic() < deadline:

@@ -20,7 +20,8 @@ from typing import Protocol
 
 from . import digest as dg
 from . import pdu, text
-from .errors import ConnectionFatal, IscsiError, LoginError, PduReject
+from .bounds import MemoryBudget
+from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduReject
 from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult
 from .params import ConnectionParams, TargetLimits
 from .pdu import Bhs, Op, RejectReason
@@ -32,6 +33,9 @@ DIRECT_MIN = 16384  # payloads at least this large are received straight into ta
 MAX_AHS = 1020
 MAX_DATA_OUT = 32 * 1024 * 1024  # the largest EDTL a write may announce (SBC limit + slack)
 MAX_PENDING_TEXT = 65536
+IMMEDIATE_SLACK = 16  # immediate commands accepted beyond the CmdSN window
+TASK_SET_FULL = 0x28  # SAM-5 status: no Data-Out memory for this command now
+PIN_SLACK = 65536  # Data-In shorter than its buffer by more than this is copied out
 
 
 class ConnectionPolicy(LoginPolicy, Protocol):
@@ -87,6 +91,7 @@ class Closed:
 class State:
     LOGIN = "login"
     LOGIN_BINDING = "login-binding"
+    LOGIN_FAILED = "login-failed"  # the failure response waits out the delay against guessing
     FULL_FEATURE = "full-feature"
     LOGGED_OUT = "logged-out"
     CLOSED = "closed"
@@ -96,7 +101,8 @@ class Connection:
     def __init__(self, policy: ConnectionPolicy, limits: TargetLimits,
                  local_address: tuple[str, int], peer_address: tuple[str, int], now: float,
                  *, login_timeout: float = 30.0, nop_interval: float = 30.0,
-                 nop_timeout: float = 30.0, window: int = 128) -> None:
+                 nop_timeout: float = 30.0, window: int = 128, pdu_timeout: float = 30.0,
+                 auth_failure_delay: float = 1.0, budget: MemoryBudget | None = None) -> None:
         self.policy = policy
         self.limits = limits
         self.local_address = local_address
@@ -136,6 +142,16 @@ class Connection:
         self._last_rx = now
         self._nop_ttt = 0x1000
         self._nop_outstanding: tuple[int, float] | None = None
+        self.auth_failure_delay = auth_failure_delay
+        self._held_response: LoginResponse | None = None
+        # A PDU must arrive whole within pdu_timeout once it has begun: a watchdog compares
+        # what is pending at each check with the previous one (`_headers` counts PDUs parsed).
+        self.pdu_timeout = pdu_timeout
+        self._headers = 0
+        self._watch_at: float | None = None
+        self._watch_mark: tuple[int, str] | None = None
+        self.rx_paused = False  # set by the driver while it does not read
+        self.budget = budget
         # Text exchanges.
         self._text_in = bytearray()
         self._text_out: dict[int, tuple[bytes, int]] = {}
@@ -219,6 +235,7 @@ class Connection:
                         raise ConnectionFatal("header digest error")
                 self._bhs = bhs
                 self._header_len = header_len
+                self._headers += 1
                 if bhs.total_ahs_length:
                     at = self._start + pdu.BHS_LEN
                     self._ahs = bytes(self._view[at:at + bhs.total_ahs_length])
@@ -364,7 +381,13 @@ class Connection:
 
     def _fault(self, exc: IscsiError, bhs: Bhs | None) -> None:
         """The one place protocol faults become a Reject, a login status or a closed connection."""
-        if isinstance(exc, PduReject):
+        if isinstance(exc, PduReject) and self.state != State.FULL_FEATURE:
+            if self.state == State.LOGIN:
+                self._login_failed(self.login.fail(LoginError(LoginStatus.INITIATOR_ERROR,
+                                                              str(exc))))
+            else:
+                self._close(str(exc))
+        elif isinstance(exc, PduReject):
             log.info("reject %s: %s", exc.reason.name, exc)
             if bhs is not None and bhs.opcode == Op.DATA_OUT and exc.reason == RejectReason.DATA_DIGEST_ERROR:
                 self._fail_task_on_digest(bhs)
@@ -388,9 +411,23 @@ class Connection:
             self.login_deadline = None
             self.events.append(LoginReady(self.login.result, response))
             return
-        self._queue(response.header, response.data)
         if self.login.failed:
-            self._close("login failed")
+            self._login_failed(response)
+            return
+        self._queue(response.header, response.data)
+
+    def _login_failed(self, response: LoginResponse) -> None:
+        """Send a failed login's status and close; authentication and authorization
+        failures wait `auth_failure_delay` first, against guessing."""
+        log.info("login from %s failed (status %04x): %s", self.peer_address, response.status,
+                 self.login.failure)
+        if response.status in _DELAYED_FAILURES and self.auth_failure_delay > 0:
+            self.state = State.LOGIN_FAILED
+            self._held_response = response
+            self.login_deadline = self._now + self.auth_failure_delay
+            return
+        self._queue(response.header, response.data)
+        self._close("login failed")
 
     def complete_login(self, session: Session, response: LoginResponse) -> None:
         """The driver bound the login to `session`: send the final response, enter FFP."""
@@ -406,6 +443,8 @@ class Connection:
         self.params = params
         self.state = State.FULL_FEATURE
         self._last_rx = self._now
+        if self.pdu_timeout:
+            self._watch_at = self._now + self.pdu_timeout
 
     def fail_login(self, response: LoginResponse, status: int) -> None:
         """The driver could not bind the session: answer with `status` and close."""
@@ -413,6 +452,7 @@ class Connection:
         response.header[37] = status & 0xFF
         response.header[1] &= ~pdu.F_TRANSIT & 0xFF
         response.header[14:16] = b"\0\0"
+        response.header[5:8] = b"\0\0\0"  # the text of the success it replaces is not sent
         self._queue(response.header, b"")
         self._close("login failed")
 
@@ -467,7 +507,7 @@ class Connection:
                  session.max_cmd_sn)
         if bhs.opcode == Op.SCSI_CMD and bhs.flags & pdu.F_CMD_WRITE:
             # its unsolicited Data-Out will still arrive and must be consumed quietly
-            self._dropped_itts.add(bhs.itt)
+            self._drop_itt(bhs.itt)
         return False
 
     def _scsi_command(self, bhs: Bhs, data: memoryview) -> None:
@@ -481,6 +521,8 @@ class Connection:
             raise PduReject(RejectReason.INVALID_PDU_FIELD, "reserved ITT")
         if bhs.itt in session.tasks:
             raise PduReject(RejectReason.TASK_IN_PROGRESS, "ITT already in use")
+        if bhs.immediate and session.active >= self.window + IMMEDIATE_SLACK:
+            raise PduReject(RejectReason.IMMEDIATE_COMMAND_REJECT, "too many immediate commands")
         dsl = bhs.data_segment_length
         if dsl and not write:
             raise PduReject(RejectReason.PROTOCOL_ERROR, "immediate data without W bit")
@@ -498,7 +540,13 @@ class Connection:
         session.tasks[task.itt] = task
         session.active += 1
         if write and edtl:
-            task.buffer = bytearray(min(edtl, MAX_DATA_OUT))
+            size = min(edtl, MAX_DATA_OUT)
+            if self.budget is not None:
+                if not self.budget.reserve(session, size):
+                    self._refuse(task, bhs)
+                    return
+                task.reserved = size
+            task.buffer = bytearray(size)
             # F=1: no unsolicited Data-Out follows the command (RFC 7143 11.3.1).
             if session.params.initial_r2t or flags & pdu.F_FINAL:
                 task.unsolicited_end = min(dsl, edtl)
@@ -512,6 +560,20 @@ class Connection:
                     task.buffer[0:dsl] = data
                 task.received = task.unsolicited_received = dsl
         self.events.append(ExecuteCommand(task))
+
+    def _refuse(self, task: IscsiTask, bhs: Bhs) -> None:
+        """TASK SET FULL: the Data-Out memory budget cannot hold this write now (SAM-5 5.3);
+        the initiator retries it later. Its unsolicited Data-Out is consumed quietly."""
+        log.info("ITT 0x%08x: Data-Out memory budget exhausted; TASK SET FULL", task.itt)
+        if not bhs.flags & pdu.F_FINAL:
+            self._drop_itt(task.itt)
+        self.send_scsi_result(task, TASK_SET_FULL, None, None, 0, 0)
+
+    def _drop_itt(self, itt: int) -> None:
+        """Remember an ITT whose Data-Out must be consumed quietly (bounded)."""
+        if len(self._dropped_itts) >= 2 * self.window:
+            raise ConnectionFatal("too many commands whose Data-Out is being discarded")
+        self._dropped_itts.add(itt)
 
     def _extended_cdb(self, bhs: Bhs) -> bytes:
         """CDB longer than 16 bytes from an Extended CDB AHS (RFC 7143 11.3.3/11.2.1.3)."""
@@ -712,6 +774,10 @@ class Connection:
         if not task.done:
             task.done = True
             session.active -= 1
+        if task.reserved:
+            assert self.budget is not None
+            self.budget.release(session, task.reserved)
+            task.reserved = 0
 
     def send_scsi_result(self, task: IscsiTask, status: int, sense: bytes | None,
                          data: bytes | bytearray | memoryview | None, data_len: int,
@@ -735,6 +801,9 @@ class Connection:
             if produced > task.edtl:
                 residual_flags, residual = pdu.F_OVERFLOW, produced - task.edtl
                 data_len = task.edtl
+                if data is not None and produced - data_len > PIN_SLACK:
+                    # queue a copy, not a slice that would pin the whole buffer
+                    data = bytes(memoryview(data).cast("B")[:data_len])
             elif produced < task.edtl:
                 residual_flags, residual = pdu.F_UNDERFLOW, task.edtl - produced
         elif task.write:
@@ -749,7 +818,11 @@ class Connection:
             data_len = 0
         collapse = sense is None and status == 0
         if data_len and data is not None:
-            self._send_data_in(task, data, data_len, status, residual_flags, residual, collapse)
+            digests = None
+            if task.data_in_digests is not None and task.data_in_digests[0] == data_len:
+                digests = task.data_in_digests[1]
+            self._send_data_in(task, data, data_len, status, residual_flags, residual, collapse,
+                               digests)
             if collapse:
                 return
         payload = b""
@@ -759,22 +832,53 @@ class Connection:
                                 residual_flags, residual, len(payload), task.data_sn)
         self._queue(hdr, payload)
 
+    def data_in_segments(self, length: int) -> list[int]:
+        """Sizes of the Data-In PDUs for `length` bytes: at most the initiator's
+        MaxRecvDataSegmentLength each, sequences ending at MaxBurstLength (RFC 7143 13.13)."""
+        session = self.session
+        assert session is not None
+        seg_max = self.params.initiator_max_recv_data_segment_length
+        burst = session.params.max_burst_length
+        sizes = []
+        offset = in_burst = 0
+        while offset < length:
+            n = min(seg_max, length - offset, burst - in_burst)
+            sizes.append(n)
+            offset += n
+            in_burst = 0 if in_burst + n == burst else in_burst + n
+        return sizes
+
+    def data_in_digests(self, data: memoryview, length: int) -> list[bytes]:
+        """The data digests of the Data-In PDUs for `data`, computed ahead of sending.
+
+        Pure: safe to call on an I/O thread (crc32c releases the GIL for large buffers).
+        """
+        digests = []
+        offset = 0
+        for n in self.data_in_segments(length):
+            pad = pdu.pad_len(n)
+            parts = (data[offset:offset + n], _PADDING[pad]) if pad else (data[offset:offset + n],)
+            digests.append(dg.digest(parts))
+            offset += n
+        return digests
+
     def _send_data_in(self, task: IscsiTask, data: bytes | bytearray | memoryview,
                       length: int, status: int, residual_flags: int, residual: int,
-                      collapse: bool) -> None:
+                      collapse: bool, digests: list[bytes] | None = None) -> None:
         session = self.session
         assert session is not None
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        seg_max = self.params.initiator_max_recv_data_segment_length
+        sizes = self.data_in_segments(length)
+        if digests is not None and len(digests) != len(sizes):
+            digests = None
         burst = session.params.max_burst_length
         offset = 0
         in_burst = 0
         exp_cmd_sn = session.exp_cmd_sn
         max_cmd_sn = session.max_cmd_sn
-        while offset < length:
-            n = min(seg_max, length - offset, burst - in_burst)
+        for i, n in enumerate(sizes):
             last = offset + n == length
             in_burst += n
             flags = 0
@@ -789,7 +893,7 @@ class Connection:
                               max_cmd_sn, task.data_sn, offset,
                               residual if flags & pdu.F_DATAIN_STATUS else 0)
             task.data_sn += 1
-            self._queue(hdr, view[offset:offset + n])
+            self._queue(hdr, view[offset:offset + n], digests[i] if digests else None)
             offset += n
 
     def send_tmf_response(self, itt: int, response: int) -> None:
@@ -848,6 +952,8 @@ class Connection:
             remaining, ttt = self._text_out.pop(bhs.ttt)
             self._send_text(bhs, remaining)
             return
+        # One text exchange at a time (RFC 7143 11.10): a new one ends any unfinished reply.
+        self._text_out.clear()
         self._text_in += data
         if len(self._text_in) > MAX_PENDING_TEXT:
             self._text_in.clear()
@@ -898,7 +1004,8 @@ class Connection:
         self.stat_sn = (sn + 1) & 0xFFFFFFFF
         return sn
 
-    def _queue(self, hdr: bytearray, data: bytes | bytearray | memoryview = b"") -> None:
+    def _queue(self, hdr: bytearray, data: bytes | bytearray | memoryview = b"",
+               data_digest: bytes | None = None) -> None:
         out = self._out
         out.append(hdr)
         if self.params.header_digest:
@@ -910,8 +1017,11 @@ class Connection:
             if pad:
                 out.append(_PADDING[pad])
             if self.params.data_digest:
-                parts: tuple[bytes | bytearray | memoryview, ...] = (data, _PADDING[pad]) if pad else (data,)
-                out.append(dg.digest(parts))
+                if data_digest is None:
+                    parts: tuple[bytes | bytearray | memoryview, ...] = (
+                        (data, _PADDING[pad]) if pad else (data,))
+                    data_digest = dg.digest(parts)
+                out.append(data_digest)
         self._out_bytes += len(hdr) + n
 
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
@@ -927,27 +1037,57 @@ class Connection:
         if self.state != State.CLOSED:
             self.state = State.CLOSED
             self.events.append(Closed(reason))
+            self._release_budget()
+
+    def _release_budget(self) -> None:
+        """Give back the Data-Out memory of every task still held (their buffers die with
+        the connection; a task dropped later finds nothing left to release)."""
+        session = self.session
+        if self.budget is None or session is None:
+            return
+        for task in session.tasks.values():
+            if task.reserved:
+                self.budget.release(session, task.reserved)
+                task.reserved = 0
 
     def close(self, reason: str = "closed") -> None:
         self._close(reason)
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
-        if self.state in (State.LOGIN, State.LOGIN_BINDING):
+        if self.state in (State.LOGIN, State.LOGIN_BINDING, State.LOGIN_FAILED):
             return self.login_deadline
-        if self.state != State.FULL_FEATURE or not self.nop_interval:
+        if self.state != State.FULL_FEATURE:
             return None
+        watch = self._watch_at
+        if not self.nop_interval:
+            return watch
         if self._nop_outstanding is not None:
-            return self._nop_outstanding[1] + self.nop_timeout
-        return self._last_rx + self.nop_interval
+            nop = self._nop_outstanding[1] + self.nop_timeout
+        else:
+            nop = self._last_rx + self.nop_interval
+        return nop if watch is None or nop < watch else watch
 
     def on_timer(self, now: float) -> None:
         self._now = now
+        if self.state == State.LOGIN_FAILED:
+            if self.login_deadline is not None and now >= self.login_deadline:
+                response, self._held_response = self._held_response, None
+                assert response is not None
+                self._queue(response.header, response.data)
+                self._close("login failed")
+            return
         if self.state in (State.LOGIN, State.LOGIN_BINDING):
             if self.login_deadline is not None and now >= self.login_deadline:
                 self._close("login timed out")
             return
-        if self.state != State.FULL_FEATURE or not self.nop_interval:
+        if self.state != State.FULL_FEATURE:
+            return
+        if self._watch_at is not None and now >= self._watch_at:
+            self._watch_pdu(now)
+            if self.state == State.CLOSED:
+                return
+        if not self.nop_interval:
             return
         if self._nop_outstanding is not None:
             if now >= self._nop_outstanding[1] + self.nop_timeout:
@@ -963,7 +1103,29 @@ class Connection:
                              session.refresh_max_cmd_sn())
             self._queue(hdr)
 
+    def _watch_pdu(self, now: float) -> None:
+        """Drop a peer that left one PDU incomplete for a whole pdu_timeout period (not
+        while the driver has stopped reading: then the delay is ours)."""
+        if self.rx_paused:
+            mark: tuple[int, str] | None = None
+        elif self._bhs is not None or self._direct is not None or self._tail is not None \
+                or self._discard:
+            mark = (self._headers, "data")
+        elif self._end > self._start:
+            mark = (self._headers, "header")
+        else:
+            mark = None
+        if mark is not None and mark == self._watch_mark:
+            log.warning("connection %s dropped: a PDU took more than %.0f s to arrive",
+                        self.peer_address, self.pdu_timeout)
+            self._close("PDU receive timeout")
+            return
+        self._watch_mark = mark
+        self._watch_at = now + self.pdu_timeout
+
 
 _PADDING = {1: b"\0", 2: b"\0\0", 3: b"\0\0\0"}
+_DELAYED_FAILURES = frozenset({LoginStatus.AUTHENTICATION_FAILURE,
+                               LoginStatus.AUTHORIZATION_FAILURE})
 # Requests that carry a CmdSN of their own (RFC 7143 4.2.2.1).
 _NUMBERED = frozenset({Op.SCSI_CMD, Op.NOP_OUT, Op.TASK_MGMT_REQ, Op.TEXT_REQ, Op.LOGOUT_REQ})

@@ -45,7 +45,7 @@ class IscsiTask:
                  "attr", "scsi", "buffer", "received", "unsolicited_end",
                  "unsolicited_received", "unsolicited_done", "unsolicited_next_sn",
                  "wanted", "next_r2t_offset", "r2ts", "r2t_sn", "data_sn", "waiter",
-                 "data_error", "data_failure", "done")
+                 "data_error", "data_failure", "done", "data_in_digests", "reserved")
 
     def __init__(self, itt: int, cmd_sn: int, immediate: bool, lun_field: int, read: bool,
                  write: bool, edtl: int, cdb: bytes, attr: int) -> None:
@@ -74,6 +74,8 @@ class IscsiTask:
         self.data_error = ""  # "digest" or "sequence": the Data-Out could not be accepted
         self.data_failure = ""  # data_error to be, once the outstanding Data-Out is in
         self.done = False
+        self.data_in_digests: tuple[int, list[bytes]] | None = None  # (length, per-PDU CRCs)
+        self.reserved = 0  # bytes of the Data-Out memory budget this task holds
 
 
 class Session:
@@ -96,6 +98,7 @@ class Session:
         # LUN field -> device server, resolved once per session (an ACL change applies to
         # new logins; a reconfiguration that adds or removes LUNs clears it).
         self.lun_cache: dict[int, Any] = {}
+        self.data_out_reserved = 0  # bytes of Data-Out buffers its tasks hold (bounds.py)
 
     @property
     def discovery(self) -> bool:

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from time import perf_counter_ns
+from time import perf_counter, perf_counter_ns
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
@@ -45,6 +45,8 @@ MAX_UA_QUEUE = 16
 COPY_ALIGNMENT = 4096  # FICLONERANGE offsets and lengths are filesystem-block aligned
 COPY_BUFFER_BYTES = 1 << 20
 INLINE_WRITE_MAX = 262144  # larger writes go to the I/O threads
+PREPARE_IN_THREAD_MIN = 65536  # reads with a fabric hook this large read and prepare on a thread
+INLINE_WRITE_STALL = 0.020  # seconds (throttling pauses, not scheduling noise)
 # Resets supersede every other pending unit attention (SAM-5 5.14).
 _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCCURRED,
                         Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED})
@@ -144,6 +146,7 @@ class LogicalUnit:
         self.pr = PersistentReservations(self)
         self.closed = False
         self.stats_miscompares = 0
+        self._inline_after = 0.0  # perf_counter() before which writes go to the I/O threads
 
     # ------------------------------------------------------------------ execution
     def start(self, task: ScsiTask) -> asyncio.Task[None]:
@@ -284,6 +287,14 @@ class LogicalUnit:
         if waits:
             await asyncio.wait(waits)
 
+    async def abort_task(self, nexus: Nexus, tag: int) -> bool:
+        """ABORT TASK (SAM-5 7.2): False when no such task is in the task set."""
+        entry = self.tasks.get((nexus.key, tag))
+        if entry is None:
+            return False
+        await self.abort([entry])
+        return True
+
     async def abort_tasks_of(self, keys: set[tuple[Any, ...]]) -> None:
         """Abort every task of the given nexuses (PREEMPT AND ABORT, SPC-4 5.13.11.2.5)."""
         await self.abort([e for k, e in self.tasks.items() if k[0] in keys])
@@ -341,23 +352,46 @@ class LogicalUnit:
             await asyncio.wait([fut])
             raise
 
-    async def read_blocks(self, buf: memoryview, lba: int) -> None:
+    async def read_blocks(self, buf: memoryview, lba: int,
+                          then: Callable[[memoryview], None] | None = None) -> None:
+        """Fill buf from the medium: from the page cache on the event loop when that cannot
+        block, else on the I/O threads. `then` (a fabric hook) runs on an I/O thread with the
+        filled buffer, so its work overlaps the event loop's."""
         assert self.backstore is not None
         offset = lba * self.block_size
         try:
+            if then is not None and len(buf) >= PREPARE_IN_THREAD_MIN:
+                await self.in_thread(self._read_then, buf, offset, then)
+                return
             if not self.backstore.read_nowait(buf, offset):
                 await self.in_thread(self.backstore.read_into, buf, offset)
+            if then is not None:
+                then(buf)
         except OSError as exc:
             raise self.io_error(exc, lba, write=False) from exc
 
+    def _read_then(self, buf: memoryview, offset: int, then: Callable[[memoryview], None]) -> None:
+        assert self.backstore is not None
+        self.backstore.read_into(buf, offset)
+        then(buf)
+
     async def write_blocks(self, data: memoryview, lba: int, fua: bool,
                            inline: bool = True) -> None:
-        """Write whole blocks; small writes go to the page cache from the event loop."""
+        """Write whole blocks; small writes go to the page cache from the event loop.
+
+        Buffered writes cannot be asked not to block (RWF_NOWAIT is refused for them), and
+        under writeback pressure the kernel throttles the writer: a write that took longer than
+        INLINE_WRITE_STALL sends this LU's writes to the I/O threads for a second, so one
+        stalled write never holds up every session.
+        """
         assert self.backstore is not None
         offset = lba * self.block_size
         try:
-            if inline and len(data) <= INLINE_WRITE_MAX:
+            if inline and len(data) <= INLINE_WRITE_MAX and perf_counter() >= self._inline_after:
+                started = perf_counter()
                 self.backstore.write(data, offset)
+                if perf_counter() - started > INLINE_WRITE_STALL:
+                    self._inline_after = perf_counter() + 1.0
             else:
                 await self.in_thread(self.backstore.write, data, offset)
             if fua or not self.mode.write_cache:

@@ -41,7 +41,7 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     async with lu.ranges.shared(lba, count):
         if fua and lu.mode.write_cache:
             await lu.flush()  # FUA: the data comes from the medium, not a newer cached copy
-        await lu.read_blocks(view, lba)
+        await lu.read_blocks(view, lba, task.prepare_data_in)
     task.set_data_in(buf)
 
 

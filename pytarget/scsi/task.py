@@ -7,7 +7,7 @@ sense and Data-In back once the device server has executed it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Protocol
 
@@ -64,7 +64,7 @@ class ScsiTask:
 
     __slots__ = ("cdb", "lun", "tag", "attr", "nexus", "expected_in", "expected_out",
                  "source", "status", "sense", "data_in", "data_in_len", "data_out_len",
-                 "aborted", "handle", "internal")
+                 "aborted", "handle", "internal", "prepare_data_in")
 
     def __init__(self, cdb: bytes | memoryview, lun: int, tag: int, nexus: Nexus,
                  attr: TaskAttr = TaskAttr.SIMPLE, expected_in: int = 0,
@@ -85,6 +85,9 @@ class ScsiTask:
         self.aborted = False
         self.handle: object | None = None
         self.internal = False  # issued by the copy manager on behalf of `nexus`
+        # Fabric work on a large Data-In buffer, run on an I/O thread right after the read
+        # fills it (iSCSI computes its data digests there).
+        self.prepare_data_in: Callable[[memoryview], None] | None = None
 
     async def receive_data_out(self, length: int) -> memoryview:
         """The first `length` bytes of Data-Out, collected from the initiator."""

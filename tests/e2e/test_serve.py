@@ -34,8 +34,9 @@ def test_default_configuration_serves_on_3260(tmp_path: Path) -> None:
     """With no arguments and no luns/ directory, the built-in luns/default.yaml is served."""
     assert _port_free(3260), "port 3260 is taken by another program"
     log = (tmp_path / "serve.log").open("w")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "pytarget", "serve"], cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 30
         while "listening on" not in (tmp_path / "serve.log").read_text():
