@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from .iscsi.auth import MAX_NAME, MAX_SECRET, MIN_SECRET, ChapCredentials, ChapSecret
+from .iscsi.bounds import Bounds
+
 DEFAULT_CONFIG = Path("luns/default.yaml")
 IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
@@ -44,10 +47,19 @@ class LunConfig:
 
 
 @dataclass
+class AclConfig:
+    initiator: str
+    luns: list[int] | None = None  # None: every LUN of the target
+
+
+@dataclass
 class TargetConfig:
     name: str
     alias: str = ""
     luns: list[LunConfig] = field(default_factory=list)
+    auth: ChapCredentials | None = None
+    acl: list[AclConfig] | None = None  # None: any initiator, every LUN
+    max_sessions: int = 0  # 0: only the global limit
 
 
 @dataclass
@@ -58,6 +70,11 @@ class Config:
     targets: list[TargetConfig]
     # VPD 85h network services (SPC-4 7.8.9): (SERVICE TYPE, URL)
     management_addresses: list[tuple[int, str]] = field(default_factory=list)
+    control_socket: Path | None = None  # None: the default next to the configuration
+    control_group: str | None = None  # the socket is 0660 with this group, else 0600
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint address
+    discovery_auth: ChapCredentials | None = None
+    limits: Bounds = field(default_factory=Bounds)
 
 
 MANAGEMENT_SERVICES = {
@@ -149,7 +166,8 @@ def parse(text: str, file: str, base: Path) -> Config:
         where = f"line {mark.line + 1}" if mark else "-"
         raise ConfigError(file, where, "invalid YAML") from None
     doc = r.mapping(doc if doc is not None else {}, "",
-                    {"portals", "targets", "management_addresses"}, {"targets"})
+                    {"portals", "targets", "management_addresses", "control_socket",
+                     "control_group", "metrics", "discovery_auth", "limits"}, {"targets"})
     portals_raw = doc.get("portals", ["0.0.0.0:3260"])
     if not isinstance(portals_raw, list) or not portals_raw:
         raise r.fail("portals", "expected a non-empty list of HOST:PORT")
@@ -167,7 +185,8 @@ def parse(text: str, file: str, base: Path) -> Config:
     paths: dict[Path, str] = {}
     for ti, t in enumerate(targets_raw):
         tkey = f"targets[{ti}]"
-        t = r.mapping(t, tkey, {"name", "alias", "luns"}, {"name", "luns"})
+        t = r.mapping(t, tkey, {"name", "alias", "luns", "auth", "acl", "max_sessions"},
+                      {"name", "luns"})
         name = t["name"]
         if not isinstance(name, str) or not IQN_RE.match(name):
             raise r.fail(f"{tkey}.name", "not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id])")
@@ -193,8 +212,170 @@ def parse(text: str, file: str, base: Path) -> Config:
                 raise r.fail(f"{lkey}.path", f"same file as {paths[resolved]}")
             paths[resolved] = f"{lkey}.path"
             luns.append(lun)
-        targets.append(TargetConfig(name, alias, luns))
-    return Config(file, base, portals, targets, _management_addresses(r, doc))
+        target = TargetConfig(name, alias, luns)
+        _target_security(r, t, tkey, target, ids)
+        targets.append(target)
+    config = Config(file, base, portals, targets, _management_addresses(r, doc))
+    _operating(r, doc, config)
+    config.discovery_auth = _auth(r, doc, "discovery_auth")
+    config.limits = _limits(r, doc)
+    _check_secrets(r, config)
+    return config
+
+
+def _target_security(r: _Reader, t: dict[str, Any], key: str, target: TargetConfig,
+                     lun_ids: set[int]) -> None:
+    """auth, acl and max_sessions of one target (docs/security.md)."""
+    target.auth = _auth(r, t, f"{key}.auth")
+    if "max_sessions" in t:
+        target.max_sessions = _count(r, t["max_sessions"], f"{key}.max_sessions", 1)
+    if "acl" not in t:
+        return
+    raw = t["acl"]
+    if not isinstance(raw, list):
+        raise r.fail(f"{key}.acl", "expected a list of {initiator: NAME, luns: [IDS]}")
+    target.acl = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        ekey = f"{key}.acl[{i}]"
+        item = r.mapping(item, ekey, {"initiator", "luns"}, {"initiator"})
+        initiator = item["initiator"]
+        if not isinstance(initiator, str) or not IQN_RE.match(initiator):
+            raise r.fail(f"{ekey}.initiator", "not an iSCSI name")
+        if initiator.lower() in seen:
+            raise r.fail(f"{ekey}.initiator", "listed twice")
+        seen.add(initiator.lower())
+        luns = None
+        if "luns" in item:
+            luns = item["luns"]
+            if not isinstance(luns, list) or any(
+                    isinstance(n, bool) or not isinstance(n, int) for n in luns):
+                raise r.fail(f"{ekey}.luns", "expected a list of LUN ids")
+            for n in luns:
+                if n not in lun_ids:
+                    raise r.fail(f"{ekey}.luns", f"no LUN {n} in this target")
+            if len(set(luns)) != len(luns):
+                raise r.fail(f"{ekey}.luns", "a LUN is listed twice")
+        target.acl.append(AclConfig(initiator, luns))
+
+
+def _auth(r: _Reader, doc: dict[str, Any], key: str) -> ChapCredentials | None:
+    """{chap: {user: U, secret: S}, mutual: {user: T, secret: S2}}; mutual is optional."""
+    leaf = key.rpartition(".")[2]
+    if leaf not in doc:
+        return None
+    raw = r.mapping(doc[leaf], key, {"chap", "mutual"}, {"chap"})
+    chap = _chap_secret(r, raw["chap"], f"{key}.chap")
+    mutual = _chap_secret(r, raw["mutual"], f"{key}.mutual") if "mutual" in raw else None
+    if mutual is not None and mutual.secret == chap.secret:
+        # RFC 7143 12.1.3: a secret authenticates one direction only
+        raise r.fail(f"{key}.mutual.secret", "must differ from chap.secret")
+    return ChapCredentials(chap, mutual)
+
+
+def _chap_secret(r: _Reader, raw: Any, key: str) -> ChapSecret:
+    raw = r.mapping(raw, key, {"user", "secret"}, {"user", "secret"})
+    user = raw["user"]
+    if not isinstance(user, str) or not 0 < len(user.encode()) <= MAX_NAME \
+            or not user.isprintable():
+        raise r.fail(f"{key}.user", f"expected 1-{MAX_NAME} printable characters")
+    secret = raw["secret"]
+    if not isinstance(secret, str) or "\0" in secret:
+        raise r.fail(f"{key}.secret", "expected a string")
+    data = secret.encode()
+    if len(data) < MIN_SECRET:
+        # RFC 7143 12.1.3: secrets under 96 bits need IPsec, which pytarget does not do
+        raise r.fail(f"{key}.secret", f"shorter than {MIN_SECRET} bytes (RFC 7143 12.1.3)")
+    if len(data) > MAX_SECRET:
+        raise r.fail(f"{key}.secret", f"longer than {MAX_SECRET} bytes")
+    return ChapSecret(user, data)
+
+
+def _check_secrets(r: _Reader, config: Config) -> None:
+    """A secret that authenticates initiators must not also authenticate a target."""
+    initiator_side: dict[bytes, str] = {}
+    target_side: dict[bytes, str] = {}
+    places = [(f"targets[{i}].auth", t.auth) for i, t in enumerate(config.targets)]
+    places.append(("discovery_auth", config.discovery_auth))
+    for key, creds in places:
+        if creds is None:
+            continue
+        initiator_side.setdefault(creds.chap.secret, f"{key}.chap.secret")
+        if creds.mutual is not None:
+            target_side.setdefault(creds.mutual.secret, f"{key}.mutual.secret")
+    for key, creds in places:
+        if creds is not None and creds.mutual is not None \
+                and creds.mutual.secret in initiator_side:
+            raise r.fail(f"{key}.mutual.secret",
+                         f"also used as {initiator_side[creds.mutual.secret]}")
+
+
+_LIMIT_KEYS = {"max_connections": int, "max_sessions": int, "data_out_memory": "size",
+               "session_data_out_memory": "size", "login_timeout": float,
+               "auth_failure_delay": float, "nop_interval": float, "nop_timeout": float,
+               "pdu_timeout": float, "send_timeout": float, "output_high_water": "size"}
+
+
+def _limits(r: _Reader, doc: dict[str, Any]) -> Bounds:
+    """limits: the bounds of iscsi.bounds.Bounds, each optional (docs/security.md)."""
+    bounds = Bounds()
+    if "limits" not in doc:
+        return bounds
+    raw = r.mapping(doc["limits"], "limits", set(_LIMIT_KEYS), set())
+    for name, value in raw.items():
+        key = f"limits.{name}"
+        kind = _LIMIT_KEYS[name]
+        if kind is int:
+            setattr(bounds, name, _count(r, value, key, 1))
+        elif kind == "size":
+            try:
+                setattr(bounds, name, parse_size(value))
+            except ValueError as exc:
+                raise r.fail(key, str(exc)) from None
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 <= value <= 86400:
+                raise r.fail(key, "expected seconds, 0..86400")
+            setattr(bounds, name, float(value))
+    for name in ("login_timeout", "pdu_timeout", "send_timeout"):
+        if getattr(bounds, name) <= 0:
+            raise r.fail(f"limits.{name}", "must be more than 0 seconds")
+    if bounds.data_out_memory < 32 << 20:
+        raise r.fail("limits.data_out_memory", "must hold one 32 MiB write (at least 32MiB)")
+    if bounds.session_data_out_memory > bounds.data_out_memory:
+        raise r.fail("limits.session_data_out_memory", "larger than limits.data_out_memory")
+    if bounds.session_data_out_memory < 32 << 20:
+        raise r.fail("limits.session_data_out_memory", "at least 32MiB")
+    return bounds
+
+
+def _count(r: _Reader, value: Any, key: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise r.fail(key, f"expected an integer {low}..65535")
+    return value
+
+
+def _operating(r: _Reader, doc: dict[str, Any], config: Config) -> None:
+    """control_socket: PATH, control_group: NAME, metrics: "HOST:PORT"."""
+    if "control_socket" in doc:
+        raw = doc["control_socket"]
+        if not isinstance(raw, str) or not raw:
+            raise r.fail("control_socket", "expected a file path")
+        path = Path(raw)
+        config.control_socket = path if path.is_absolute() else config.base / path
+    if "control_group" in doc:
+        group = doc["control_group"]
+        if not isinstance(group, str) or not group:
+            raise r.fail("control_group", "expected a group name")
+        config.control_group = group
+    if "metrics" in doc:
+        raw = doc["metrics"]
+        if not isinstance(raw, str) or not raw.rpartition(":")[2].isdigit():
+            raise r.fail("metrics", 'expected "HOST:PORT", e.g. "127.0.0.1:9360"')
+        try:
+            config.metrics = parse_portal(raw)
+        except ValueError as exc:
+            raise r.fail("metrics", str(exc)) from None
 
 
 def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, str]]:

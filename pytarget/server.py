@@ -1,5 +1,6 @@
 """A running pytarget: configuration turned into targets and logical units, portals listening,
-sessions tracked across connections, and a clean shutdown."""
+sessions tracked across connections, the control socket and metrics endpoint, live
+reconfiguration, and a clean shutdown."""
 
 from __future__ import annotations
 
@@ -7,21 +8,30 @@ import asyncio
 import errno
 import hashlib
 import logging
+import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
+from . import status
 from .backstore.file import FileBackstore
-from .config import Config, prepare_backing_files
+from .config import Config, ConfigError, LunConfig, TargetConfig, load, prepare_backing_files
+from .control import ControlError, ControlServer, socket_path
 from .copy.manager import CopyManager, RegistryDomain
 from .iscsi.session import Session
-from .iscsi.target import TargetNode, TargetRegistry
+from .iscsi.bounds import MemoryBudget
+from .iscsi.target import AclEntry, TargetNode, TargetRegistry
+from .metrics import MetricsServer, render
 from .scsi.device import LogicalUnit, LuConfig
 from .scsi.pr import PrStateError
 from .transport import ConnectionDriver, Listener
 
 log = logging.getLogger("pytarget")
+
+STATUS_SERVICE = 0x03  # VPD 85h SERVICE TYPE of a status service (SPC-4 7.8.9 table 663)
+RETIRE_GRACE = 30.0  # seconds a removed LUN's commands may take before they are aborted
 
 
 def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, bytes]:
@@ -32,58 +42,154 @@ def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, by
     return serial or digest[:8].hex().upper(), naa
 
 
-def build_registry(config: Config) -> TargetRegistry:
+def pr_state_path(config: Config, lc: LunConfig) -> Path:
+    """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json"""
+    return config.base / f"{lc.path.name}.pr.json"
+
+
+def check_pr_paths(config: Config) -> None:
+    seen: set[Path] = set()
+    for tc in config.targets:
+        for lc in tc.luns:
+            path = pr_state_path(config, lc)
+            if path in seen:
+                raise PrStateError(errno.EEXIST, "two LUNs would keep persistent reservations "
+                                   "in one file (backing file names must differ)", str(path))
+            seen.add(path)
+
+
+def build_node(tc: TargetConfig) -> TargetNode:
+    """A target node's settings from its configuration, without its logical units."""
+    acl = None if tc.acl is None else [
+        AclEntry(e.initiator, None if e.luns is None else frozenset(e.luns)) for e in tc.acl]
+    return TargetNode(tc.name, tc.alias, acl=acl, auth=tc.auth, max_sessions=tc.max_sessions)
+
+
+def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) -> LogicalUnit:
+    """Open a LUN's backing file (which must exist) and make its device server."""
+    backstore = FileBackstore(str(lc.path), readonly=lc.readonly)
+    try:
+        serial, naa = lu_identity(tc.name, lc.id, lc.serial)
+        lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
+                             thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
+                             pr_state_path=str(pr_state_path(config, lc)))
+        return LogicalUnit(lu_config, backstore, node)
+    except BaseException:
+        backstore.close()
+        raise
+
+
+def build_registry(config: Config, luns: bool = True) -> TargetRegistry:
+    """Targets (with their logical units unless `luns` is false) and registry-wide settings."""
     registry = TargetRegistry()
     registry.portals = list(config.portals)
-    pr_paths: set[Path] = set()
-    for tc in config.targets:
-        node = TargetNode(tc.name, tc.alias)
-        for lc in tc.luns:
-            # APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json
-            pr_path = config.base / f"{lc.path.name}.pr.json"
-            if pr_path in pr_paths:
-                raise PrStateError(errno.EEXIST, "two LUNs would keep persistent reservations "
-                                   "in one file (backing file names must differ)", str(pr_path))
-            pr_paths.add(pr_path)
-            backstore = FileBackstore(str(lc.path), readonly=lc.readonly)
-            serial, naa = lu_identity(tc.name, lc.id, lc.serial)
-            lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
-                                 thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
-                                 pr_state_path=str(pr_path))
-            node.luns[lc.id] = LogicalUnit(lu_config, backstore, node)
-        registry.add_target(node)
-    copy_manager = CopyManager(RegistryDomain(registry), config.management_addresses)
-    for node in registry.targets.values():
-        for lu in node.luns.values():
-            copy_manager.attach(lu)
+    registry.discovery_auth = config.discovery_auth
+    registry.max_sessions = config.limits.max_sessions
+    if luns:
+        check_pr_paths(config)
+    try:
+        for tc in config.targets:
+            node = build_node(tc)
+            registry.add_target(node)
+            if luns:
+                for lc in tc.luns:
+                    node.luns[lc.id] = build_lu(config, tc, lc, node)
+    except BaseException:
+        for node in registry.targets.values():
+            for lu in node.luns.values():
+                lu.close()
+        raise
     return registry
 
 
 class Server:
     def __init__(self, config: Config, portals: list[tuple[str, int]] | None = None,
+                 source: str | os.PathLike[str] | None = None,
                  **connection_options: Any) -> None:
         self.config = config
+        # What a reload reads: the file given, or the default lookup of `config.load(None)`.
+        self.source = source if source is not None else (
+            config.file if Path(config.file).is_file() else None)
+        self.fixed_portals = portals is not None
         self.portals = portals or config.portals
         prepare_backing_files(config)
         self.registry = build_registry(config)
         self.registry.portals = list(self.portals)
-        self.connection_options = connection_options
-        self.listeners: list[Listener] = []
+        self.copy_manager = CopyManager(RegistryDomain(self.registry),
+                                        list(config.management_addresses))
+        for node in self.registry.targets.values():
+            for lu in node.luns.values():
+                self.copy_manager.attach(lu)
+        limits = config.limits
+        self.budget = MemoryBudget(limits.data_out_memory, limits.session_data_out_memory)
+        self.connection_options = {**limits.connection_options(), "budget": self.budget,
+                                   **connection_options}
+        self.explicit_options = frozenset(connection_options)  # not changed by a reload
+        self.refused_connections = 0
+        self.listeners: list[tuple[tuple[str, int], Listener]] = []  # (configured portal, its)
         self.drivers: set[ConnectionDriver] = set()
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.logins: dict[Session, float] = {}
+        self.reloads: dict[str, int] = {}
+        self.retiring: set[asyncio.Task[None]] = set()
+        self.started = time.monotonic()
         self.stopping = False
         self.stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         for host, port in self.portals:
             listener = Listener(self, host, port)
-            self.listeners.append(listener)
+            self.listeners.append(((host, port), listener))
             log.info("listening on %s:%d", *listener.address)
+        self._announce_portals()
+        if self.config.metrics is not None:
+            self.metrics = await self._start_metrics(self.config.metrics)
+        self.update_management_addresses(self.config)
+        await self._start_control()
+
+    def _announce_portals(self) -> None:
         # A portal given with port 0 is reported with the port the kernel chose.
-        self.registry.portals = [lst.address for lst in self.listeners]
+        self.registry.portals = [lst.address for _, lst in self.listeners]
+
+    async def _start_metrics(self, address: tuple[str, int]) -> MetricsServer:
+        metrics = MetricsServer(address[0], address[1], lambda: render(self))
+        await metrics.start()
+        return metrics
+
+    async def _start_control(self) -> None:
+        path = socket_path(self.config)
+        control = ControlServer(path, self.control_request, self.config.control_group)
+        try:
+            await control.start()
+        except (OSError, KeyError) as exc:
+            reason = f"no group {self.config.control_group}" if isinstance(exc, KeyError) \
+                else (exc.strerror or str(exc))
+            log.warning("no control socket at %s (%s): `pytarget status` and `pytarget "
+                        "reload` cannot reach this target; SIGHUP still reloads", path, reason)
+            return
+        self.control = control
+
+    def update_management_addresses(self, config: Config) -> None:
+        """VPD 85h: the configured addresses, and the metrics endpoint as the status service
+        unless one is configured (a wildcard address has no URL to give)."""
+        addresses = list(config.management_addresses)
+        if self.metrics is not None and not any(k == STATUS_SERVICE for k, _ in addresses) \
+                and self.metrics.address[0] not in ("", "0.0.0.0", "::"):
+            addresses.append((STATUS_SERVICE, self.metrics.url))
+        self.copy_manager.management_addresses[:] = addresses
 
     def accepted(self, sock: socket.socket) -> None:
         if self.stopping:
             sock.close()
+            return
+        if len(self.drivers) >= self.config.limits.max_connections:
+            sock.close()
+            self.refused_connections += 1
+            if self.refused_connections & (self.refused_connections - 1) == 0:
+                log.warning("connection refused: %d connections open (limits.max_connections);"
+                            " %d refused so far", len(self.drivers), self.refused_connections)
             return
         try:
             driver = ConnectionDriver(self, sock)
@@ -93,12 +199,28 @@ class Server:
         self.drivers.add(driver)
         driver.done.add_done_callback(lambda _f: self.drivers.discard(driver))
 
+    # ---------------------------------------------------------------- control socket
+    async def control_request(self, command: str, request: dict[str, Any],
+                              uid: int | None) -> Any:
+        if command == "status":
+            return status.collect(self)
+        if command == "reload":
+            log.info("reload requested over the control socket (uid %s)", uid,
+                     extra={"event": "reload_request", "uid": uid})
+            return {"changes": await self.reload()}
+        raise ControlError(f"unknown command {command!r} (status, reload)")
+
     # ---------------------------------------------------------------- sessions
     def session_started(self, session: Session, driver: ConnectionDriver) -> None:
         kind = session.params.session_type
+        self.logins[session] = time.monotonic()
+        peer = "%s:%d" % driver.peer
         log.info("login: %s %s session TSIH %d (ISID %s) to %s from %s",
                  session.params.initiator_name, kind.lower(), session.tsih, session.isid.hex(),
-                 session.params.target_name or "-", "%s:%d" % driver.peer)
+                 session.params.target_name or "-", peer,
+                 extra={"event": "login", "initiator": session.params.initiator_name,
+                        "isid": session.isid.hex(), "tsih": session.tsih,
+                        "target": session.params.target_name or None, "peer": peer})
 
     async def connection_closed(self, driver: ConnectionDriver, session: Session) -> None:
         if driver in session.connections:
@@ -116,11 +238,17 @@ class Server:
 
     async def _session_gone(self, session: Session) -> None:
         session.closed = True
+        self.logins.pop(session, None)
         self.registry.remove_session(session)
         if session.target is not None and session.nexus is not None:
             for lu in session.target.luns.values():
                 lu.nexus_lost(session.nexus)
-            log.info("session TSIH %d of %s ended", session.tsih, session.params.initiator_name)
+        kind = session.params.session_type.lower()
+        log.info("%s session TSIH %d of %s ended", kind, session.tsih,
+                 session.params.initiator_name,
+                 extra={"event": "session_end", "initiator": session.params.initiator_name,
+                        "isid": session.isid.hex(), "tsih": session.tsih,
+                        "target": session.target.name if session.target else None})
 
     async def drop_target_connections(self, origin: Session | None) -> None:
         """After TARGET COLD RESET every connection to the target closes (RFC 7143 11.5.1)."""
@@ -130,6 +258,62 @@ class Server:
             if session.target is origin.target:
                 await self.end_session(session, "target cold reset")
 
+    # ---------------------------------------------------------------- reconfiguration
+    async def reload(self, config: Config | None = None) -> list[str]:
+        """Re-read the configuration and apply what changed; the changes, one line each.
+
+        A configuration that cannot be applied whole raises ControlError and changes nothing.
+        """
+        from .reconfigure import Reload, ReloadRefused
+
+        async with self._reload_lock:
+            try:
+                try:
+                    new = config if config is not None else load(self.source)
+                except ConfigError as exc:
+                    raise ReloadRefused(str(exc)) from None
+                changes = await Reload(self, new).apply()
+            except ReloadRefused as exc:
+                self.reloads["refused"] = self.reloads.get("refused", 0) + 1
+                log.error("reload refused, the running configuration stays: %s", exc,
+                          extra={"event": "reload", "outcome": "refused", "reason": str(exc)})
+                raise ControlError(f"reload refused, the running configuration stays: {exc}") \
+                    from None
+            self.reloads["applied"] = self.reloads.get("applied", 0) + 1
+            for change in changes:
+                log.info("reload: %s", change, extra={"event": "reload", "outcome": "applied",
+                                                      "changes": change})
+            if not changes:
+                log.info("reload: no changes", extra={"event": "reload", "outcome": "applied"})
+            return changes
+
+    def retire(self, lu: LogicalUnit) -> None:
+        """A removed LUN: let its commands finish (abort them after RETIRE_GRACE), end its
+        copies and tokens, then close its backing file."""
+        task = asyncio.ensure_future(self._retire(lu))
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+
+    async def _retire(self, lu: LogicalUnit) -> None:
+        if lu.copy_service is not None:
+            await lu.copy_service.reset()
+        self.copy_manager.detach(lu)
+        entries = list(lu.tasks.values())
+        if entries:
+            _, pending = await asyncio.wait([r for _, r in entries], timeout=RETIRE_GRACE)
+            if pending:
+                await lu.abort([e for e in entries if e[1] in pending])
+        lu.close()
+
+    async def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading the configuration", extra={"event": "reload_request"})
+        try:
+            await self.reload()
+        except ControlError:
+            pass  # logged by reload
+        except Exception:
+            log.exception("reload failed")
+
     # ---------------------------------------------------------------- lifecycle
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight commands finish, close connections, flush files."""
@@ -137,7 +321,11 @@ class Server:
             return
         self.stopping = True
         log.info("shutting down")
-        for listener in self.listeners:
+        if self.control is not None:
+            await self.control.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        for _, listener in self.listeners:
             listener.close()
         drivers = list(self.drivers)
         for driver in drivers:
@@ -149,6 +337,8 @@ class Server:
             driver.close("target shutting down")
         if drivers:
             await asyncio.wait([d.done for d in drivers], timeout=grace)
+        if self.retiring:
+            await asyncio.wait(list(self.retiring), timeout=grace)
         for node in self.registry.targets.values():
             for lu in node.luns.values():
                 lu.close()
@@ -158,5 +348,6 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._on_sighup()))
         await self.start()
         await self.stopped.wait()

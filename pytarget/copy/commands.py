@@ -116,6 +116,7 @@ async def extended_copy(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         op.finish(exc)
         service.end(op)
         raise
+    op.total_bytes = sum(plan.nbytes for plan in plans)
     if plist.immediate:
         op.status = CopyStatus.IN_PROGRESS_BACKGROUND
         background = asyncio.ensure_future(_run(service, op, None, lambda: job.run(plans)))
@@ -344,6 +345,7 @@ async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None
     if token is not None and offset * lu.block_size + total > token.nbytes:
         raise S.invalid_field_in_parameter_list(8, 7)  # past the end of the ROD
     op = service.begin(task.nexus, list_id, SA_WRITE_USING_TOKEN, held=True, identified=True)
+    op.total_bytes = total
     if token is None:
         work = _write_zeros(lu, task, ranges, op)
     else:
@@ -385,6 +387,7 @@ async def _write_zeros(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, 
             done += n
             op.blocks_transferred += n
             op.operations += 1
+            lu.stats_copy_bytes["zero"] = lu.stats_copy_bytes.get("zero", 0) + n * lu.block_size
         op.segments_processed += 1
 
 

@@ -237,6 +237,8 @@ class CopyJob:
         src, dst = plan.src.lu, plan.dst.lu
         await self.service.scheduler.acquire(self.op.priority)
         try:
+            if self.manager.chunk_delay:
+                await asyncio.sleep(self.manager.chunk_delay)
             for lu, opcode, side in ((src, READ_16, S.FORWARDED_FROM_SOURCE),
                                      (dst, WRITE_16, S.FORWARDED_FROM_DESTINATION)):
                 try:

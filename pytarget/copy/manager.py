@@ -15,6 +15,7 @@ import asyncio
 import heapq
 import ipaddress
 import itertools
+import logging
 import socket
 import time
 from collections import OrderedDict
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
     from .tokens import TokenStore
 
 Clock = Callable[[], float]
+log = logging.getLogger("pytarget.copy")
+# The commands that start a copy operation, by service action of operation code 83h.
+OPERATION_NAMES = {0x00: "EXTENDED COPY(LID1)", 0x01: "EXTENDED COPY(LID4)",
+                   0x10: "POPULATE TOKEN", 0x11: "WRITE USING TOKEN"}
 
 
 class CopyDomain(Protocol):
@@ -159,6 +164,17 @@ class CopyOperation:
     status_read: bool = False
     failure_read: bool = False
     created: float = field(default_factory=time.monotonic)
+    total_bytes: int = 0  # what the operation will move, once its parameters are checked
+    initiator: str = ""  # initiator port name, for logs and `pytarget status`
+    target: str = ""
+
+    @property
+    def name(self) -> str:
+        return OPERATION_NAMES.get(self.service_action, f"copy {self.service_action:#x}")
+
+    def moved(self, block_size: int) -> int:
+        """Bytes written so far (token operations count blocks of the LU that runs them)."""
+        return self.bytes_transferred or self.blocks_transferred * block_size
 
     @property
     def active(self) -> bool:
@@ -218,12 +234,12 @@ class CopyService:
         self.manager = manager
         self.lu = lu
         self.operations: OrderedDict[tuple[tuple[Any, ...], int], CopyOperation] = OrderedDict()
-        self.anonymous: set[int] = set()  # ids of active operations nobody can look up
+        self.running: dict[int, CopyOperation] = {}  # every active operation, by id()
         self.scheduler = ChunkScheduler()
 
     @property
     def active_count(self) -> int:
-        return len(self.anonymous) + sum(1 for op in self.operations.values() if op.active)
+        return len(self.running)
 
     def begin(self, nexus: Nexus, list_id: int, service_action: int, *, held: bool,
               identified: bool, priority: int = 0) -> CopyOperation:
@@ -236,18 +252,24 @@ class CopyService:
                 raise S.operation_in_progress()
         if self.active_count >= limits.MAX_CONCURRENT_COPIES:
             raise S.insufficient_resources()
-        op = CopyOperation(nexus.key, list_id, service_action, held, identified, priority)
+        op = CopyOperation(nexus.key, list_id, service_action, held, identified, priority,
+                           initiator=nexus.initiator_port_name, target=nexus.target_name)
         if identified:
             self.operations.pop(key, None)
             self.operations[key] = op
             self._trim(nexus.key)
-        else:
-            self.anonymous.add(id(op))
+        self.running[id(op)] = op
+        log.info("copy started: %s list %d on %s LUN %d by %s", op.name, list_id,
+                 nexus.target_name, self.lu.lun, op.initiator,
+                 extra={"event": "copy_start", "initiator": op.initiator,
+                        "target": nexus.target_name, "lun": self.lu.lun, "list_id": list_id,
+                        "operation": op.name})
         return op
 
     def end(self, op: CopyOperation) -> None:
         """The operation has finished: keep its status only if it is held."""
-        self.anonymous.discard(id(op))
+        if self.running.pop(id(op), None) is not None:
+            self.manager.finished(self, op)
         if op.identified and not op.held:
             key = (op.nexus_key, op.list_id)
             if self.operations.get(key) is op:
@@ -299,6 +321,31 @@ class CopyManager:
         self.clock = clock
         self.tokens: TokenStore = TokenStore(self, clock)
         self.services: list[CopyService] = []
+        self.chunk_delay = 0.0  # seconds each chunk waits first: lets tests watch a copy move
+        self.stats_operations: dict[tuple[str, str], int] = {}  # (operation, outcome) -> count
+        self.stats_bytes: dict[str, int] = {}  # operation -> bytes moved
+
+    def finished(self, service: CopyService, op: CopyOperation) -> None:
+        """Count and log an operation that has ended."""
+        outcome = op.status.name.lower()
+        moved = op.moved(service.lu.block_size)
+        key = (op.name, outcome)
+        self.stats_operations[key] = self.stats_operations.get(key, 0) + 1
+        self.stats_bytes[op.name] = self.stats_bytes.get(op.name, 0) + moved
+        elapsed = time.monotonic() - op.created
+        log.info("copy ended: %s list %d on %s LUN %d by %s: %s, %d bytes in %.3f s",
+                 op.name, op.list_id, op.target, service.lu.lun, op.initiator, outcome, moved,
+                 elapsed, extra={"event": "copy_end", "initiator": op.initiator,
+                                 "target": op.target, "lun": service.lu.lun,
+                                 "list_id": op.list_id, "operation": op.name,
+                                 "outcome": outcome, "bytes": moved})
+
+    def detach(self, lu: LogicalUnit) -> None:
+        """Stop serving `lu` (its LUN was removed): its ROD tokens die with it."""
+        service = lu.copy_service
+        if service in self.services:
+            self.services.remove(service)
+        self.tokens.forget(lu)
 
     def attach(self, lu: LogicalUnit) -> CopyService:
         """Serve `lu`: 3PC=1, VPD 8Fh and 85h, copy status, ROD tokens."""

@@ -114,6 +114,13 @@ class TokenStore:
                 if not token.users:
                     self._bury(token, token.invalid)
 
+    def forget(self, lu: LogicalUnit) -> None:
+        """`lu` is gone: every token of its data dies."""
+        for token in [t for t in self.tokens.values() if t.lu is lu]:
+            token.invalid = Asc.INVALID_TOKEN_OPERATION_TOKEN_CANCELLED
+            if not token.users:
+                self._bury(token, token.invalid)
+
     def release(self, token: RodToken) -> None:
         token.users -= 1
         token.last_used = self.clock()

@@ -4,8 +4,9 @@
 asyncio TCP stream; `pdus` builds the initiator's request PDUs.
 """
 
+from .chap import AuthenticationFailed, ChapAuthenticator
 from .client import CommandResult, Initiator, InitiatorError
 from .protocol import InitiatorConnection, ProtocolError
 
-__all__ = ["CommandResult", "Initiator", "InitiatorConnection", "InitiatorError",
-           "ProtocolError"]
+__all__ = ["AuthenticationFailed", "ChapAuthenticator", "CommandResult", "Initiator",
+           "InitiatorConnection", "InitiatorError", "ProtocolError"]

@@ -268,6 +268,11 @@ class Authenticator:
                 raise ProtocolError(f"target chose AuthMethod={value}")
         return []
 
+    def complete(self, keys: list[tuple[str, str]]) -> None:
+        """The target left the security stage; `keys` are the security keys of that last
+        response. Raise ProtocolError unless the target has authenticated itself as asked."""
+        self.step(keys)
+
     @property
     def ready(self) -> bool:
         return True
@@ -632,6 +637,8 @@ class InitiatorConnection:
             asked, want = self._login_transit
             if not asked or nsg != want:
                 raise ProtocolError(f"target moved to stage {nsg} unasked")
+            if csg == SECURITY and self.authenticator is not None:
+                self.authenticator.complete(security)
             self._stage = nsg
             if nsg == FULL_FEATURE:
                 self._enter_full_feature(bhs)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from . import digest as dg
 from . import pdu, text
+from ..scsi.limits import MAX_TRANSFER_BYTES
 from .bounds import MemoryBudget
 from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduReject
 from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult
@@ -32,6 +33,7 @@ log = logging.getLogger("pytarget.iscsi")
 DIRECT_MIN = 16384  # payloads at least this large are received straight into task buffers
 MAX_AHS = 1020
 MAX_DATA_OUT = 32 * 1024 * 1024  # the largest EDTL a write may announce (SBC limit + slack)
+MAX_DATA_IN = MAX_TRANSFER_BYTES  # the largest Data-In buffer a command makes
 MAX_PENDING_TEXT = 65536
 IMMEDIATE_SLACK = 16  # immediate commands accepted beyond the CmdSN window
 TASK_SET_FULL = 0x28  # SAM-5 status: no Data-Out memory for this command now
@@ -177,7 +179,7 @@ class Connection:
         try:
             self._parse()
         except ConnectionFatal as exc:
-            self._close(str(exc))
+            self._fault(exc, None)
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Feed bytes by copying them through get_buffer (tests and simple callers)."""
@@ -559,12 +561,19 @@ class Connection:
                 if task.buffer is not None:
                     task.buffer[0:dsl] = data
                 task.received = task.unsolicited_received = dsl
+        elif read and edtl and self.budget is not None:
+            # the Data-In buffer the device server will fill counts against the budget too
+            size = min(edtl, MAX_DATA_IN)
+            if not self.budget.reserve(session, size):
+                self._refuse(task, bhs)
+                return
+            task.reserved = size
         self.events.append(ExecuteCommand(task))
 
     def _refuse(self, task: IscsiTask, bhs: Bhs) -> None:
-        """TASK SET FULL: the Data-Out memory budget cannot hold this write now (SAM-5 5.3);
-        the initiator retries it later. Its unsolicited Data-Out is consumed quietly."""
-        log.info("ITT 0x%08x: Data-Out memory budget exhausted; TASK SET FULL", task.itt)
+        """TASK SET FULL: the buffer memory budget cannot hold this command's data now
+        (SAM-5 5.3); the initiator retries it later. Unsolicited Data-Out is consumed quietly."""
+        log.debug("ITT 0x%08x: buffer memory budget exhausted; TASK SET FULL", task.itt)
         if not bhs.flags & pdu.F_FINAL:
             self._drop_itt(task.itt)
         self.send_scsi_result(task, TASK_SET_FULL, None, None, 0, 0)

@@ -24,6 +24,9 @@ OPERATIONAL = 1
 FULL_FEATURE = 3
 VERSION = 0x00
 MAX_LOGIN_PDUS = 64
+# Login Responses carry at most the default MaxRecvDataSegmentLength (RFC 7143 13.12);
+# this target never continues a response, so a request whose answers would not fit fails.
+MAX_RESPONSE_TEXT = 8192
 
 
 class LoginPolicy(Protocol):
@@ -85,14 +88,20 @@ class LoginMachine:
         self.tpgt_sent = False
         self.result: LoginResult | None = None
         self.failed = False
+        self.failure = ""  # why, for the log (never a secret)
 
     def receive(self, bhs: pdu.Bhs, data: bytes | memoryview) -> LoginResponse:
         """Answer one Login Request. After a non-SUCCESS response the connection must close."""
         try:
             return self._receive(bhs, data)
         except LoginError as exc:
-            self.failed = True
-            return self._response(0, 0, 0, b"", exc.status)
+            return self.fail(exc)
+
+    def fail(self, exc: LoginError) -> LoginResponse:
+        """The status response that ends this login."""
+        self.failed = True
+        self.failure = exc.reason
+        return self._response(0, 0, 0, b"", exc.status)
 
     def _receive(self, bhs: pdu.Bhs, data: bytes | memoryview) -> LoginResponse:
         if bhs.opcode != pdu.Op.LOGIN_REQ:
@@ -133,12 +142,19 @@ class LoginMachine:
             if nsg == FULL_FEATURE:
                 answers += self.negotiator.finish()
                 self.negotiator.settle()
-                if self.tsih == 0:
-                    self.tsih = -1  # the caller assigns it once the session is bound
+            payload = self._text(answers)
+            if nsg == FULL_FEATURE and self.tsih == 0:
+                self.tsih = -1  # the caller assigns it once the session is bound
             self.stage = nsg
-            return self._response(pdu.F_TRANSIT, csg, nsg, text.encode(answers),
-                                  LoginStatus.SUCCESS)
-        return self._response(0, csg, 0, text.encode(answers), LoginStatus.SUCCESS)
+            return self._response(pdu.F_TRANSIT, csg, nsg, payload, LoginStatus.SUCCESS)
+        return self._response(0, csg, 0, self._text(answers), LoginStatus.SUCCESS)
+
+    @staticmethod
+    def _text(answers: list[tuple[str, str]]) -> bytes:
+        payload = text.encode(answers)
+        if len(payload) > MAX_RESPONSE_TEXT:
+            raise LoginError(LoginStatus.INITIATOR_ERROR, "too many keys to answer")
+        return payload
 
     def _first_pdu(self, bhs: pdu.Bhs, csg: int) -> None:
         if bhs.version_min > VERSION:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from ..scsi.device import LogicalUnit, NoLogicalUnit
 from ..scsi.task import Nexus
-from .auth import Authenticator, NoAuthentication
+from .auth import Authenticator, ChallengeLedger, ChapAuthenticator, ChapCredentials, \
+    NoAuthentication
 from .errors import LoginError, LoginStatus
 from .login import LoginResult
 from .params import TargetLimits
@@ -37,6 +38,8 @@ class TargetNode:
     tpgt: int = DEFAULT_TPGT
     luns: dict[int, LogicalUnit] = field(default_factory=dict)
     acl: list[AclEntry] | None = None  # None: any initiator, all LUNs
+    auth: ChapCredentials | None = None  # None: no authentication
+    max_sessions: int = 0  # 0: only the registry's global limit
 
     def allows(self, initiator: str) -> bool:
         return self.acl is None or any(e.initiator.lower() == initiator.lower() for e in self.acl)
@@ -73,6 +76,9 @@ class TargetRegistry:
         self.portals: list[tuple[str, int]] = []
         self.sessions: dict[int, Session] = {}
         self._next_tsih = 1
+        self.discovery_auth: ChapCredentials | None = None
+        self.max_sessions = 0  # every session, discovery included (0: no limit)
+        self.ledger = ChallengeLedger()
 
     def add_target(self, node: TargetNode) -> None:
         self.targets[node.name.lower()] = node
@@ -85,7 +91,14 @@ class TargetRegistry:
         return DEFAULT_TPGT
 
     def authenticator(self, session_type: str, target_name: str) -> Authenticator:
-        return NoAuthentication()
+        if session_type == "Discovery":
+            credentials = self.discovery_auth
+        else:
+            node = self.target(target_name)
+            credentials = node.auth if node is not None else None
+        if credentials is None:
+            return NoAuthentication()
+        return ChapAuthenticator(credentials, self.ledger)
 
     def check_target(self, target_name: str, initiator_name: str) -> str:
         node = self.target(target_name)
@@ -95,6 +108,18 @@ class TargetRegistry:
             raise LoginError(LoginStatus.AUTHORIZATION_FAILURE,
                              f"{initiator_name} may not log into {target_name}")
         return node.alias
+
+    def _check_room(self, node: TargetNode | None, replaced: Iterable[Session]) -> None:
+        """OUT OF RESOURCES when a new session would pass the global or the target's limit
+        (the sessions a reinstatement replaces do not count)."""
+        gone = {id(s) for s in replaced}
+        live = [s for s in self.sessions.values() if id(s) not in gone]
+        if self.max_sessions and len(live) >= self.max_sessions:
+            raise LoginError(LoginStatus.OUT_OF_RESOURCES, "too many sessions")
+        if node is not None and node.max_sessions and sum(
+                1 for s in live if s.target is node) >= node.max_sessions:
+            raise LoginError(LoginStatus.OUT_OF_RESOURCES,
+                             f"too many sessions to {node.name}")
 
     def check_session(self, initiator_name: str, target_name: str, isid: bytes, tsih: int,
                       cid: int) -> None:
@@ -160,6 +185,7 @@ class TargetRegistry:
                         and other.params.initiator_name.lower() == params.initiator_name.lower()
                         and other.params.target_name.lower() == params.target_name.lower()):
                     replaced.append(other)
+            self._check_room(node, replaced)
             tsih = self._allocate_tsih()
         nexus = None
         if node is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from .errors import LoginError, LoginStatus
 
 MAX_KEY_NAME = 63
@@ -36,3 +39,34 @@ def parse(data: bytes | bytearray | memoryview) -> list[tuple[str, str]]:
 
 def encode(pairs: list[tuple[str, str]]) -> bytes:
     return b"".join(f"{k}={v}".encode() + b"\0" for k, v in pairs)
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def decode_binary(value: str, limit: int) -> bytes:
+    """An RFC 7143 6.1 binary-value: `0x` hex (an odd digit count is padded) or `0b` base64.
+
+    Raises ValueError unless the decoded value has 1..limit bytes.
+    """
+    prefix, body = value[:2].lower(), value[2:]
+    if len(body) > 2 * limit + 8:
+        raise ValueError("too long")
+    if prefix == "0x":
+        if not body or not _HEX.issuperset(body):
+            raise ValueError("not hex")
+        raw = bytes.fromhex(body if len(body) % 2 == 0 else "0" + body)
+    elif prefix == "0b":
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not base64") from None
+    else:
+        raise ValueError("no 0x or 0b prefix")
+    if not 0 < len(raw) <= limit:
+        raise ValueError("length")
+    return raw
+
+
+def encode_binary(value: bytes) -> str:
+    return "0x" + value.hex()

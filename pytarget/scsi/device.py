@@ -29,6 +29,8 @@ from .modes import ModePages
 from .opcodes import NO_LU_TABLE, SBC_THICK_TABLE, SBC_TABLE, Opcode, OpSpec, OpTable
 from .pr import PersistentReservations
 from .sense import Asc, SenseError, Status
+from .stats import (COMMANDS, DATA_IN, DATA_OUT, FIRST_BUCKET, LATENCY_NS, NOT_GOOD, SLOWEST,
+                    TOP_BUCKET)
 from .task import Nexus, ScsiTask
 
 if TYPE_CHECKING:
@@ -203,16 +205,18 @@ class LogicalUnit:
             log.exception("LUN %d: internal failure executing %s", self.lun, bytes(task.cdb).hex())
             self._fail(task, S.internal_target_failure())
         if not task.internal:
+            elapsed = perf_counter_ns() - started
             row = self.stats_commands.get(task.cdb[0])
             if row is None:
                 row = self.stats_commands[task.cdb[0]] = stats.new_row()
-            elapsed = perf_counter_ns() - started
-            row[stats.COMMANDS] += 1
-            row[stats.DATA_IN] += task.data_in_len
-            row[stats.DATA_OUT] += task.data_out_len
-            row[stats.NOT_GOOD] += task.status != Status.GOOD
-            row[stats.LATENCY_NS] += elapsed
-            row[stats.bucket(elapsed)] += 1
+            row[COMMANDS] += 1
+            row[DATA_IN] += task.data_in_len
+            row[DATA_OUT] += task.data_out_len
+            if task.status:
+                row[NOT_GOOD] += 1
+            row[LATENCY_NS] += elapsed
+            us = elapsed // 1000
+            row[FIRST_BUCKET + (us.bit_length() if us < SLOWEST else TOP_BUCKET)] += 1
 
     def _fail(self, task: ScsiTask, exc: SenseError) -> None:
         task.status = exc.status

@@ -54,7 +54,8 @@ class RangeLock:
             if req.future.done() and not req.future.cancelled():
                 self.release(req)  # granted just as we were cancelled
             else:
-                self._waiting.remove(req)
+                if req in self._waiting:
+                    self._waiting.remove(req)
                 self._wake()
             raise
         return req
@@ -69,9 +70,12 @@ class RangeLock:
         before: list[_Request] = []
         remaining: deque[_Request] = deque()
         for req in self._waiting:
+            assert req.future is not None
+            if req.future.cancelled():
+                # its task was cancelled and has not run its handler yet: it waits no more
+                continue
             if not self._blocked(req, before):
                 self._held.append(req)
-                assert req.future is not None
                 req.future.set_result(None)
             else:
                 remaining.append(req)

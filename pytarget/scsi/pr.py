@@ -122,15 +122,6 @@ _ALLOW_COMMANDS = 0x3 << 4
 
 
 # ---------------------------------------------------------------------------------- sense
-def invalid_release() -> SenseError:
-    """RELEASE by the holder with another TYPE or SCOPE (SPC-4 5.13.11.2)."""
-    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
-
-
-def insufficient_registration_resources() -> SenseError:
-    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_REGISTRATION_RESOURCES)
-
-
 class PrStateError(OSError):
     """The APTPL state file cannot be used; the logical unit is not brought up without it."""
 
@@ -487,7 +478,10 @@ class PersistentReservations:
             log.info("LUN %d: %s by %s: %d registrations, reservation %s, generation %d",
                      self.lu.lun, ProutAction(sa).name, nexus.initiator_port_name,
                      len(new.registrations), new.type.name if new.type else "none",
-                     new.generation)
+                     new.generation,
+                     extra={"event": "reservation", "operation": ProutAction(sa).name,
+                            "initiator": nexus.initiator_port_name,
+                            "target": nexus.target_name, "lun": self.lu.lun})
             if sa == ProutAction.PREEMPT_AND_ABORT and outcome.preempted:
                 await self._abort(outcome.preempted, nexus)
 
@@ -533,7 +527,7 @@ class PersistentReservations:
                 if not any(other.overlaps(r) for r in (*st.registrations, *added)):
                     added.append(other)
             if len(st.registrations) + len(added) > MAX_REGISTRATIONS:
-                raise insufficient_registration_resources()
+                raise S.insufficient_registration_resources()
             st.registrations.extend(added)
         else:
             if not ignore_key and p.key != reg.key:
@@ -598,7 +592,7 @@ class PersistentReservations:
         if rtype is None or not st.holds(reg):
             return
         if type_code != rtype:
-            raise invalid_release()
+            raise S.invalid_release()
         st.release()
         if rtype.registrants_only or rtype.all_registrants:
             out.ua(Asc.RESERVATIONS_RELEASED, [r for r in st.registrations if r is not reg])
@@ -664,7 +658,7 @@ class PersistentReservations:
         existing = next((r for r in st.registrations if dest.overlaps(r)), None)
         if existing is None:
             if len(st.registrations) >= MAX_REGISTRATIONS:
-                raise insufficient_registration_resources()
+                raise S.insufficient_registration_resources()
             st.registrations.append(dest)
         else:
             existing.key = p.sa_key
@@ -692,7 +686,7 @@ class PersistentReservations:
             # INSUFFICIENT REGISTRATION RESOURCES, an ILLEGAL REQUEST that changed nothing);
             # any other failure of the nonvolatile store is the target's own hardware failing.
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise insufficient_registration_resources() from exc
+                raise S.insufficient_registration_resources() from exc
             raise S.internal_target_failure() from exc
 
     def _document(self, st: PrState) -> bytes:

@@ -269,6 +269,15 @@ def reservation_conflict() -> SenseError:
                       status=Status.RESERVATION_CONFLICT)
 
 
+def invalid_release() -> SenseError:
+    """RELEASE by the holder with another TYPE or SCOPE (SPC-4 5.13.11.2)."""
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
+
+
+def insufficient_registration_resources() -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_REGISTRATION_RESOURCES)
+
+
 def insufficient_resources() -> SenseError:
     return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INSUFFICIENT_RESOURCES)
 

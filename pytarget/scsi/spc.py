@@ -6,6 +6,7 @@ Handlers take (lu, task, cdb), raise SenseError on failure, and leave Data-In on
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from .sense import Asc, SenseKey, encode_sense
 if TYPE_CHECKING:
     from .device import LogicalUnit
     from .task import ScsiTask
+
+log = logging.getLogger("pytarget.scsi")
 
 
 def reply(task: ScsiTask, data: bytes | bytearray, allocation_length: int) -> None:
@@ -52,9 +55,8 @@ async def request_sense(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         asc = lu.take_unit_attention(task.nexus)
         if asc is not None:
             data = encode_sense(SenseKey.UNIT_ATTENTION, asc, descriptor)
-        elif lu.stopped:
-            data = encode_sense(SenseKey.NOT_READY,
-                                Asc.LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED, descriptor)
+        elif not lu.medium_present:
+            data = encode_sense(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT, descriptor)
         else:
             data = encode_sense(SenseKey.NO_SENSE, Asc.NO_ADDITIONAL_SENSE, descriptor)
     reply(task, data, alloc)
@@ -81,6 +83,12 @@ async def report_luns(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
             body += bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)
     data = struct.pack(">II", len(body), 0) + body
     reply(task, data, alloc)
+    # The LUN inventory is now known: REPORTED LUNS DATA HAS CHANGED is cleared for this I_T
+    # nexus on every logical unit of the target (SPC-4 6.33).
+    for unit in getattr(lu.directory, "luns", {}).values():
+        queue = unit.ua.get(task.nexus.key)
+        if queue and Asc.REPORTED_LUNS_DATA_HAS_CHANGED in queue:
+            queue.remove(Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
 
 
 # ------------------------------------------------------------------ MODE SENSE / SELECT
@@ -244,6 +252,8 @@ async def reserve(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     holder = lu.reservation
     if (holder is not None and holder != task.nexus.key) or lu.persistent_reservation_active():
         raise S.reservation_conflict()
+    if holder is None:
+        _reservation_log(lu, task, "RESERVE")
     lu.reservation = task.nexus.key
 
 
@@ -255,3 +265,12 @@ async def release(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         raise S.reservation_conflict()
     if lu.reservation == task.nexus.key:
         lu.reservation = None
+        _reservation_log(lu, task, "RELEASE")
+
+
+def _reservation_log(lu: LogicalUnit, task: ScsiTask, action: str) -> None:
+    nexus = task.nexus
+    log.info("LUN %d: %s by %s", lu.lun, action, nexus.initiator_port_name,
+             extra={"event": "reservation", "operation": action,
+                    "initiator": nexus.initiator_port_name, "target": nexus.target_name,
+                    "lun": lu.lun})

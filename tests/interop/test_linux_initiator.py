@@ -155,3 +155,69 @@ def test_compare_and_write(caw_target: LiveTarget, tmp_path: Path) -> None:
     (exit status 14), sense INFORMATION = offset of the first differing byte, block intact."""
     run = run_guest(caw_target, "caw.sh", tmp_path / "guest-out", timeout=240)
     _assert_passed(run, caw_target)
+
+
+# -------------------------------------------------------------------------------- xcopy.sh
+COPY_MB = 256        # random data per copy test: written once, read back after the big copies
+XCOPY_SMALL_MB = 64  # the in-LUN and ddpt copies (each destination read back costs time)
+XCOPY_LUNS = [
+    {"id": 0, "path": "xcopy-a.img", "size": "512MiB", "thin": True},   # source + in-LUN copy
+    {"id": 1, "path": "xcopy-b.img", "size": "768MiB", "thin": True},   # three destinations
+]
+
+
+@pytest.fixture
+def xcopy_target(tmp_path: Path) -> Iterator[LiveTarget]:
+    yield from _target(tmp_path, XCOPY_LUNS)
+
+
+def test_extended_copy(xcopy_target: LiveTarget, tmp_path: Path) -> None:
+    """EXTENDED COPY(LID1): sg_xcopy copies 256 MiB of random data LUN to LUN with --on_dst and
+    with --on_src, 64 MiB within one LUN, and ddpt --xcopy 64 MiB LUN to LUN; every destination
+    range reads back equal to the source (cmp, O_DIRECT).  VPD 8Fh and RECEIVE COPY OPERATING
+    PARAMETERS are shown and checked for the descriptors the tools use."""
+    run = run_guest(xcopy_target, "xcopy.sh", tmp_path / "guest-out", timeout=420,
+                    env={"XCOPY_MB": str(COPY_MB), "XCOPY_SMALL_MB": str(XCOPY_SMALL_MB)})
+    _assert_passed(run, xcopy_target)
+
+
+# -------------------------------------------------------------------------------- odx.sh
+ODX_LUNS = [
+    {"id": 0, "path": "odx-a.img", "size": f"{COPY_MB}MiB", "thin": True},       # the source
+    {"id": 1, "path": "odx-b.img", "size": f"{2 * COPY_MB}MiB", "thin": True},   # destinations
+]
+
+
+@pytest.fixture
+def odx_target(tmp_path: Path) -> Iterator[LiveTarget]:
+    yield from _target(tmp_path, ODX_LUNS)
+
+
+def test_odx_token_copy(odx_target: LiveTarget, tmp_path: Path) -> None:
+    """ODX: POPULATE TOKEN of 256 MiB of random data on one LUN, WRITE USING TOKEN into the
+    other, RECEIVE ROD TOKEN INFORMATION after each; the destination reads back equal, the
+    deleted token is refused (TOKEN DELETED) and the block device zero ROD token writes zeros.
+    The guest's ddpt --odx is tried too; ddpt 0.97's misplaced range descriptors (see odx.sh)
+    must be rejected with LOGICAL BLOCK ADDRESS OUT OF RANGE."""
+    run = run_guest(odx_target, "odx.sh", tmp_path / "guest-out", timeout=360,
+                    env={"ODX_MB": str(COPY_MB), "ODX_ZERO_MB": "64"})
+    _assert_passed(run, odx_target)
+
+
+# -------------------------------------------------------------------------------- pr.sh
+PR_LUNS = [{"id": 0, "path": "pr.img", "size": "64MiB"}]
+
+
+@pytest.fixture
+def pr_target(tmp_path: Path) -> Iterator[LiveTarget]:
+    yield from _target(tmp_path, PR_LUNS)
+
+
+def test_persistent_reservations(pr_target: LiveTarget, tmp_path: Path) -> None:
+    """sg_persist over three I_T nexuses (three open-iscsi ifaces, three initiator names):
+    register, Write Exclusive - Registrants Only, writes allowed to the holder and a registrant
+    and refused (RESERVATION CONFLICT) to an unregistered nexus that may still read, preempt with
+    REGISTRATIONS PREEMPTED to the preempted nexus, clear; keys, PRGENERATION and the reservation
+    checked after every step."""
+    run = run_guest(pr_target, "pr.sh", tmp_path / "guest-out", timeout=240)
+    _assert_passed(run, pr_target)

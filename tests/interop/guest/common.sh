@@ -1,4 +1,5 @@
-# common.sh - helpers shared by pytarget's guest scripts (fs.sh, unmap.sh, caw.sh).
+# common.sh - helpers shared by pytarget's guest scripts (fs.sh, unmap.sh, caw.sh, xcopy.sh,
+# odx.sh, pr.sh).
 # Sourced after the harness's lib.sh; passed into the guest with
 #   linux-initiator run -f tests/interop/guest/common.sh ... SCRIPT
 # and found there as "$FILES_DIR/common.sh".
@@ -104,4 +105,97 @@ be() {
   local i v=0
   for ((i = $2; i < $2 + $3; i++)); do v=$((v * 256 + ${b[i]:-0})); done
   echo "$v"
+}
+
+# ---------------------------------------------------------------- large data ranges (xcopy, odx)
+# Ranges of many MiB move as RANGE_PARTS (default 4) equal parts, each its own O_DIRECT dd
+# stream of 1 MiB requests, all in parallel: under TCG one stream is latency-bound (about
+# 10 MiB/s either way), four together move about three times as much.  Offsets and lengths are
+# in MiB; lengths must be multiples of RANGE_PARTS.
+RANGE_PARTS=${RANGE_PARTS:-4}
+
+# secs_since T0: seconds of guest uptime since T0 (a `t` value), one decimal.
+secs_since() { awk -v a="$1" -v b="$(t)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# make_source FILE MIB: MIB MiB of random data in FILE (the guest's /tmp is RAM); its sha256
+# is computed in the background (source_sha256 FILE waits for it and prints it).
+make_source() {
+  rm -f "$1.sha256"
+  head -c "$2"M /dev/urandom >"$1" || { fail "cannot create $2 MiB of random data in $1"; return 1; }
+  (sha256sum "$1" | cut -d' ' -f1 >"$1.sha256.tmp" && mv "$1.sha256.tmp" "$1.sha256") &
+}
+source_sha256() {
+  local end=$((SECONDS + 120))
+  while [[ ! -s $1.sha256 ]] && ((SECONDS < end)); do sleep 0.2; done
+  cat "$1.sha256" 2>/dev/null || echo "(sha256 of $1 not available)"
+}
+
+# expect_copy WHAT DEV OFFSET_MIB MIB SRC_DEV [SRC_OFFSET_MIB]: expect_range against
+# /tmp/src.bin (the source data, written to SRC_DEV at 0) at SRC_OFFSET_MIB (default 0); after
+# the first mismatch of a run the source range on SRC_DEV is read back too, to tell a bad copy
+# from source data that never arrived.
+expect_copy() {
+  expect_range "$1" "$2" "$3" "$4" /tmp/src.bin "${6:-0}" && return 0
+  if [[ -z ${SOURCE_RECHECKED:-} ]]; then
+    SOURCE_RECHECKED=1
+    expect_range "diagnosis: the source on $5" "$5" "${6:-0}" "$4" /tmp/src.bin "${6:-0}" \
+      && echo "diagnosis: the source reads back intact, so the copy is wrong"
+  fi
+  return 1
+}
+
+# write_range REF DEV OFFSET_MIB MIB: write the first MIB MiB of REF to DEV at OFFSET_MIB MiB
+# (parallel O_DIRECT streams), then flush the device.
+write_range() {
+  local ref=$1 dev=$2 off=$3 mib=$4 per i rc=0 t0
+  per=$((mib / RANGE_PARTS))
+  t0=$(t)
+  echo "\$ dd if=$ref of=$dev bs=1M seek=$off count=$mib oflag=direct   # as $RANGE_PARTS parallel streams"
+  for ((i = 0; i < RANGE_PARTS; i++)); do
+    dd if="$ref" of="$dev" bs=1M skip=$((i * per)) seek=$((off + i * per)) count="$per" \
+       oflag=direct conv=notrunc status=none &
+  done
+  for ((i = 0; i < RANGE_PARTS; i++)); do wait -n || rc=$?; done
+  blockdev --flushbufs "$dev" 2>/dev/null
+  ((rc == 0)) || { fail "writing $mib MiB at $off MiB of $dev (dd exit status $rc)"; return 1; }
+  echo "wrote $mib MiB at $off MiB of $dev in $(secs_since "$t0")s"
+}
+
+# expect_range WHAT DEV OFFSET_MIB MIB REF [REF_OFFSET_MIB]: the MIB MiB at OFFSET_MIB MiB of
+# DEV, read back with O_DIRECT (no page cache), must equal the MIB MiB at REF_OFFSET_MIB
+# (default 0) of REF (a file, or /dev/zero for zeros); compared with cmp, part by part in
+# parallel.  A mismatch names the first differing byte of every bad part as an offset into DEV.
+expect_range() {
+  local what=$1 dev=$2 off=$3 mib=$4 ref=$5 roff=${6:-0} per i t0 dir bad=() out base
+  per=$((mib / RANGE_PARTS))
+  dir=$(mktemp -d)
+  t0=$(t)
+  for ((i = 0; i < RANGE_PARTS; i++)); do
+    (
+      rc=0
+      cmp <(dd if="$ref" bs=1M skip=$((roff + i * per)) count="$per" status=none) \
+          <(dd if="$dev" bs=1M skip=$((off + i * per)) count="$per" iflag=direct status=none) \
+          >"$dir/$i" 2>&1 || rc=$?
+      echo "$rc" >"$dir/$i.rc"
+    ) &
+  done
+  wait
+  for ((i = 0; i < RANGE_PARTS; i++)); do
+    [[ $(cat "$dir/$i.rc") == 0 ]] && continue
+    base=$(((off + i * per) * 1048576))
+    out=$(awk -v base="$base" '/differ/ { sub(",", "", $5); b = base + $5 - 1;
+            printf "first difference at byte %d (%.4f MiB)", b, b / 1048576; next }
+          /EOF/ { printf "short read (EOF) in the part at %d MiB", base / 1048576; next }
+          { printf "%s ", $0 }' "$dir/$i")
+    bad+=("part $i: ${out:-cmp failed}")
+  done
+  rm -rf "$dir"
+  if ((${#bad[@]} == 0)); then
+    echo "$what: $mib MiB at $off MiB of $dev equal those at $roff MiB of $ref" \
+         "(read in $(secs_since "$t0")s)"
+    return 0
+  fi
+  fail "$what: $mib MiB at $off MiB of $dev differ from $ref (at $roff MiB) in ${#bad[@]} of $RANGE_PARTS" \
+       "parts of $per MiB: $(printf '%s; ' "${bad[@]}")"
+  return 1
 }

@@ -16,6 +16,8 @@ from pytarget.initiator.protocol import CommandComplete, InitiatorConnection, Lo
 from pytarget.iscsi import connection as C
 from pytarget.iscsi import digest as dg
 from pytarget.iscsi import pdu
+from pytarget.iscsi.bounds import MemoryBudget
+from pytarget.iscsi.errors import LoginError
 from pytarget.iscsi.connection import Connection
 from pytarget.iscsi.params import TargetLimits
 from pytarget.iscsi.pdu import Bhs, TmfFunction, TmfResponse
@@ -84,7 +86,11 @@ class FakeDevice:
             elif isinstance(ev, C.TaskManagement):
                 self.task_management(ev)
             elif isinstance(ev, C.LoginReady):
-                session, replaced = self.registry.bind_session(ev.result, self.conn)
+                try:
+                    session, replaced = self.registry.bind_session(ev.result, self.conn)
+                except LoginError as exc:
+                    self.conn.fail_login(ev.response, exc.status)
+                    continue
                 self.replaced += replaced
                 self.conn.complete_login(session, ev.response)
                 session.connections.append(self.conn)
@@ -181,13 +187,17 @@ class Pair:
                  now: float = 0.0, login_timeout: float = 30.0, nop_interval: float = 0.0,
                  nop_timeout: float = 30.0, registry: TargetRegistry | None = None,
                  target_name: str | None = TARGET, split: Chunker = whole,
-                 rsplit: Chunker = whole, **ini_kwargs: Any) -> None:
+                 rsplit: Chunker = whole, pdu_timeout: float = 0.0,
+                 auth_failure_delay: float = 0.0, budget: MemoryBudget | None = None,
+                 **ini_kwargs: Any) -> None:
         self.limits = limits or TargetLimits()
         self.registry = registry or make_registry(self.limits, window)
         self.now = now
         self.conn = Connection(self.registry, self.limits, ("127.0.0.1", 3260),
                                ("127.0.0.1", 50000), now, login_timeout=login_timeout,
-                               nop_interval=nop_interval, nop_timeout=nop_timeout, window=window)
+                               nop_interval=nop_interval, nop_timeout=nop_timeout, window=window,
+                               pdu_timeout=pdu_timeout, auth_failure_delay=auth_failure_delay,
+                               budget=budget)
         self.device = FakeDevice(self.conn, self.registry)
         self.received: list[tuple[Bhs, bytes]] = []
         ini_kwargs.setdefault("trace", lambda bhs, data: self.received.append((bhs, data)))

@@ -1,0 +1,373 @@
+"""Live reconfiguration: the difference between the running configuration and a new one, checked
+whole before anything changes, then applied without touching what did not change.
+
+A `Reload` goes through three steps:
+
+1. check: compare the two configurations target by target and LUN by LUN and refuse what
+   cannot be applied (a LUN that would shrink, growing a read-only LUN or a block device, two
+   LUNs sharing a reservations file). Nothing has changed yet.
+2. prepare: everything that can fail, undone if anything fails: create the backing files of new
+   LUNs, open every new or replaced LUN, bind new portals and a moved metrics endpoint, then
+   grow backing files (shrunk back on failure; no initiator has seen the new blocks yet).
+3. commit: swap the new objects in. Sessions stay logged in unless their target was removed.
+   Initiators learn about changes through unit attentions: REPORTED LUNS DATA HAS CHANGED
+   (3Fh/0Eh) on every LUN a session sees whenever the set of LUNs it sees changes (LUNs added or
+   removed, ACL edits); CAPACITY DATA HAS CHANGED (2Ah/09h) on a grown LUN; INQUIRY DATA HAS
+   CHANGED (3Fh/03h) and CAPACITY DATA HAS CHANGED on a LUN replaced by another backing file or
+   other settings, and INQUIRY DATA HAS CHANGED everywhere when VPD 85h's addresses change.
+   Removed LUNs are retired in the background: their commands in flight complete first.
+
+Target settings other than LUNs (alias, access list, CHAP, session limits) and registry-wide
+settings (discovery CHAP, the session limit) are copied from targets built afresh from the new
+configuration, so they apply to the next login; sessions already logged in stay. `limits`
+apply to new connections (memory budgets at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import Counter
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .backstore.file import FileBackstore
+from .config import Config, LunConfig, TargetConfig
+from .iscsi.target import TargetNode
+from .scsi.pr import PrStateError
+from .scsi.sense import Asc
+from .status import size_text
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
+    from .scsi.device import LogicalUnit
+    from .server import Server
+    from .transport import Listener
+
+# Registry attributes that are live state, not settings: a reload never replaces them.
+_REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "ledger"})
+_NODE_STATE = frozenset({"name", "luns"})
+# A change to any of these replaces the LUN with a new logical unit.
+_IDENTITY = ("path", "block_size", "readonly", "thin", "removable", "serial")
+
+
+class ReloadRefused(Exception):
+    """The new configuration cannot be applied; nothing was changed."""
+
+
+def _identity(lc: LunConfig) -> tuple[Any, ...]:
+    return tuple(lc.path.resolve() if f == "path" else getattr(lc, f) for f in _IDENTITY)
+
+
+def _file_size(backstore: FileBackstore) -> int:
+    st = os.fstat(backstore.fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    return os.lseek(backstore.fd, 0, os.SEEK_END)
+
+
+@dataclasses.dataclass
+class _LunChange:
+    kind: str  # "add", "remove", "replace", "resize"
+    node: TargetNode
+    tc: TargetConfig | None
+    lun: int
+    lc: LunConfig | None = None  # the new configuration (add, replace)
+    live: LogicalUnit | None = None  # the running logical unit (remove, replace, resize)
+    new: LogicalUnit | None = None  # the prepared one (add, replace)
+    grow_to: int | None = None  # resize: the backing file's new size, when it must grow
+    why: str = ""
+
+
+class Reload:
+    """One new configuration being applied to a running `Server` (see the module docstring)."""
+
+    def __init__(self, server: Server, new: Config) -> None:
+        self.server = server
+        self.old = server.config
+        self.new = new
+        self.changes: list[str] = []
+        self.lun_changes: list[_LunChange] = []
+        self.added_targets: list[tuple[TargetConfig, TargetNode]] = []
+        self.removed_targets: list[TargetNode] = []
+        self.kept: list[tuple[TargetNode, TargetConfig]] = []
+        self.added_portals: list[tuple[str, int]] = []
+        self.removed_portals: list[tuple[str, int]] = []
+        # What prepare() did, for rollback.
+        self._created: list[Path] = []
+        self._opened: list[LogicalUnit] = []
+        self._grown: list[tuple[FileBackstore, int]] = []
+        self._listeners: list[tuple[tuple[str, int], Listener]] = []
+        self._metrics: MetricsServer | None = None
+
+    async def apply(self) -> list[str]:
+        try:
+            self.check()
+            await self.prepare()
+        except BaseException as exc:
+            await self.rollback()
+            if isinstance(exc, OSError):
+                where = f"{exc.filename}: " if exc.filename else ""
+                raise ReloadRefused(f"{where}{exc.strerror or exc}") from None
+            raise
+        await self.commit()
+        return self.changes
+
+    # ------------------------------------------------------------------ 1. check
+    def check(self) -> None:
+        from .server import build_node, check_pr_paths
+
+        try:
+            check_pr_paths(self.new)
+        except PrStateError as exc:
+            raise ReloadRefused(f"{exc.filename}: {exc.strerror}") from None
+        live = self.server.registry.targets
+        old_targets = {t.name.lower(): t for t in self.old.targets}
+        new_targets = {t.name.lower(): t for t in self.new.targets}
+        for key, tc in new_targets.items():
+            node = live.get(key)
+            if key not in old_targets or node is None:
+                self.added_targets.append((tc, build_node(tc)))
+            else:
+                self.kept.append((node, tc))
+                self._check_luns(node, old_targets[key], tc)
+        self.removed_targets = [live[k] for k in old_targets if k not in new_targets and k in live]
+        if not self.server.fixed_portals:  # as multisets: "127.0.0.1:0" twice is two portals
+            new, old = Counter(self.new.portals), Counter(self.old.portals)
+            self.added_portals = list((new - old).elements())
+            self.removed_portals = list((old - new).elements())
+
+    def _check_luns(self, node: TargetNode, old: TargetConfig, new: TargetConfig) -> None:
+        olds = {lc.id: lc for lc in old.luns}
+        news = {lc.id: lc for lc in new.luns}
+        for lun, lu in sorted(node.luns.items()):
+            if lun not in news:
+                self.lun_changes.append(_LunChange("remove", node, new, lun, live=lu))
+        for lun, lc in sorted(news.items()):
+            running = node.luns.get(lun)
+            before = olds.get(lun)
+            if running is None or before is None:
+                self.lun_changes.append(_LunChange("add", node, new, lun, lc))
+            elif _identity(before) != _identity(lc):
+                why = ", ".join(f for f, a, b in zip(_IDENTITY, _identity(before), _identity(lc))
+                                if a != b)
+                self.lun_changes.append(_LunChange("replace", node, new, lun, lc, running,
+                                                   why=why))
+            else:
+                self._check_size(node, new, lun, before, lc, running)
+
+    def _check_size(self, node: TargetNode, tc: TargetConfig, lun: int, before: LunConfig,
+                    lc: LunConfig, lu: LogicalUnit) -> None:
+        """Grow the file only when the configured size changed and is larger (a size that did
+        not change is never acted on, as at start); a file grown by other means is picked up."""
+        assert lu.backstore is not None
+        current = _file_size(lu.backstore)
+        grow_to = None
+        if lc.size is not None and lc.size != before.size and lc.size != current:
+            where = f"{self.new.file}: target {tc.name} LUN {lun}: size"
+            if lc.size < current:
+                raise ReloadRefused(f"{where}: {size_text(lc.size)} is smaller than {lc.path} "
+                                    f"({size_text(current)}); LUNs never shrink")
+            if lu.readonly:
+                raise ReloadRefused(f"{where}: a read-only LUN cannot be grown")
+            if not lc.path.is_file():
+                raise ReloadRefused(f"{where}: {lc.path} is not a regular file; grow the "
+                                    "device itself, then reload")
+            grow_to = lc.size
+        if (grow_to or current) // lu.block_size != lu.nblocks:
+            self.lun_changes.append(_LunChange("resize", node, tc, lun, lc, lu, grow_to=grow_to))
+
+    # ------------------------------------------------------------------ 2. prepare
+    async def prepare(self) -> None:
+        from .server import build_lu
+        from .transport import Listener
+
+        for change in self.lun_changes:
+            if change.kind in ("add", "replace"):
+                assert change.tc is not None and change.lc is not None
+                self._create(change.lc)
+                change.new = build_lu(self.new, change.tc, change.lc, change.node)
+                self._opened.append(change.new)
+        for tc, node in self.added_targets:
+            for lc in tc.luns:
+                self._create(lc)
+                lu = build_lu(self.new, tc, lc, node)
+                self._opened.append(lu)
+                node.luns[lc.id] = lu
+        for host, port in self.added_portals:
+            self._listeners.append(((host, port), Listener(self.server, host, port)))
+        if self.new.metrics != self.old.metrics and self.new.metrics is not None:
+            self._metrics = await self.server._start_metrics(self.new.metrics)
+        for change in self.lun_changes:
+            if change.grow_to is not None:
+                assert change.live is not None and change.live.backstore is not None
+                backstore = change.live.backstore
+                before = _file_size(backstore)
+                os.ftruncate(backstore.fd, change.grow_to)
+                self._grown.append((backstore, before))
+
+    def _create(self, lc: LunConfig) -> None:
+        if lc.path.exists():
+            return
+        assert lc.size is not None  # load() refuses a missing file without a size
+        lc.path.parent.mkdir(parents=True, exist_ok=True)
+        FileBackstore.create(str(lc.path), lc.size)
+        self._created.append(lc.path)
+
+    async def rollback(self) -> None:
+        for lu in self._opened:
+            lu.close()
+        for path in self._created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for backstore, size in self._grown:
+            with contextlib.suppress(OSError):
+                os.ftruncate(backstore.fd, size)
+        for _, listener in self._listeners:
+            listener.close()
+        if self._metrics is not None:
+            await self._metrics.close()
+
+    # ------------------------------------------------------------------ 3. commit
+    async def commit(self) -> None:
+        from .server import build_registry
+
+        server = self.server
+        registry = server.registry
+        kept_nodes = {id(node) for node, _ in self.kept}
+        sessions = [s for s in registry.sessions.values()
+                    if s.target is not None and id(s.target) in kept_nodes and s.nexus]
+        seen_before = {id(s): set(s.target.visible_luns(s.nexus))  # type: ignore[union-attr,arg-type]
+                       for s in sessions}
+
+        shadow = build_registry(self.new, luns=False)
+        for node, tc in self.kept:
+            fresh = shadow.target(tc.name)
+            assert fresh is not None
+            for name in self._copy_settings(fresh, node, _NODE_STATE):
+                self.changes.append(f"target {node.name}: {name} changed (applies to new "
+                                    "logins; sessions stay logged in)")
+        for name in self._copy_settings(shadow, registry, _REGISTRY_STATE):
+            self.changes.append(f"{name} changed (applies to new logins)")
+        if self.new.limits != self.old.limits:
+            limits = self.new.limits
+            server.budget.total = limits.data_out_memory
+            server.budget.per_holder = limits.session_data_out_memory
+            server.connection_options.update(
+                (k, v) for k, v in limits.connection_options().items()
+                if k not in server.explicit_options)
+            self.changes.append("limits changed (timeouts apply to new connections)")
+
+        replaced: list[LogicalUnit] = []
+        for change in self.lun_changes:
+            self._commit_lun(change, replaced)
+        for tc, node in self.added_targets:
+            registry.add_target(node)
+            for lu in node.luns.values():
+                server.copy_manager.attach(lu)
+            self.changes.append(f"target {node.name} added with {len(node.luns)} LUN(s)")
+        for node in self.removed_targets:
+            registry.targets.pop(node.name.lower(), None)
+            ended = [s for s in list(registry.sessions.values()) if s.target is node]
+            for session in ended:
+                await server.end_session(session, "target removed from the configuration")
+            for lu in node.luns.values():
+                server.retire(lu)
+            self.changes.append(f"target {node.name} removed ({len(ended)} session(s) ended)")
+
+        for session in sessions:
+            target, nexus = session.target, session.nexus
+            assert target is not None and nexus is not None
+            session.lun_cache.clear()  # the transport's LUN -> logical unit lookups
+            after = set(target.visible_luns(nexus))
+            if after != seen_before[id(session)]:
+                for lun in after:
+                    target.luns[lun].establish_ua(Asc.REPORTED_LUNS_DATA_HAS_CHANGED,
+                                                  keys=[nexus.key])
+            for lu in replaced:
+                if lu.directory is target and lu.lun in after:
+                    lu.establish_ua(Asc.INQUIRY_DATA_HAS_CHANGED, keys=[nexus.key])
+                    lu.establish_ua(Asc.CAPACITY_DATA_HAS_CHANGED, keys=[nexus.key])
+
+        for portal in self.removed_portals:
+            entry = next(e for e in server.listeners if e[0] == portal)
+            server.listeners.remove(entry)
+            entry[1].close()
+            self.changes.append("portal %s:%d removed (its connections stay)" % entry[1].address)
+        for entry in self._listeners:
+            server.listeners.append(entry)
+            self.changes.append("portal %s:%d added" % entry[1].address)
+        server._announce_portals()
+        if self.server.fixed_portals and self.new.portals != self.old.portals:
+            self.changes.append("portals are given on the command line: the configuration's "
+                                "portals are not applied")
+
+        if self.new.metrics != self.old.metrics:
+            old_metrics, server.metrics = server.metrics, self._metrics
+            if old_metrics is not None:
+                await old_metrics.close()
+            self.changes.append(f"metrics endpoint now {self._metrics.url}" if self._metrics
+                                else "metrics endpoint closed")
+        addresses = list(server.copy_manager.management_addresses)
+        server.update_management_addresses(self.new)
+        if addresses != server.copy_manager.management_addresses:
+            for node in registry.targets.values():
+                for lu in node.luns.values():
+                    lu.establish_ua(Asc.INQUIRY_DATA_HAS_CHANGED)
+            self.changes.append("management network addresses (VPD 85h) changed")
+        if (self.new.control_socket, self.new.control_group) != (self.old.control_socket,
+                                                                 self.old.control_group):
+            self.changes.append("control_socket/control_group: take effect at the next start")
+        server.config = self.new
+
+    def _commit_lun(self, change: _LunChange, replaced: list[LogicalUnit]) -> None:
+        server = self.server
+        node, lun = change.node, change.lun
+        name = f"target {node.name} LUN {lun}"
+        if change.kind == "remove":
+            node.luns.pop(lun, None)
+            assert change.live is not None
+            server.retire(change.live)
+            self.changes.append(f"{name} removed")
+        elif change.kind in ("add", "replace"):
+            assert change.new is not None and change.lc is not None
+            node.luns[lun] = change.new
+            server.copy_manager.attach(change.new)
+            size = size_text(change.new.nblocks * change.new.block_size)
+            if change.kind == "add":
+                self.changes.append(f"{name} added: {change.lc.path} ({size})")
+            else:
+                assert change.live is not None
+                server.retire(change.live)
+                replaced.append(change.new)
+                self.changes.append(f"{name} replaced ({change.why} changed): "
+                                    f"{change.lc.path} ({size})")
+        else:
+            lu = change.live
+            assert lu is not None and lu.backstore is not None
+            before = lu.nblocks * lu.block_size
+            lu.backstore.size = _file_size(lu.backstore)
+            lu.nblocks = lu.backstore.size // lu.block_size
+            lu.establish_ua(Asc.CAPACITY_DATA_HAS_CHANGED)
+            how = "grown" if change.grow_to is not None else "resized (the backing file changed)"
+            self.changes.append(f"{name} {how} from {size_text(before)} to "
+                                f"{size_text(lu.nblocks * lu.block_size)}")
+
+    @staticmethod
+    def _copy_settings(fresh: Any, live: Any, state: frozenset[str]) -> list[str]:
+        """Copy every setting of `fresh` that differs onto `live`; the names that changed."""
+        if dataclasses.is_dataclass(fresh):
+            names = [f.name for f in dataclasses.fields(fresh)]
+        else:
+            names = list(vars(fresh))
+        changed = []
+        for name in names:
+            if name in state or callable(getattr(fresh, name)):
+                continue
+            value = getattr(fresh, name)
+            if getattr(live, name, None) != value:
+                setattr(live, name, value)
+                changed.append(name)
+        return changed
