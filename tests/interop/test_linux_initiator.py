@@ -4,7 +4,9 @@ Each test starts its own target on an ephemeral loopback port with fresh sparse 
 in tmp_path, boots the linux-initiator guest (tests/interop/run.py) with one script from
 tests/interop/guest/ and asserts on the script's exit status; a failure message carries the
 script's stdout tail, the guest kernel log tail and the target log tail.  All outputs stay in
-tmp_path/guest-out.  Under TCG emulation the three tests take about three minutes together.
+tmp_path/guest-out.  Under TCG emulation the fs, unmap and caw tests take about three minutes
+together; the copy-offload and reservation tests (xcopy.sh, odx.sh, pr.sh) about four more:
+they move 256 MiB of random data through the emulated guest, which is what costs the time.
 
 Skipped when ../shared/interop/linux-initiator is missing or cannot run here.
 """
