@@ -36,13 +36,16 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     if not count:
         return
     fua = len(cdb) > 6 and bool(cdb[1] & 0x08)
-    buf = bytearray(count * lu.block_size)
+    nbytes = count * lu.block_size
+    # Only what the initiator will take is read; the rest is reported as an overflow residual.
+    buf = bytearray(min(nbytes, task.expected_in))
     view = memoryview(buf)
     async with lu.ranges.shared(lba, count):
         if fua and lu.mode.write_cache:
             await lu.flush()  # FUA: the data comes from the medium, not a newer cached copy
-        await lu.read_blocks(view, lba, task.prepare_data_in)
-    task.set_data_in(buf)
+        if buf:
+            await lu.read_blocks(view, lba, task.prepare_data_in)
+    task.set_data_in(buf, nbytes)
 
 
 async def receive_blocks(lu: LogicalUnit, task: ScsiTask, count: int) -> memoryview:
