@@ -81,6 +81,9 @@ class TokenStore:
         self.purge()
         if len(self.tokens) >= limits.MAX_ROD_TOKENS:
             raise S.insufficient_resources()
+        mine = sum(1 for t in self.tokens.values() if t.creator == nexus.key)
+        if mine >= limits.MAX_ROD_TOKENS_PER_NEXUS:
+            raise S.insufficient_resources()  # one initiator cannot take every token slot
         ident = secrets.token_bytes(8)
         while ident in self.tokens or ident in self.tombstones:
             ident = secrets.token_bytes(8)

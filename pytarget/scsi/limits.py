@@ -53,3 +53,4 @@ MAX_TOKEN_LIFETIME = 3600  # a token also dies this long after creation, however
 MAX_TOKEN_TRANSFER_BYTES = 4 << 30  # bytes one token may represent
 OPTIMAL_TOKEN_TRANSFER_BYTES = 256 << 20
 MAX_ROD_TOKENS = 4096  # live tokens per copy manager
+MAX_ROD_TOKENS_PER_NEXUS = 256  # of which one I_T nexus may hold
