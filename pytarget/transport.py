@@ -15,6 +15,7 @@ import logging
 import socket
 from collections import deque
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from .iscsi import connection as C
@@ -85,6 +86,10 @@ class ConnectionDriver:
             self._process()
             if self.closed or not self.reading or self.paused or n < len(buf):
                 break
+        # Everything this batch of PDUs produced is queued: send it now rather than one loop
+        # iteration later (the latency of a lone command).
+        if self.pending and not self.writing and not self.closed:
+            self._write_some()
 
     def _send(self) -> None:
         """Queue the connection's output; it is written once per event-loop iteration.
@@ -94,7 +99,7 @@ class ConnectionDriver:
         """
         out = self.conn.data_to_send()
         if out:
-            self.pending.extend(memoryview(b) if not isinstance(b, memoryview) else b for b in out)
+            self.pending.extend(out)
             if self.writing and not self.paused:
                 self._check_backlog()
         if not self.writing and not self.flush_scheduled:
@@ -109,7 +114,8 @@ class ConnectionDriver:
     def _write_some(self) -> None:
         pending = self.pending
         while pending:
-            parts = [pending[i] for i in range(min(len(pending), MAX_SEND_PARTS))]
+            parts = list(pending) if len(pending) <= MAX_SEND_PARTS else \
+                list(islice(pending, MAX_SEND_PARTS))
             try:
                 sent = self.sock.sendmsg(parts)
             except (BlockingIOError, InterruptedError):
@@ -126,7 +132,7 @@ class ConnectionDriver:
                     sent -= len(head)
                     pending.popleft()
                 else:
-                    pending[0] = head[sent:]
+                    pending[0] = memoryview(head)[sent:]
                     sent = 0
         if pending and not self.writing:
             self.writing = True

@@ -848,6 +848,8 @@ class Connection:
         assert session is not None
         seg_max = self.params.initiator_max_recv_data_segment_length
         burst = session.params.max_burst_length
+        if length <= seg_max and length <= burst:
+            return [length]
         sizes = []
         offset = in_burst = 0
         while offset < length:

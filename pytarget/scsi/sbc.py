@@ -39,12 +39,15 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     nbytes = count * lu.block_size
     # Only what the initiator will take is read; the rest is reported as an overflow residual.
     buf = bytearray(min(nbytes, task.expected_in))
-    view = memoryview(buf)
-    async with lu.ranges.shared(lba, count):
+    ranges = lu.ranges
+    lock = ranges.try_acquire(lba, count, False) or await ranges.acquire(lba, count, False)
+    try:
         if fua and lu.mode.write_cache:
             await lu.flush()  # FUA: the data comes from the medium, not a newer cached copy
         if buf:
-            await lu.read_blocks(view, lba, task.prepare_data_in)
+            await lu.read_blocks(memoryview(buf), lba, task.prepare_data_in)
+    finally:
+        ranges.release(lock)
     task.set_data_in(buf, nbytes)
 
 
@@ -70,8 +73,12 @@ async def write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     data = await receive_blocks(lu, task, count)
     if not data:
         return
-    async with lu.ranges.exclusive(lba, count):
+    ranges = lu.ranges
+    lock = ranges.try_acquire(lba, count, True) or await ranges.acquire(lba, count, True)
+    try:
         await lu.write_blocks(data, lba, fua)
+    finally:
+        ranges.release(lock)
 
 
 def first_difference(a: memoryview | bytes, b: memoryview | bytes) -> int | None:
