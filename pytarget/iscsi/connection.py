@@ -487,8 +487,12 @@ class Connection:
                                               bhs.referenced_task_tag, bhs.ref_cmd_sn,
                                               bhs.cmd_sn))
         elif op == Op.LOGOUT_REQ:
-            self.events.append(LogoutRequested(bhs.itt, bhs.flags & 0x7F, bhs.cid))
-            self.state = State.LOGGED_OUT
+            reason = bhs.flags & 0x7F
+            self.events.append(LogoutRequested(bhs.itt, reason, bhs.cid))
+            if reason in (0, 1):
+                # closing: later PDUs are ignored; "remove for recovery" is refused and the
+                # connection carries on (ErrorRecoveryLevel 0, RFC 7143 11.15.1)
+                self.state = State.LOGGED_OUT
 
     def _accept_cmd_sn(self, bhs: Bhs) -> bool:
         """Window check (RFC 7143 4.2.2.1): out-of-window commands are silently dropped."""

@@ -212,8 +212,10 @@ class LoginMachine:
             answers = self.auth.step(security) + answers
         if not self.tpgt_sent and self.negotiator.session.session_type == "Normal":
             self.tpgt_sent = True
-            answers.append(("TargetPortalGroupTag", str(self.policy.portal_group_tag())))
-            if self.target_alias:
+            answered = {name for name, _ in answers}
+            if "TargetPortalGroupTag" not in answered:
+                answers.append(("TargetPortalGroupTag", str(self.policy.portal_group_tag())))
+            if self.target_alias and "TargetAlias" not in answered:
                 answers.append(("TargetAlias", self.target_alias))
         return answers
 

@@ -423,3 +423,17 @@ def test_completions_are_commands_in_any_order() -> None:
         p.device.finish(itt)
     p.pump()
     assert [e.itt for e in p.events if isinstance(e, CommandComplete)] == held[::-1]
+
+
+def test_logout_for_recovery_is_refused_and_the_connection_carries_on() -> None:
+    """ErrorRecoveryLevel 0 has no connection recovery: the target answers the Logout and
+    keeps serving the connection (RFC 7143 11.15.1)."""
+    from pytarget.iscsi import connection as C
+
+    pair = Pair()
+    pair.device.answer_logout = False
+    pair.login()
+    pair.ini.send_logout(pdu.LogoutReason.REMOVE_FOR_RECOVERY)
+    pair.pump()
+    assert pair.conn.state == C.State.FULL_FEATURE
+    assert pair.command(0, read10(0, 1), read_length=512).status == 0
