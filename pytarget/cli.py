@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import sys
@@ -134,8 +135,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
+def tune_allocator() -> None:
+    """Keep large buffers in glibc's heap instead of fresh mmap()s.
+
+    Every 64 KiB-1 MiB Data-In/Data-Out buffer would otherwise be a new mapping whose pages
+    fault in and are zeroed by the kernel, then unmapped when freed: measured here, 1 MiB
+    reads cost half the CPU with this (docs/performance.md).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(args: argparse.Namespace) -> int:
     from .server import Server
+
+    tune_allocator()
 
     try:
         config = load(args.config)

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..backstore.buffers import data_buffer
 from . import digest as dg
 from . import pdu, text
 from ..scsi.limits import MAX_TRANSFER_BYTES
@@ -552,7 +553,7 @@ class Connection:
                     self._refuse(task, bhs)
                     return
                 task.reserved = size
-            task.buffer = bytearray(size)
+            task.buffer = data_buffer(size)
             # F=1: no unsolicited Data-Out follows the command (RFC 7143 11.3.1).
             if session.params.initial_r2t or flags & pdu.F_FINAL:
                 task.unsolicited_end = min(dsl, edtl)
@@ -563,7 +564,7 @@ class Connection:
             task.next_r2t_offset = task.unsolicited_end
             if dsl:
                 if task.buffer is not None:
-                    task.buffer[0:dsl] = data
+                    memoryview(task.buffer)[0:dsl] = data
                 task.received = task.unsolicited_received = dsl
         elif read and edtl and self.budget is not None:
             # the Data-In buffer the device server will fill counts against the budget too
@@ -655,7 +656,7 @@ class Connection:
             return
         dsl = bhs.data_segment_length
         assert task.buffer is not None
-        task.buffer[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
+        memoryview(task.buffer)[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
         self._data_out_landed(bhs, task, dsl)
 
     def _data_out_landed(self, bhs: Bhs, task: IscsiTask, dsl: int) -> None:

@@ -59,7 +59,7 @@ class IscsiTask:
         self.cdb = cdb
         self.attr = attr
         self.scsi: ScsiTask | None = None
-        self.buffer: bytearray | None = None
+        self.buffer: bytearray | Any | None = None  # bytearray or uninitialised numpy array
         self.received = 0
         self.unsolicited_end = 0
         self.unsolicited_received = 0

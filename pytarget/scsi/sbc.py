@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..backstore.buffers import data_buffer
 from . import limits
 from . import sense as S
 from .cdb import be16, be32, be64, lba_and_length
@@ -38,13 +39,13 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     fua = len(cdb) > 6 and bool(cdb[1] & 0x08)
     nbytes = count * lu.block_size
     # Only what the initiator will take is read; the rest is reported as an overflow residual.
-    buf = bytearray(min(nbytes, task.expected_in))
+    buf = data_buffer(min(nbytes, task.expected_in))
     ranges = lu.ranges
     lock = ranges.try_acquire(lba, count, False) or await ranges.acquire(lba, count, False)
     try:
         if fua and lu.mode.write_cache:
             await lu.flush()  # FUA: the data comes from the medium, not a newer cached copy
-        if buf:
+        if len(buf):
             await lu.read_blocks(memoryview(buf), lba, task.prepare_data_in)
     finally:
         ranges.release(lock)

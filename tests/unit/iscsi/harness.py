@@ -135,7 +135,7 @@ class FakeDevice:
             return
         lba, blocks = struct.unpack_from(">IxH", bytes(task.cdb), 2)
         assert task.buffer is not None
-        self.disk[lba * BLOCK:(lba + blocks) * BLOCK] = task.buffer[:blocks * BLOCK]
+        self.disk[lba * BLOCK:(lba + blocks) * BLOCK] = memoryview(task.buffer)[:blocks * BLOCK]
         self.conn.send_scsi_result(task, 0, None, None, 0, blocks * BLOCK)
 
     def finish(self, itt: int) -> None:
