@@ -161,7 +161,7 @@ def test_compare_and_write(caw_target: LiveTarget, tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------------- xcopy.sh
 COPY_MB = 256        # random data per copy test: written once, read back after the big copies
-XCOPY_SMALL_MB = 64  # the in-LUN and ddpt copies (each destination read back costs time)
+XCOPY_SMALL_MB = 256  # the in-LUN and ddpt copies: 256 MiB each, like the LUN-to-LUN ones
 XCOPY_LUNS = [
     {"id": 0, "path": "xcopy-a.img", "size": "512MiB", "thin": True},   # source + in-LUN copy
     {"id": 1, "path": "xcopy-b.img", "size": "768MiB", "thin": True},   # three destinations
@@ -175,7 +175,7 @@ def xcopy_target(tmp_path: Path) -> Iterator[LiveTarget]:
 
 def test_extended_copy(xcopy_target: LiveTarget, tmp_path: Path) -> None:
     """EXTENDED COPY(LID1): sg_xcopy copies 256 MiB of random data LUN to LUN with --on_dst and
-    with --on_src, 64 MiB within one LUN, and ddpt --xcopy 64 MiB LUN to LUN; every destination
+    with --on_src, 256 MiB within one LUN, and ddpt --xcopy 256 MiB LUN to LUN; every destination
     range reads back equal to the source (cmp, O_DIRECT).  VPD 8Fh and RECEIVE COPY OPERATING
     PARAMETERS are shown and checked for the descriptors the tools use."""
     run = run_guest(xcopy_target, "xcopy.sh", tmp_path / "guest-out", timeout=420,

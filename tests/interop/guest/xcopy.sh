@@ -12,8 +12,8 @@
 # a bad copy from bad source data).  Offsets in MiB, M = XCOPY_MB, S = XCOPY_SMALL_MB:
 #   (a) sg_xcopy A[0, M) -> B[0]  with --on_dst (the command goes to B's device server)
 #       sg_xcopy A[0, M) -> B[M]  with --on_src (the command goes to A's)
-#   (b) sg_xcopy A[S, 2S) -> A[M], within one LUN (source and destination do not overlap)
-#   (c) ddpt --xcopy A[2S, 3S) -> B[2M], one XCOPY of DDPT_BPT blocks per ddpt run
+#   (b) sg_xcopy A[0, S) -> A[M], within one LUN (source and destination do not overlap)
+#   (c) ddpt --xcopy A[0, S) -> B[2M], one XCOPY of DDPT_BPT blocks per ddpt run
 # and at the end the first and last 4 MiB of the source range still hold the source data.
 # Before that: standard INQUIRY 3PC=1, `sg_vpd -p tpc` (VPD 8Fh) lists EXTENDED COPY(LID1), and
 # `sg_copy_results --params` (RECEIVE COPY OPERATING PARAMETERS) answers and implements segment
@@ -23,11 +23,12 @@
 # a run from the lowest LBA of its skip=/seek= lists (a_xcopy_lid1_cmd() in ddpt_xcopy.c uses
 # i_sgli.lowest_lba / o_sgli.lowest_lba, which its copy loop never advances), so a run with
 # count > bpt sends the same source and destination LBAs with every command.
-# Environment: XCOPY_MB (256), XCOPY_SMALL_MB (64), DDPT_BPT (32768 blocks per ddpt run).
+# Environment: XCOPY_MB (256), XCOPY_SMALL_MB (256, at most XCOPY_MB), DDPT_BPT (32768 blocks
+# per ddpt run).
 . "$INTEROP_LIB"
 . "$FILES_DIR/common.sh" || { echo "common.sh missing: pass it with -f"; exit 2; }
 : "${TARGET_IQN:?pass the target IQN with -t}"
-mib=${XCOPY_MB:-256} smib=${XCOPY_SMALL_MB:-64} chunk=${DDPT_BPT:-32768}
+mib=${XCOPY_MB:-256} smib=${XCOPY_SMALL_MB:-256} chunk=${DDPT_BPT:-32768}
 klog0=$(dmesg_lines)
 
 login_and_wait 2
@@ -38,7 +39,7 @@ bs=$(block_size "$sgA"); bs=${bs:-512}
 blocks=$((mib * 1048576 / bs)) sblocks=$((smib * 1048576 / bs)) mibblocks=$((1048576 / bs))
 echo "LUN ${luns[0]} = A ($sdA $sgA), LUN ${luns[1]} = B ($sdB $sgB); block size $bs;" \
      "$mib MiB = $blocks blocks, $smib MiB = $sblocks blocks"
-((3 * smib <= mib && mib % 4 == 0 && smib % 4 == 0)) || die "XCOPY_SMALL_MB must be <= XCOPY_MB / 3, both multiples of 4"
+((smib <= mib && mib % 4 == 0 && smib % 4 == 0)) || die "XCOPY_SMALL_MB must be <= XCOPY_MB, both multiples of 4"
 ((bs == 512)) || die "xcopy.sh expects 512-byte blocks, LUN A has $bs"
 [[ $(block_size "$sgB") == 512 ]] || die "xcopy.sh expects 512-byte blocks on LUN B too"
 capA=$(blockdev --getsize64 "$sdA") capB=$(blockdev --getsize64 "$sdB")
@@ -90,15 +91,15 @@ xcopy_run "sg_xcopy --on_src" \
   && expect_copy "sg_xcopy --on_src into B[$mib MiB]" "$sdB" "$mib" "$mib" "$sdA"
 
 # ------------------------------------------------------------------------ (b) A -> A
-step "4. sg_xcopy within LUN A: A[$smib MiB] + $smib MiB -> A[$mib MiB]  [t=$(t)s]"
+step "4. sg_xcopy within LUN A: A[0] + $smib MiB -> A[$mib MiB]  [t=$(t)s]"
 xcopy_run "sg_xcopy within one LUN" \
-  sg_xcopy if="$sgA" of="$sgA" bs="$bs" skip=$((smib * mibblocks)) count="$sblocks" seek="$blocks" \
+  sg_xcopy if="$sgA" of="$sgA" bs="$bs" skip=0 count="$sblocks" seek="$blocks" \
            --on_dst time=1 \
-  && expect_copy "sg_xcopy within A into A[$mib MiB]" "$sdA" "$mib" "$smib" "$sdA" "$smib"
+  && expect_copy "sg_xcopy within A into A[$mib MiB]" "$sdA" "$mib" "$smib" "$sdA" 0
 
 # ------------------------------------------------------------------------ (c) ddpt
-src0=$((2 * smib * mibblocks)) dst0=$((2 * blocks))
-step "5. ddpt --xcopy A[$((2 * smib)) MiB] + $smib MiB -> B[$((2 * mib)) MiB], $chunk blocks per run  [t=$(t)s]"
+src0=0 dst0=$((2 * blocks))
+step "5. ddpt --xcopy A[0] + $smib MiB -> B[$((2 * mib)) MiB], $chunk blocks per run  [t=$(t)s]"
 ddpt_rc=0 runs=0 t0=$(t)
 for ((off = 0; off < sblocks; off += chunk)); do
   n=$((sblocks - off < chunk ? sblocks - off : chunk))
@@ -112,7 +113,7 @@ for ((off = 0; off < sblocks; off += chunk)); do
     || { echo "$out"; fail "ddpt --xcopy at block $off did not report exactly one XCOPY command"; break; }
 done
 echo "ddpt: $runs run(s), exit status $ddpt_rc, $(secs_since "$t0")s"
-((ddpt_rc == 0)) && expect_copy "ddpt --xcopy into B[$((2 * mib)) MiB]" "$sdB" $((2 * mib)) "$smib" "$sdA" $((2 * smib))
+((ddpt_rc == 0)) && expect_copy "ddpt --xcopy into B[$((2 * mib)) MiB]" "$sdB" $((2 * mib)) "$smib" "$sdA" 0
 
 # ------------------------------------------------------------------------ wrap up
 step "6. the source is intact; RECEIVE COPY RESULTS still answers  [t=$(t)s]"

@@ -100,3 +100,41 @@ def test_counter_increments_are_atomic_with_concurrent_writers(lu) -> None:
     value, final = asyncio.run(go())
     assert value == 400
     assert final == block(400, 0)
+
+
+def test_reserve_waits_for_a_pending_compare_and_write(lu) -> None:
+    """SNIA hypervisor storage interfaces note: RESERVE must not complete while a COMPARE
+    AND WRITE queued before it is still pending (here: waiting for its Data-Out)."""
+    from pytarget.scsi.task import ScsiTask
+
+    class HeldSource:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+            self.release = asyncio.Event()
+
+        async def fetch_data_out(self, task, length):  # type: ignore[no-untyped-def]
+            await self.release.wait()
+            return memoryview(self.data)[:length]
+
+    async def go() -> list[str]:
+        lu.ua.clear()
+        order: list[str] = []
+        source = HeldSource(bytes(1024))
+        caw_task = ScsiTask(caw(0, 1), 0, 1, NEXUS_A, expected_out=1024, source=source)
+        reserve_task = ScsiTask(bytes((0x16, 0, 0, 0, 0, 0)), 0, 2, NEXUS_B)
+        await run_async(lu, read1(0), nexus=NEXUS_A)  # consume each nexus's power-on UA
+        await run_async(lu, read1(0), nexus=NEXUS_B)
+        caw_runner = lu.start(caw_task)
+        caw_runner.add_done_callback(lambda _r: order.append("caw"))
+        await asyncio.sleep(0)  # the CAW holds its range lock and waits for data
+        reserve_runner = lu.start(reserve_task)
+        reserve_runner.add_done_callback(lambda _r: order.append("reserve"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not reserve_runner.done()
+        source.release.set()
+        await asyncio.gather(caw_runner, reserve_runner)
+        assert caw_task.status == Status.GOOD and reserve_task.status == Status.GOOD
+        return order
+
+    assert asyncio.run(go()) == ["caw", "reserve"]
