@@ -22,7 +22,7 @@ from .iscsi import connection as C
 from .iscsi.connection import Connection
 from .iscsi.errors import LoginError
 from .iscsi.pdu import TmfFunction, TmfResponse, decode_lun, LogoutReason, LogoutResponse
-from .iscsi.session import IscsiTask, Session, sn_lt
+from .iscsi.session import IscsiTask
 from .scsi import sense as S
 from .scsi.sense import Asc
 from .scsi.task import ScsiTask, TaskAttr

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -20,6 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET_IQN = "iqn.2026-11.io.pytarget:test"
 INITIATOR1 = "iqn.2026-11.io.pytarget.test:initiator1"
 INITIATOR2 = "iqn.2026-11.io.pytarget.test:initiator2"
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
+    """Run a coroutine on a fresh event loop; a test that hangs fails after `timeout`."""
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
 
 
 def write_config(directory: Path, luns: list[dict[str, Any]] | None = None,

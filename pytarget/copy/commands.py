@@ -262,27 +262,38 @@ def _ranges(lu: LogicalUnit, data: bytes, at: int, length: int) -> list[tuple[in
     return ranges
 
 
-async def populate_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    """POPULATE TOKEN (SBC-3 5.10): a ROD token representing the ranges' data as of now."""
-    service = _service(lu)
+async def _token_parameter_list(task: ScsiTask, cdb: bytes,
+                                 header: int) -> tuple[int, bytes, int] | None:
+    """The parameter list of POPULATE TOKEN or WRITE USING TOKEN, its fixed header of
+    `header` bytes checked: (list identifier, data, flags), or None for an empty list."""
     list_id, length = be32(cdb, 6), be32(cdb, 10)
     if length == 0:
-        return
-    if length > PT_HEADER + RANGE_DESCRIPTOR * limits.MAX_ROD_RANGES:
+        return None
+    if length > header + RANGE_DESCRIPTOR * limits.MAX_ROD_RANGES:
         raise S.invalid_field_in_cdb(10, 7)
     data = await _parameter_list(task, length)
-    if length < PT_HEADER or be16(data, 0) + 2 > length or be16(data, 0) < PT_HEADER - 2:
+    if length < header or be16(data, 0) + 2 > length or be16(data, 0) < header - 2:
         raise S.parameter_list_length_error()
     flags = data[2]
     if flags & ~0x03:
         raise S.invalid_field_in_parameter_list(2, 7)
+    return list_id, data, flags
+
+
+async def populate_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+    """POPULATE TOKEN (SBC-3 5.10): a ROD token representing the ranges' data as of now."""
+    service = _service(lu)
+    parsed = await _token_parameter_list(task, cdb, PT_HEADER)
+    if parsed is None:
+        return
+    list_id, data, flags = parsed
     inactivity = be32(data, 4) or limits.DEFAULT_INACTIVITY_TIMEOUT
     if inactivity > limits.MAX_INACTIVITY_TIMEOUT:
         raise S.invalid_field_in_parameter_list(4, 7)
     if flags & 0x02 and be32(data, 8) != ROD_TYPE_AUR:
         raise S.invalid_field_in_parameter_list(8, 7)  # RTV: only access-upon-reference tokens
     desc_len = be16(data, 14)
-    if PT_HEADER + desc_len > min(length, be16(data, 0) + 2):
+    if PT_HEADER + desc_len > min(len(data), be16(data, 0) + 2):
         raise S.parameter_list_length_error()
     ranges = _ranges(lu, data, PT_HEADER, desc_len)
     if sum(n for _, n in ranges) * lu.block_size > limits.MAX_TOKEN_TRANSFER_BYTES:
@@ -321,22 +332,15 @@ async def _snapshot(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, int
 async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     """WRITE USING TOKEN (SBC-3 5.46): copy the token's data (or zeros) into the ranges."""
     service = _service(lu)
-    list_id, length = be32(cdb, 6), be32(cdb, 10)
-    if length == 0:
+    parsed = await _token_parameter_list(task, cdb, WUT_HEADER)
+    if parsed is None:
         return
-    if length > WUT_HEADER + RANGE_DESCRIPTOR * limits.MAX_ROD_RANGES:
-        raise S.invalid_field_in_cdb(10, 7)
-    data = await _parameter_list(task, length)
-    if length < WUT_HEADER or be16(data, 0) + 2 > length or be16(data, 0) < WUT_HEADER - 2:
-        raise S.parameter_list_length_error()
-    flags = data[2]
-    if flags & ~0x03:
-        raise S.invalid_field_in_parameter_list(2, 7)
+    list_id, data, flags = parsed
     delete = bool(flags & 0x02)
     offset = be64(data, 8)
     raw = data[WUT_TOKEN_AT:WUT_TOKEN_AT + TOKEN_LENGTH]
     desc_len = be16(data, 534)
-    if WUT_HEADER + desc_len > min(length, be16(data, 0) + 2):
+    if WUT_HEADER + desc_len > min(len(data), be16(data, 0) + 2):
         raise S.parameter_list_length_error()
     ranges = _ranges(lu, data, WUT_HEADER, desc_len)
     zero = be32(raw, 0) == ROD_TYPE_BLOCK_ZERO

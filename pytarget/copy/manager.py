@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..scsi import limits
 from ..scsi import sense as S
 from ..scsi.sense import SenseError, Status
+from .tokens import TokenStore
 
 if TYPE_CHECKING:
     from ..scsi.device import LogicalUnit
     from ..scsi.task import Nexus
-    from .tokens import TokenStore
 
 Clock = Callable[[], float]
 log = logging.getLogger("pytarget.copy")
@@ -314,8 +314,6 @@ class CopyManager:
     def __init__(self, domain: CopyDomain,
                  management_addresses: Iterable[tuple[int, str]] = (),
                  clock: Clock = time.monotonic) -> None:
-        from .tokens import TokenStore
-
         self.domain = domain
         self.management_addresses = list(management_addresses)
         self.clock = clock

@@ -27,7 +27,7 @@ from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduRej
 from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult
 from .params import ConnectionParams, TargetLimits
 from .pdu import Bhs, Op, RejectReason
-from .session import IscsiTask, R2tState, Session, sn_le, sn_lt
+from .session import IscsiTask, R2tState, Session
 
 log = logging.getLogger("pytarget.iscsi")
 

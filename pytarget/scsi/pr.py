@@ -42,7 +42,7 @@ from . import limits
 from . import sense as S
 from .cdb import be16, be32, be64
 from .policy import Pr
-from .sense import Asc, SenseError, SenseKey
+from .sense import Asc
 
 if TYPE_CHECKING:
     from .device import LogicalUnit

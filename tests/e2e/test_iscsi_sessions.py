@@ -8,7 +8,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -16,18 +16,11 @@ from pytarget.initiator.client import (ConnectionLost, Initiator, LoginFailedErr
                                        TaskAborted, rw_cdb)
 from pytarget.iscsi.pdu import TmfFunction, TmfResponse
 
-from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, start_target, \
-    write_config
+from ..conftest import (INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, run, start_target,
+                       write_config)
 
-T = TypeVar("T")
 BLOCK = 512
 UNIT_ATTENTION = 0x6
-
-
-def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 
 from pytarget.initiator.client import CommandResult, Initiator
 
-from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, start_target, write_config
+from ..conftest import (INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, run, start_target,
+                       write_config)
 
 ZERO_TOKEN = struct.pack(">I2xH", 0xFFFF0001, 0x01F8) + bytes(504)
 BS = 512
@@ -84,10 +85,6 @@ async def write_using_token(ini: Initiator, lun: int, list_id: int, token: bytes
                             *pairs: tuple[int, int], offset: int = 0) -> CommandResult:
     params = wut_params(token, *pairs, offset=offset)
     return await ini.command(lun, cdb(0x11, list_id, len(params)), params)
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 def test_populate_and_write_using_token(odx_target: LiveTarget) -> None:

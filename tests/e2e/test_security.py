@@ -26,7 +26,7 @@ from pytarget.iscsi.auth import CHAP_MD5, CHAP_SHA256
 from pytarget.iscsi.pdu import RejectReason
 from pytarget.server import lu_identity
 
-from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, start_target, write_config
+from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, run, start_target, write_config
 from ..libiscsi import ISCSI_TEST_CU, run_suite
 
 T = TypeVar("T")
@@ -39,12 +39,6 @@ USER, SECRET = "alice", "alice-secret-1"
 TUSER, TSECRET = "storage", "storage-secret-2"
 DELAY = 0.3
 BS = 512
-
-
-def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pytarget.backstore.file import FileBackstore
 from pytarget.copy.manager import CopyManager, RegistryDomain
-from pytarget.iscsi.target import AclEntry, TargetNode, TargetRegistry
+from pytarget.iscsi.target import TargetNode, TargetRegistry
 from pytarget.scsi.device import LogicalUnit, LuConfig
 from pytarget.scsi.task import Nexus
 

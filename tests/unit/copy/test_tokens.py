@@ -31,7 +31,8 @@ def rig(tmp_path: Path) -> Rig:
     rig = Rig(tmp_path)
     rig.clock = Clock()  # type: ignore[attr-defined]
     rig.manager.clock = rig.manager.tokens.clock = rig.clock  # type: ignore[attr-defined]
-    src, dst = rig.unit(0), rig.unit(1)
+    src = rig.unit(0)
+    rig.unit(1)
     src.backstore.write(memoryview(DATA), 0)
     return rig
 
