@@ -132,10 +132,13 @@ def fill(path: Path, mode: str) -> None:
 
 
 def reset_destination(path: Path) -> None:
+    """An empty destination, and no dirty data left from earlier runs: each timed copy starts
+    without the writeback of the one before."""
     with open(path, "r+b") as f:
         os.truncate(f.fileno(), 0)
         os.truncate(f.fileno(), GiB)
         os.fsync(f.fileno())
+    os.sync()
 
 
 def allocated(path: Path) -> int:
@@ -172,6 +175,7 @@ async def measure(directory: Path, mode: str, with_host: bool) -> dict[str, floa
         with open(p, "wb") as f:
             f.truncate(GiB)
     fill(src, mode)
+    os.sync()
     proc, port = start_target(directory)
     try:
         ini = await Initiator.connect("127.0.0.1", port)
