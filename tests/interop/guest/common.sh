@@ -42,12 +42,12 @@ die() {
   summary
 }
 
-# kernel_errors SINCE_LINE: kernel log lines after line SINCE_LINE that point at trouble on
-# the iSCSI path (I/O errors, connection errors, digest errors, resets, aborts, failed
-# commands); the unit attention every login causes ("Power-on or device reset occurred")
-# and ALUA's informational line are not trouble.
+# kernel_errors SINCE_LINE [UNTIL_LINE]: kernel log lines after line SINCE_LINE (up to line
+# UNTIL_LINE) that point at trouble on the iSCSI path (I/O errors, connection errors, digest
+# errors, resets, aborts, failed commands); the unit attention every login causes ("Power-on
+# or device reset occurred") and ALUA's informational line are not trouble.
 kernel_errors() {
-  dmesg | tail -n +"$(($1 + 1))" \
+  dmesg | sed -n "$(($1 + 1)),${2:-\$}p" \
     | grep -Ei 'I/O error|conn(ection)? error|digest|reset|abort|timed? ?out|critical|EXT4-fs error|rejecting I/O|Sense Key|FAILED Result' \
     | grep -Ev 'Power-on or device reset occurred|alua: transition timeout' \
     || true
