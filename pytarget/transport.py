@@ -447,9 +447,13 @@ class ConnectionDriver:
 
     # ---------------------------------------------------------------- timers
     def _schedule_timer(self) -> None:
+        """Arm the timer for the connection's next deadline. A deadline that only moved later
+        (every received PDU pushes the keep-alive back) keeps the armed timer: it fires early,
+        `on_timer` finds nothing due, and the timer is armed again for the new deadline, so
+        a busy connection costs one timer per interval instead of one per receive batch."""
         deadline = self.conn.next_deadline()
         if self.timer is not None:
-            if deadline is not None and abs(self.timer.when() - deadline) < 0.001:
+            if deadline is not None and self.timer.when() <= deadline + 0.001:
                 return
             self.timer.cancel()
             self.timer = None
