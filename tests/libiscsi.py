@@ -26,6 +26,14 @@ class SuiteResult:
         return self.returncode == 0 and not self.failed and not self.skips and self.tests > 0
 
 
+def assert_clean(result: SuiteResult) -> None:
+    """Fail the calling test unless the suite passed with no failure and no skip, showing
+    the failing and skipped lines (or the end of the output)."""
+    details = "\n".join(result.failures + result.skips) or result.output[-3000:]
+    assert result.clean, f"{result.suite}: rc={result.returncode} tests={result.tests} " \
+                         f"failed={result.failed}\n{details}"
+
+
 def parse(suite: str, returncode: int, output: str) -> SuiteResult:
     result = SuiteResult(suite, returncode, output)
     m = re.search(r"^\s*tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", output, re.M)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, start_target, write_config
-from ..libiscsi import ISCSI_TEST_CU, run_suite
+from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
 
 pytestmark = [
     pytest.mark.libiscsi,
@@ -51,28 +51,22 @@ def conformance_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Liv
     target.stop()
 
 
-def _check(result) -> None:
-    details = "\n".join(result.failures + result.skips) or result.output[-3000:]
-    assert result.clean, f"{result.suite}: rc={result.returncode} tests={result.tests} " \
-                         f"failed={result.failed}\n{details}"
-
-
 @pytest.mark.parametrize("suite", SUITES_LUN0)
 def test_suite(conformance_target: LiveTarget, suite: str) -> None:
-    _check(run_suite(suite, conformance_target.url(0), INITIATOR1, INITIATOR2))
+    assert_clean(run_suite(suite, conformance_target.url(0), INITIATOR1, INITIATOR2))
 
 
 @pytest.mark.parametrize("suite", SUITES_REMOVABLE)
 def test_removable_suite(conformance_target: LiveTarget, suite: str) -> None:
-    _check(run_suite(suite, conformance_target.url(2), INITIATOR1, INITIATOR2))
+    assert_clean(run_suite(suite, conformance_target.url(2), INITIATOR1, INITIATOR2))
 
 
 @pytest.mark.parametrize("suite", SUITES_READONLY)
 def test_readonly_suite(conformance_target: LiveTarget, suite: str) -> None:
-    _check(run_suite(suite, conformance_target.url(1), INITIATOR1, INITIATOR2))
+    assert_clean(run_suite(suite, conformance_target.url(1), INITIATOR1, INITIATOR2))
 
 
 def test_multipath_io(conformance_target: LiveTarget) -> None:
     """Two sessions (two I_T nexuses) to the same LUN act as two paths."""
     url = conformance_target.url(3)
-    _check(run_suite("MultipathIO", url, INITIATOR1, INITIATOR2, urls=[url]))
+    assert_clean(run_suite("MultipathIO", url, INITIATOR1, INITIATOR2, urls=[url]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, start_target, write_config
-from ..libiscsi import ISCSI_TEST_CU, SuiteResult, run_suite
+from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
 
 pytestmark = [
     pytest.mark.libiscsi,
@@ -30,12 +30,6 @@ def pr_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTarget]:
     target.stop()
 
 
-def _check(result: SuiteResult) -> None:
-    details = "\n".join(result.failures + result.skips) or result.output[-3000:]
-    assert result.clean, f"{result.suite}: rc={result.returncode} tests={result.tests} " \
-                         f"failed={result.failed}\n{details}"
-
-
 @pytest.mark.parametrize("suite", SUITES)
 def test_pr_suite(pr_target: LiveTarget, suite: str) -> None:
-    _check(run_suite(suite, pr_target.url(0), INITIATOR1, INITIATOR2))
+    assert_clean(run_suite(suite, pr_target.url(0), INITIATOR1, INITIATOR2))

@@ -27,7 +27,7 @@ from pytarget.iscsi.pdu import RejectReason
 from pytarget.server import lu_identity
 
 from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, run, start_target, write_config
-from ..libiscsi import ISCSI_TEST_CU, run_suite
+from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
 
 T = TypeVar("T")
 CHAP_T = "iqn.2026-11.io.pytarget:chap"  # mutual CHAP, INITIATOR1 only
@@ -464,5 +464,4 @@ def test_iscsi_inq_with_mutual_chap(target: LiveTarget) -> None:
 def test_iscsi_test_cu_with_chap(target: LiveTarget) -> None:
     url = f"iscsi://{USER}%{SECRET}@{target.host}:{target.port}/{ONEWAY_T}/0"
     for suite in ("TestUnitReady", "Inquiry"):
-        result = run_suite(suite, url, INITIATOR1, INITIATOR2, timeout=300)
-        assert result.clean, result.output[-3000:]
+        assert_clean(run_suite(suite, url, INITIATOR1, INITIATOR2, timeout=300))

@@ -54,6 +54,26 @@ kernel_errors() {
 }
 dmesg_lines() { dmesg | wc -l; }
 
+# two_disks: the first two disk LUNs of the session as A and B; sets luns, sdA, sgA, sdB, sgB
+# and bs (A's logical block size, 512 when it cannot be read).
+two_disks() {
+  read -r -a luns <<<"$(disk_luns)"
+  sdA=$(lun_sd "${luns[0]}") sgA=$(lun_sg "${luns[0]}")
+  sdB=$(lun_sd "${luns[1]}") sgB=$(lun_sg "${luns[1]}")
+  bs=$(block_size "$sgA"); bs=${bs:-512}
+}
+
+# report_kernel_errors LINES: the verdict on the kernel log lines a script found (with
+# kernel_errors, minus what it expects): each one shown and one failure, or an all-clear.
+report_kernel_errors() {
+  if [[ -n $1 ]]; then
+    echo "$1"
+    fail "kernel reported $(wc -l <<<"$1") unexpected error line(s) on the iSCSI path"
+  else
+    echo "no unexpected I/O, connection, digest or reset errors in the kernel log"
+  fi
+}
+
 # host_sync NAME [TIMEOUT]: when the host asked for it (HOST_SYNC=1), create
 # $OUT_DIR/mark.NAME and wait up to TIMEOUT seconds (default 60) for the host to answer
 # with $FILES_DIR/ack.NAME.  Both directories live on the harness's 9p job share, so the

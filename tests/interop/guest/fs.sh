@@ -140,11 +140,5 @@ step "round 2: logout  [t=$(t)s]"
 logout_and_wait
 
 step "kernel log  [t=$(t)s]"
-errs=$(kernel_errors "$klog0")
-if [[ -n $errs ]]; then
-  echo "$errs"
-  fail "kernel reported $(wc -l <<<"$errs") error line(s) on the iSCSI path"
-else
-  echo "no I/O, connection or digest errors in the kernel log"
-fi
+report_kernel_errors "$(kernel_errors "$klog0")"
 summary

@@ -109,10 +109,5 @@ step "kernel log  [t=$(t)s]"
 teardown='Buffer I/O error on dev sd[a-z]+, logical block [0-9]+, async page read'
 errs=$( { kernel_errors "$klog0" "$klog_out"; kernel_errors "$klog_out" | grep -Ev "$teardown"; } \
   | grep -Ev 'Capacity data has changed|Unit Attention|Sense Key : Unit Attention|ASC=0x2a ASCQ=0x9|detected capacity change|tur checker reports path is down|remaining active paths|Failing path|fail path|reinstating path' || true)
-if [[ -n $errs ]]; then
-  echo "$errs"
-  fail "kernel reported $(wc -l <<<"$errs") unexpected error line(s) on the iSCSI path"
-else
-  echo "no unexpected I/O, connection or digest errors in the kernel log"
-fi
+report_kernel_errors "$errs"
 summary

@@ -39,10 +39,7 @@ mib=${ODX_MB:-256} zmib=${ODX_ZERO_MB:-64}
 klog0=$(dmesg_lines)
 
 login_and_wait 2
-read -r -a luns <<<"$(disk_luns)"
-sdA=$(lun_sd "${luns[0]}") sgA=$(lun_sg "${luns[0]}")
-sdB=$(lun_sd "${luns[1]}") sgB=$(lun_sg "${luns[1]}")
-bs=$(block_size "$sgA"); bs=${bs:-512}
+two_disks
 blocks=$((mib * 1048576 / bs)) zblocks=$((zmib * 1048576 / bs))
 echo "LUN ${luns[0]} = A ($sdA $sgA), LUN ${luns[1]} = B ($sdB $sgB); block size $bs;" \
      "$mib MiB = $blocks blocks"
@@ -202,11 +199,5 @@ sg_get_lba_status --lba=0 "$sgB" 2>&1 | head -8 | sed 's/^/    /'
 
 step "logout  [t=$(t)s]"
 logout_and_wait
-errs=$(kernel_errors "$klog0")
-if [[ -n $errs ]]; then
-  echo "$errs"
-  fail "kernel reported $(wc -l <<<"$errs") error line(s) on the iSCSI path"
-else
-  echo "no I/O, connection or reset errors in the kernel log"
-fi
+report_kernel_errors "$(kernel_errors "$klog0")"
 summary

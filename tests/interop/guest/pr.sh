@@ -255,10 +255,5 @@ holds /tmp/A2.bin "A's data (no reservation)"
 step "logout  [t=$(t)s]"
 logout_and_wait
 errs=$(kernel_errors "$klog0" | grep -v 'reservation conflict' || true)
-if [[ -n $errs ]]; then
-  echo "$errs"
-  fail "kernel reported $(wc -l <<<"$errs") error line(s) on the iSCSI path"
-else
-  echo "no I/O, connection or reset errors in the kernel log"
-fi
+report_kernel_errors "$errs"
 summary

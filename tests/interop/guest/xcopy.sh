@@ -32,10 +32,7 @@ mib=${XCOPY_MB:-256} smib=${XCOPY_SMALL_MB:-256} chunk=${DDPT_BPT:-32768}
 klog0=$(dmesg_lines)
 
 login_and_wait 2
-read -r -a luns <<<"$(disk_luns)"
-sdA=$(lun_sd "${luns[0]}") sgA=$(lun_sg "${luns[0]}")
-sdB=$(lun_sd "${luns[1]}") sgB=$(lun_sg "${luns[1]}")
-bs=$(block_size "$sgA"); bs=${bs:-512}
+two_disks
 blocks=$((mib * 1048576 / bs)) sblocks=$((smib * 1048576 / bs)) mibblocks=$((1048576 / bs))
 echo "LUN ${luns[0]} = A ($sdA $sgA), LUN ${luns[1]} = B ($sdB $sgB); block size $bs;" \
      "$mib MiB = $blocks blocks, $smib MiB = $sblocks blocks"
@@ -124,11 +121,5 @@ else fail "sg_copy_results --params $sgA failed after the copies"; fi
 
 step "logout  [t=$(t)s]"
 logout_and_wait
-errs=$(kernel_errors "$klog0")
-if [[ -n $errs ]]; then
-  echo "$errs"
-  fail "kernel reported $(wc -l <<<"$errs") error line(s) on the iSCSI path"
-else
-  echo "no I/O, connection or reset errors in the kernel log"
-fi
+report_kernel_errors "$(kernel_errors "$klog0")"
 summary
