@@ -81,10 +81,6 @@ class FileBackstore:
         finally:
             os.close(dfd)
 
-    def refresh_size(self) -> int:
-        self.size = os.fstat(self.fd).st_size
-        return self.size
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -125,13 +121,6 @@ class FileBackstore:
         done = 0
         while done < total:
             done += os.pwritev(self.fd, (data[done:],), offset + done)
-
-    def write_vectored(self, parts: list[memoryview], offset: int) -> None:
-        total = sum(len(p) for p in parts)
-        n = os.pwritev(self.fd, parts, offset)
-        if n < total:
-            joined = memoryview(b"".join(bytes(p) for p in parts))
-            self.write(joined[n:], offset + n)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -194,9 +183,6 @@ class FileBackstore:
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
-
-    def fs_block_size(self) -> int:
-        return os.fstatvfs(self.fd).f_bsize
 
     # -- copy offload between files
     def reflink_from(self, src: FileBackstore, src_offset: int, dst_offset: int,

@@ -23,7 +23,6 @@ LID4_HEADER = 48
 CSCD_SIZE = 32
 CSCD_LONG_SIZE = 64
 CSCD_ID_SELF = 0xFFFF  # the logical unit that holds the copy manager (SPC-4 6.4.5.1)
-MAX_CSCD_ID = 0x07FF
 DESIGNATOR_MAX = 20
 IP_PROTOCOL_TCP = 6
 

@@ -161,8 +161,6 @@ class CopyOperation:
     token: bytes | None = None  # the ROD token a POPULATE TOKEN created
     abort_requested: bool = False
     runner: asyncio.Task[Any] | None = None  # the task doing the work
-    status_read: bool = False
-    failure_read: bool = False
     created: float = field(default_factory=time.monotonic)
     total_bytes: int = 0  # what the operation will move, once its parameters are checked
     initiator: str = ""  # initiator port name, for logs and `pytarget status`

@@ -20,7 +20,7 @@ import hmac
 import secrets
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..scsi import limits
@@ -54,7 +54,6 @@ class RodToken:
     creator: tuple[Any, ...]
     users: int = 0
     invalid: Asc | None = None
-    waiters: list[Any] = field(default_factory=list)
 
     def expired(self, now: float) -> bool:
         if self.users:

@@ -33,8 +33,6 @@ MAX_LOGIN_ROUNDS = 32
 MAX_TEXT = 1 << 20
 
 NAME_KEYS = ("InitiatorName", "InitiatorAlias", "SessionType", "TargetName")
-DECLARATIVE_FROM_TARGET = frozenset({"TargetAlias", "TargetAddress", "TargetPortalGroupTag",
-                                     "MaxRecvDataSegmentLength"})
 NO_ANSWER = frozenset({"NotUnderstood", "Irrelevant", "Reject"})
 # What this initiator offers unless told otherwise (close to common initiators' defaults).
 DEFAULT_OFFER: dict[str, str] = {

@@ -930,15 +930,6 @@ class Connection:
         if close:
             self._close("logout")
 
-    def send_async_logout_request(self, seconds: int) -> None:
-        session = self.session
-        if session is None or self.state != State.FULL_FEATURE:
-            return
-        hdr = pdu.async_message(pdu.AsyncEvent.REQUEST_LOGOUT, self._next_stat_sn(),
-                                session.exp_cmd_sn, session.refresh_max_cmd_sn(),
-                                parameter3=seconds)
-        self._queue(hdr)
-
     def _send_reject(self, reason: RejectReason, bhs: Bhs | None) -> None:
         session = self.session
         exp_cmd_sn = session.exp_cmd_sn if session else 0
