@@ -165,14 +165,20 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pytarget: --portal: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from .transport import PollingSelector
+
+    poller = PollingSelector(config.poll_window())
+
     async def run() -> None:
         timers = {name: value for name in ("nop_interval", "nop_timeout", "login_timeout")
                   if (value := getattr(args, name)) is not None}
         server = Server(config, portals, args.config, **timers)
+        server.use_poller(poller)
         await server.run_forever()
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(poller)) as runner:
+            runner.run(run())
     except OSError as exc:
         print(f"pytarget: {exc}", file=sys.stderr)
         return 1

@@ -75,7 +75,19 @@ class Config:
     metrics: tuple[str, int] | None = None  # Prometheus endpoint address
     discovery_auth: ChapCredentials | None = None
     limits: Bounds = field(default_factory=Bounds)
+    # How long the event loop polls before it sleeps (docs/performance.md); None: 100 µs when
+    # the process may run on more than one CPU, else 0 (off).
+    busy_poll_us: int | None = None
 
+    def poll_window(self) -> float:
+        """The event loop's polling window in seconds."""
+        if self.busy_poll_us is not None:
+            return self.busy_poll_us / 1e6
+        return DEFAULT_BUSY_POLL_US / 1e6 if len(os.sched_getaffinity(0)) > 1 else 0.0
+
+
+DEFAULT_BUSY_POLL_US = 100
+MAX_BUSY_POLL_US = 10000
 
 MANAGEMENT_SERVICES = {
     "unspecified": 0x00, "storage-configuration": 0x01, "diagnostics": 0x02, "status": 0x03,
@@ -167,7 +179,8 @@ def parse(text: str, file: str, base: Path) -> Config:
         raise ConfigError(file, where, "invalid YAML") from None
     doc = r.mapping(doc if doc is not None else {}, "",
                     {"portals", "targets", "management_addresses", "control_socket",
-                     "control_group", "metrics", "discovery_auth", "limits"}, {"targets"})
+                     "control_group", "metrics", "discovery_auth", "limits",
+                     "busy_poll_us"}, {"targets"})
     portals_raw = doc.get("portals", ["0.0.0.0:3260"])
     if not isinstance(portals_raw, list) or not portals_raw:
         raise r.fail("portals", "expected a non-empty list of HOST:PORT")
@@ -356,7 +369,12 @@ def _count(r: _Reader, value: Any, key: str, low: int) -> int:
 
 
 def _operating(r: _Reader, doc: dict[str, Any], config: Config) -> None:
-    """control_socket: PATH, control_group: NAME, metrics: "HOST:PORT"."""
+    """control_socket: PATH, control_group: NAME, metrics: "HOST:PORT", busy_poll_us: N."""
+    if "busy_poll_us" in doc:
+        raw = doc["busy_poll_us"]
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_BUSY_POLL_US:
+            raise r.fail("busy_poll_us", f"expected microseconds, 0..{MAX_BUSY_POLL_US} (0: off)")
+        config.busy_poll_us = raw
     if "control_socket" in doc:
         raw = doc["control_socket"]
         if not isinstance(raw, str) or not raw:

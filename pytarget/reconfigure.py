@@ -259,6 +259,9 @@ class Reload:
                 (k, v) for k, v in limits.connection_options().items()
                 if k not in server.explicit_options)
             self.changes.append("limits changed (timeouts apply to new connections)")
+        if self.new.busy_poll_us != self.old.busy_poll_us and server.poller is not None:
+            server.poller.window = self.new.poll_window()
+            self.changes.append(f"busy polling window now {server.poller.window * 1e6:.0f} µs")
 
         replaced: list[LogicalUnit] = []
         for change in self.lun_changes:

@@ -24,9 +24,9 @@ from .iscsi.session import Session
 from .iscsi.bounds import MemoryBudget
 from .iscsi.target import AclEntry, TargetNode, TargetRegistry
 from .metrics import MetricsServer, render
-from .scsi.device import LogicalUnit, LuConfig
+from .scsi.device import LogicalUnit, LuConfig, io_threads_busy
 from .scsi.pr import PrStateError
-from .transport import ConnectionDriver, Listener
+from .transport import ConnectionDriver, Listener, PollingSelector
 
 log = logging.getLogger("pytarget")
 
@@ -133,10 +133,18 @@ class Server:
         self.logins: dict[Session, float] = {}
         self.reloads: dict[str, int] = {}
         self.retiring: set[asyncio.Task[None]] = set()
+        self.poller: PollingSelector | None = None  # the event loop's selector (use_poller)
+        self.streams = 0  # connections in the middle of a transfer (ConnectionDriver)
         self.started = time.monotonic()
         self.stopping = False
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+
+    def use_poller(self, poller: PollingSelector) -> None:
+        """`poller` is the selector of the event loop this server runs on: it may poll before
+        sleeping while no connection is mid-transfer and the I/O threads are idle."""
+        self.poller = poller
+        poller.quiet = lambda: self.streams == 0 and not io_threads_busy()
 
     async def start(self) -> None:
         for host, port in self.portals:

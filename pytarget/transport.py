@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import selectors
 import socket
+import time
 from collections import deque
 from functools import partial
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .iscsi import connection as C
 from .iscsi.connection import Connection
@@ -57,6 +59,7 @@ class ConnectionDriver:
         self.reading = True
         self.paused = False  # reading stopped while the peer does not take our output
         self.closed = False
+        self.streaming = False  # counted in server.streams (see _note_streaming)
         self.last_progress = 0.0
         self.stall_timer: asyncio.TimerHandle | None = None
         self.inflight: dict[int, tuple[ScsiTask, Any]] = {}  # ITT -> (task, logical unit)
@@ -69,13 +72,37 @@ class ConnectionDriver:
 
     # ---------------------------------------------------------------- I/O
     def _on_readable(self) -> None:
+        # Everything this batch of PDUs produces is written at its end, in one `sendmsg`, rather
+        # than one loop iteration later (the latency of a lone command): while it runs, `_send`
+        # schedules no flush of its own (that would cost an extra loop iteration per command).
+        batch = not self.flush_scheduled
+        self.flush_scheduled = True
+        try:
+            self._receive_batch()
+        finally:
+            if batch:
+                self.flush_scheduled = False
+        if not self.writing and not self.closed:
+            self._write_some()  # also closes a connection whose last output is out
+        self._note_streaming()
+
+    def _note_streaming(self) -> None:
+        """Count this connection in `server.streams` while it is in the middle of a transfer:
+        a PDU partly received, or output the socket has not taken yet. Its next event is then
+        more of the same stream, not a new request: the polling selector sleeps instead."""
+        streaming = not self.closed and (self.writing or self.conn.partial_pdu() is not None)
+        if streaming != self.streaming:
+            self.streaming = streaming
+            self.server.streams += 1 if streaming else -1
+
+    def _receive_batch(self) -> None:
         conn = self.conn
         for _ in range(8):
             buf = conn.get_buffer()
             try:
                 n = self.sock.recv_into(buf)
             except (BlockingIOError, InterruptedError):
-                break
+                return
             except OSError as exc:
                 self._lost(f"receive failed: {exc.strerror}")
                 return
@@ -85,11 +112,7 @@ class ConnectionDriver:
             conn.buffer_updated(n, self.loop.time())
             self._process()
             if self.closed or not self.reading or self.paused or n < len(buf):
-                break
-        # Everything this batch of PDUs produced is queued: send it now rather than one loop
-        # iteration later (the latency of a lone command).
-        if self.pending and not self.writing and not self.closed:
-            self._write_some()
+                return
 
     def _send(self) -> None:
         """Queue the connection's output; it is written once per event-loop iteration.
@@ -147,6 +170,7 @@ class ConnectionDriver:
                 self._resume_reading()
         if not pending and self.conn.wants_close and not self.closed:
             self._finish()
+        self._note_streaming()
 
     def _on_writable(self) -> None:
         self._write_some()
@@ -430,6 +454,7 @@ class ConnectionDriver:
             self.timer.cancel()
         if self.stall_timer is not None:
             self.stall_timer.cancel()
+        self._note_streaming()
         try:
             self.sock.close()
         except OSError:
@@ -501,3 +526,56 @@ class Listener:
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+
+
+
+class PollingSelector(selectors.EpollSelector):
+    """epoll that polls for a short window before it sleeps.
+
+    At low queue depth an initiator sends its next command a few tens of microseconds after
+    our response left. A loop asleep in `epoll_wait` sees it only once the scheduler has woken
+    it (an inter-processor interrupt; on a virtual machine, an exit on each side), which costs
+    more than the command itself. So, before sleeping, the loop polls for up to `window`
+    seconds, but only where that can pay:
+
+    - only while `quiet()`: no connection is in the middle of a transfer (there, sleeping
+      lets the stream pile up into fewer, larger receives and sends) and the I/O threads hold
+      no work (they need the GIL to hand their result back; a sleeping loop lets them have it);
+    - not after `MAX_MISSES` windows in a row saw nothing: the loop then sleeps at once, until
+      a sleep ends within one window (traffic that the window would have caught).
+
+    A busy loop never polls (it always has work), and an idle one sleeps after a few windows.
+    """
+
+    MAX_MISSES = 3
+
+    def __init__(self, window: float, quiet: Callable[[], bool] = lambda: True) -> None:
+        super().__init__()
+        self.window = window
+        self.quiet = quiet
+        self.misses = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        poll = super().select
+        window = self.window
+        if timeout == 0 or window <= 0 or not self.quiet():
+            return poll(timeout)
+        start = time.monotonic()
+        if self.misses >= self.MAX_MISSES:
+            ready = poll(timeout)
+            if ready and time.monotonic() - start < window:
+                self.misses = 0
+            return ready
+        end = start + (window if timeout is None else min(window, timeout))
+        while True:
+            ready = poll(0)
+            if ready:
+                self.misses = 0
+                return ready
+            now = time.monotonic()
+            if now >= end:
+                break
+        self.misses += 1
+        return poll(None if timeout is None else max(0.0, timeout - (now - start)))

@@ -1110,18 +1110,20 @@ class Connection:
                              session.refresh_max_cmd_sn())
             self._queue(hdr)
 
+    def partial_pdu(self) -> str | None:
+        """What of a PDU has arrived without the rest: "data", "header", or None between PDUs."""
+        if self._bhs is not None or self._direct is not None or self._tail is not None \
+                or self._discard:
+            return "data"
+        if self._end > self._start:
+            return "header"
+        return None
+
     def _watch_pdu(self, now: float) -> None:
         """Drop a peer that left one PDU incomplete for a whole pdu_timeout period (not
         while the driver has stopped reading: then the delay is ours)."""
-        if self.rx_paused:
-            mark: tuple[int, str] | None = None
-        elif self._bhs is not None or self._direct is not None or self._tail is not None \
-                or self._discard:
-            mark = (self._headers, "data")
-        elif self._end > self._start:
-            mark = (self._headers, "header")
-        else:
-            mark = None
+        part = None if self.rx_paused else self.partial_pdu()
+        mark = None if part is None else (self._headers, part)
         if mark is not None and mark == self._watch_mark:
             log.warning("connection %s dropped: a PDU took more than %.0f s to arrive",
                         self.peer_address, self.pdu_timeout)

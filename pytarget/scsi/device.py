@@ -57,6 +57,7 @@ _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCC
                         Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED})
 
 _executor: ThreadPoolExecutor | None = None
+_io_jobs = 0  # submitted to the I/O threads and not yet handed back to the event loop
 
 
 def io_executor() -> ThreadPoolExecutor:
@@ -64,6 +65,16 @@ def io_executor() -> ThreadPoolExecutor:
     if _executor is None:
         _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pytarget-io")
     return _executor
+
+
+def io_threads_busy() -> bool:
+    """Whether the I/O threads hold work whose result the event loop is waiting for."""
+    return _io_jobs > 0
+
+
+def _io_job_done(_: object) -> None:
+    global _io_jobs
+    _io_jobs -= 1
 
 
 class _UnitRangeLock(RangeLock):
@@ -362,7 +373,10 @@ class LogicalUnit:
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work on the I/O threads; a cancelled caller still waits for it to end."""
+        global _io_jobs
         fut = asyncio.get_running_loop().run_in_executor(io_executor(), fn, *args)
+        _io_jobs += 1
+        fut.add_done_callback(_io_job_done)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

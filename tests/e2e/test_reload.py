@@ -377,3 +377,24 @@ def test_chap_change_applies_to_new_logins(tmp_path: Path) -> None:
     finally:
         target.stop()
     assert old not in target.log_text() and new not in target.log_text()
+
+
+def test_busy_poll_window_changes_at_reload(live_target: LiveTarget) -> None:
+    config = live_target.config
+    doc = yaml.safe_load(config.read_text())
+    doc["busy_poll_us"] = 0
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    async def go() -> None:
+        status, out = await pytarget("reload", "--config", str(config))
+        assert status == 0 and "busy polling window now 0 µs" in out, out
+        ini = await Initiator.connect(live_target.host, live_target.port)
+        await ini.login(live_target.iqn, initiator_name=INITIATOR1)
+        await ini.clear_unit_attentions(0)
+        data = os.urandom(64 * 1024)
+        (await ini.write(0, 0, data, block_size=BS)).check()
+        assert (await ini.read(0, 0, len(data) // BS, BS)).check().data == data
+        await ini.logout()
+        await ini.close()
+
+    asyncio.run(go())

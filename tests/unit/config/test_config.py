@@ -50,6 +50,9 @@ def test_good_config(tmp_path: Path) -> None:
     (GOOD.replace('"127.0.0.1:3260"', '"127.0.0.1:99999"'), "portals[0]"),
     (GOOD.replace("readonly: false", "readonly: maybe"), "targets[0].luns[0].readonly"),
     (GOOD.replace("        size: 1GiB\n", ""), "targets[0].luns[0].size"),
+    (GOOD + "busy_poll_us: -1\n", "busy_poll_us"),
+    (GOOD + "busy_poll_us: 20000\n", "busy_poll_us"),
+    (GOOD + "busy_poll_us: fast\n", "busy_poll_us"),
 ])
 def test_errors_name_the_key_and_create_nothing(tmp_path: Path, text: str, key: str) -> None:
     path = write(tmp_path, text)
@@ -58,6 +61,16 @@ def test_errors_name_the_key_and_create_nothing(tmp_path: Path, text: str, key: 
     assert info.value.key == key
     assert str(path) in str(info.value)
     assert not (tmp_path / "disk0.img").exists()
+
+
+def test_busy_poll_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load(write(tmp_path, GOOD + "busy_poll_us: 0\n")).poll_window() == 0.0
+    assert load(write(tmp_path, GOOD + "busy_poll_us: 250\n")).poll_window() == 0.00025
+    default = load(write(tmp_path, GOOD))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default.poll_window() == 0.0001
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default.poll_window() == 0.0  # one CPU: polling would take it from the initiator
 
 
 def test_unusable_backing_path(tmp_path: Path) -> None:
