@@ -243,8 +243,12 @@ async def report_all_rod_tokens(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> 
 
 
 # ---------------------------------------------------------------------- ROD tokens
-def _ranges(lu: LogicalUnit, data: bytes, at: int, length: int) -> list[tuple[int, int]]:
-    """Block device range descriptors (SBC-3 5.10.2): in range, not overlapping."""
+def _ranges(lu: LogicalUnit, data: bytes, at: int) -> list[tuple[int, int]]:
+    """The block device range descriptors at `at`, their length in the two bytes before it
+    (SBC-3 5.10.2): within the parameter list, on the medium, not overlapping."""
+    length = be16(data, at - 2)
+    if at + length > min(len(data), be16(data, 0) + 2):
+        raise S.parameter_list_length_error()
     if length % RANGE_DESCRIPTOR or not length:
         raise S.invalid_field_in_parameter_list(at - 2, 7)
     if length // RANGE_DESCRIPTOR > limits.MAX_ROD_RANGES:
@@ -292,10 +296,7 @@ async def populate_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         raise S.invalid_field_in_parameter_list(4, 7)
     if flags & 0x02 and be32(data, 8) != ROD_TYPE_AUR:
         raise S.invalid_field_in_parameter_list(8, 7)  # RTV: only access-upon-reference tokens
-    desc_len = be16(data, 14)
-    if PT_HEADER + desc_len > min(len(data), be16(data, 0) + 2):
-        raise S.parameter_list_length_error()
-    ranges = _ranges(lu, data, PT_HEADER, desc_len)
+    ranges = _ranges(lu, data, PT_HEADER)
     if sum(n for _, n in ranges) * lu.block_size > limits.MAX_TOKEN_TRANSFER_BYTES:
         raise S.invalid_field_in_parameter_list(14, 7)
     op = service.begin(task.nexus, list_id, SA_POPULATE_TOKEN, held=True, identified=True)
@@ -339,10 +340,7 @@ async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None
     delete = bool(flags & 0x02)
     offset = be64(data, 8)
     raw = data[WUT_TOKEN_AT:WUT_TOKEN_AT + TOKEN_LENGTH]
-    desc_len = be16(data, 534)
-    if WUT_HEADER + desc_len > min(len(data), be16(data, 0) + 2):
-        raise S.parameter_list_length_error()
-    ranges = _ranges(lu, data, WUT_HEADER, desc_len)
+    ranges = _ranges(lu, data, WUT_HEADER)
     zero = be32(raw, 0) == ROD_TYPE_BLOCK_ZERO
     token = None if zero else service.manager.tokens.lookup(raw, task.nexus, WUT_TOKEN_AT)
     total = sum(n for _, n in ranges) * lu.block_size
