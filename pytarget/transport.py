@@ -84,7 +84,8 @@ class ConnectionDriver:
                 self.flush_scheduled = False
         if not self.writing and not self.closed:
             self._write_some()  # also closes a connection whose last output is out
-        self._note_streaming()
+        else:
+            self._note_streaming()  # `_write_some` notes it otherwise
 
     def _note_streaming(self) -> None:
         """Count this connection in `server.streams` while it is in the middle of a transfer:
@@ -526,9 +527,6 @@ class Listener:
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-
-
-
 
 
 class PollingSelector(selectors.EpollSelector):

@@ -44,15 +44,9 @@ class RangeLock:
     def try_acquire(self, start: int, count: int, exclusive: bool) -> _Request | None:
         """Grant at once when nothing holds or waits for an overlapping range (the common
         case); None means `acquire` must queue the request."""
-        end = start + max(count, 1)
-        if self._waiting:
-            for other in self._waiting:
-                if (exclusive or other.exclusive) and start < other.end and other.start < end:
-                    return None
-        for other in self._held:
-            if (exclusive or other.exclusive) and start < other.end and other.start < end:
-                return None
-        req = _Request(start, end, exclusive)
+        req = _Request(start, start + max(count, 1), exclusive)
+        if self._blocked(req, self._waiting):
+            return None
         self._held.append(req)
         return req
 
