@@ -54,6 +54,10 @@ class ConnectionDriver:
                                self.loop.time(), **server.connection_options)
         self.cid = 0
         self.pending: deque[memoryview] = deque()
+        self.sent_bytes = 0  # since the connection began; compared with conn.queued_bytes
+        # Data-In lent by the device server (views of the page cache, their blocks locked):
+        # (conn.queued_bytes after the response, release), in the order they were queued.
+        self.lent: deque[tuple[int, Callable[[], None]]] = deque()
         self.writing = False
         self.flush_scheduled = False
         self.reading = True
@@ -148,6 +152,7 @@ class ConnectionDriver:
                 pending.clear()
                 self._lost(f"send failed: {exc.strerror}")
                 return
+            self.sent_bytes += sent
             if self.writing:
                 self.last_progress = self.loop.time()
             while sent:
@@ -158,6 +163,9 @@ class ConnectionDriver:
                 else:
                     pending[0] = memoryview(head)[sent:]
                     sent = 0
+        lent = self.lent
+        while lent and lent[0][0] <= self.sent_bytes:
+            lent.popleft()[1]()
         if pending and not self.writing:
             self.writing = True
             self.loop.add_writer(self.fd, self._on_writable)
@@ -248,8 +256,11 @@ class ConnectionDriver:
                         itask.edtl if itask.read else 0, itask.edtl if itask.write else 0, self)
         scsi.handle = itask
         itask.scsi = scsi
-        if itask.read and self.conn.params.data_digest:
-            scsi.prepare_data_in = partial(self._digest_data_in, itask)
+        if itask.read:
+            if self.conn.params.data_digest:
+                scsi.prepare_data_in = partial(self._digest_data_in, itask)
+            else:
+                scsi.lend_data_in = True  # Data-In only passes through sendmsg
         self.inflight[itask.itt] = (scsi, lu)
         lu.submit(scsi, self._completed)
 
@@ -259,6 +270,26 @@ class ConnectionDriver:
         itask.data_in_digests = (length, self.conn.data_in_digests(data, length))
 
     def _completed(self, scsi: ScsiTask) -> None:
+        release = scsi.on_data_sent
+        if release is None:
+            self._respond(scsi)
+            return
+        # Data-In lent from the page cache: its blocks stay locked until the socket has taken
+        # the last byte of the response (or it is never sent).
+        scsi.on_data_sent = None
+        queued = self.conn.queued_bytes
+        self._respond(scsi)
+        if self.conn.queued_bytes == queued or self.closed:
+            release()
+        else:
+            self.lent.append((self.conn.queued_bytes, release))
+
+    def _release_lent(self) -> None:
+        lent = self.lent
+        while lent:
+            lent.popleft()[1]()
+
+    def _respond(self, scsi: ScsiTask) -> None:
         itask: IscsiTask = scsi.handle  # type: ignore[assignment]
         if self.inflight.get(itask.itt, (None,))[0] is not scsi:
             return
@@ -456,6 +487,8 @@ class ConnectionDriver:
         if self.stall_timer is not None:
             self.stall_timer.cancel()
         self._note_streaming()
+        self.pending.clear()
+        self._release_lent()
         try:
             self.sock.close()
         except OSError:

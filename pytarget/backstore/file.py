@@ -1,11 +1,12 @@
 """A logical unit's blocks in a regular (usually sparse) file.
 
-Reads and writes are `os.preadv`/`os.pwritev` into and out of the caller's buffers; durability
-is `fdatasync`; space is given back with `fallocate(PUNCH_HOLE|KEEP_SIZE)`; allocation is found
+Reads and writes are `os.preadv`/`os.pwritev` into and out of the caller's buffers, and
+`mapped` lends a read-only view of a range that is in the page cache; durability is
+`fdatasync`; space is given back with `fallocate(PUNCH_HOLE|KEEP_SIZE)`; allocation is found
 with SEEK_DATA/SEEK_HOLE; copies between files use FICLONERANGE or `copy_file_range` where
-the filesystem offers them. Every method is synchronous and may block: the device server
-decides what runs on the event loop and what goes to its I/O threads. OS errors propagate as
-OSError for the device server to turn into sense data.
+the filesystem offers them. Every method is synchronous and, but for `mapped`, may block: the
+device server decides what runs on the event loop and what goes to its I/O threads. OS errors
+propagate as OSError for the device server to turn into sense data.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import struct
 from dataclasses import dataclass
+
+import numpy as np
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -29,7 +33,21 @@ _fallocate = _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
 
+# mincore never blocks: called with the GIL held (PyDLL), it costs less than a GIL hand-off.
+_libc_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_mincore = _libc_gil.mincore
+_mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+_mincore.restype = ctypes.c_int
+
 _ZEROS = bytes(1 << 20)
+_PAGE = mmap.PAGESIZE
+
+# `mapped` maps the file in windows of 128 MiB on demand and keeps at most 32 of them per file:
+# 4 GiB of address space and, fully touched, 8 MiB of page tables. A window dropped from the
+# cache is unmapped once the last view lent from it is gone.
+MAP_WINDOW_SHIFT = 27
+MAP_WINDOW = 1 << MAP_WINDOW_SHIFT
+MAP_WINDOWS = 32
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -62,6 +80,11 @@ class FileBackstore:
         self.can_zero_range = True
         self.can_reflink = True
         self.can_copy_range = True
+        # Only regular files are mapped; a block device is read with preadv.
+        self.can_map = stat.S_ISREG(st.st_mode)
+        self._windows: dict[int, tuple[memoryview, int]] = {}  # index -> (view, address)
+        self._residency = bytearray(0)  # mincore's answer, one byte per page
+        self._residency_at = 0
 
     def _block_device_size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
@@ -85,6 +108,7 @@ class FileBackstore:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._windows.clear()  # views still lent out keep their window mapped until they go
 
     # -- data
     def read_nowait(self, buf: memoryview, offset: int) -> bool:
@@ -104,6 +128,56 @@ class FileBackstore:
             return True
         self.read_into(buf[n:], offset + n)
         return True
+
+    def mapped(self, offset: int, length: int) -> memoryview | None:
+        """A read-only view of [offset, offset + length) through a shared mapping of the file,
+        or None when part of it is not in the page cache (touching it would wait for the
+        disk), the range crosses a mapping window, or the file cannot be mapped.
+
+        The view shows the page cache as it is when it is read, so the caller must keep the
+        range from changing (a range lock) until it is done with it. Python code must not
+        read it: if the file is truncated by someone else meanwhile, a read of the lost pages
+        from Python is a SIGBUS, while the kernel (`sendmsg`) gets EFAULT, an ordinary error.
+        """
+        index = offset >> MAP_WINDOW_SHIFT
+        start = offset - (index << MAP_WINDOW_SHIFT)
+        end = start + length
+        if end > MAP_WINDOW or not self.can_map:
+            return None
+        window = self._windows.get(index)
+        if window is None or end > len(window[0]):
+            window = self._map(index, end)
+            if window is None:
+                return None
+        view, address = window
+        first = (address + start) & -_PAGE
+        pages = (address + end - first + _PAGE - 1) // _PAGE
+        if pages > len(self._residency):
+            self._residency = bytearray(max(pages, 64))
+            # the ctypes alias keeps the bytearray from being resized under its address
+            self._residency_c = (ctypes.c_char * len(self._residency)).from_buffer(self._residency)
+            self._residency_at = ctypes.addressof(self._residency_c)
+        if _mincore(first, pages * _PAGE, self._residency_at) != 0:
+            return None
+        if self._residency.find(0, 0, pages) >= 0:  # bit 0 of each byte: page resident
+            return None
+        return view[start:end]
+
+    def _map(self, index: int, need: int) -> tuple[memoryview, int] | None:
+        base = index << MAP_WINDOW_SHIFT
+        length = min(MAP_WINDOW, self.size - base)
+        if length < need:
+            return None
+        try:
+            region = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
+        except (OSError, ValueError):
+            self.can_map = False
+            return None
+        if index not in self._windows and len(self._windows) >= MAP_WINDOWS:
+            del self._windows[next(iter(self._windows))]  # the oldest
+        address = np.frombuffer(region, dtype=np.uint8).ctypes.data
+        window = self._windows[index] = (memoryview(region), address)
+        return window
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill buf with the bytes at offset (zeros past the end of the file)."""

@@ -166,6 +166,13 @@ class Initiator:
     def closed(self) -> bool:
         return self._error is not None
 
+    def pause_reading(self) -> None:
+        """Stop taking the target's output off the socket (tests of its back-pressure)."""
+        self._writer.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        self._writer.transport.resume_reading()  # type: ignore[attr-defined]
+
     def _flush(self) -> None:
         assert self.conn is not None
         out = self.conn.data_to_send()

@@ -119,7 +119,9 @@ class Connection:
         self.stat_sn = 0
         self.events: deque[object] = deque()
         self._out: list[bytes | bytearray | memoryview] = []
-        self._out_bytes = 0
+        # Bytes of output queued since the connection began; the transport compares it with
+        # what it has sent to know when a given PDU has left.
+        self.queued_bytes = 0
         # Receive side.
         staging = 2 * (pdu.BHS_LEN + MAX_AHS + 8 + limits.max_recv_data_segment_length + 8)
         self._buf = bytearray(max(staging, 1 << 18))
@@ -1015,12 +1017,15 @@ class Connection:
                data_digest: bytes | None = None) -> None:
         out = self._out
         out.append(hdr)
+        size = len(hdr)
         if self.params.header_digest:
             out.append(dg.digest((hdr,)))
+            size += 4
         n = len(data)
         if n:
             out.append(data)
             pad = pdu.pad_len(n)
+            size += n + pad
             if pad:
                 out.append(_PADDING[pad])
             if self.params.data_digest:
@@ -1029,11 +1034,11 @@ class Connection:
                         (data, _PADDING[pad]) if pad else (data,))
                     data_digest = dg.digest(parts)
                 out.append(data_digest)
-        self._out_bytes += len(hdr) + n
+                size += 4
+        self.queued_bytes += size
 
     def data_to_send(self) -> list[bytes | bytearray | memoryview]:
         out, self._out = self._out, []
-        self._out_bytes = 0
         return out
 
     @property

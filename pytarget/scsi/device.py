@@ -51,6 +51,9 @@ INLINE_WRITE_MAX = 262144  # larger writes go to the I/O threads
 # prepare on an I/O thread. Plain reads stay on the event loop: measured here, handing a
 # 64 KiB read to a thread costs more in GIL hand-offs than the copy it moves.
 PREPARE_IN_THREAD_MIN = 65536
+# Reads at least this large are lent from the page cache to fabrics that take views
+# (ScsiTask.lend_data_in); below it a copy costs about as little as the residency check.
+LEND_MIN = 16384
 INLINE_WRITE_STALL = 0.020  # seconds (throttling pauses, not scheduling noise)
 # Resets supersede every other pending unit attention (SAM-5 5.14).
 _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCCURRED,
@@ -400,6 +403,13 @@ class LogicalUnit:
                 then(buf)
         except OSError as exc:
             raise self.io_error(exc, lba, write=False) from exc
+
+    def lend_blocks(self, lba: int, nbytes: int) -> memoryview | None:
+        """A view of the medium's blocks as they are in the page cache, or None when reading
+        them would wait for the disk (see FileBackstore.mapped for the caller's duties)."""
+        if self.backstore is None or nbytes < LEND_MIN:
+            return None
+        return self.backstore.mapped(lba * self.block_size, nbytes)
 
     def _read_then(self, buf: memoryview, offset: int,
                    then: Callable[[memoryview], None] | None) -> None:

@@ -30,12 +30,14 @@ class _Request:
 class RangeLock:
     def __init__(self) -> None:
         self._held: list[_Request] = []
+        self._exclusive_held = 0  # shared holders never block a shared request
         self._waiting: deque[_Request] = deque()
 
     def _blocked(self, req: _Request, waiters_before: list[_Request] | deque[_Request]) -> bool:
-        for other in self._held:
-            if req.conflicts(other):
-                return True
+        if req.exclusive or self._exclusive_held:
+            for other in self._held:
+                if req.conflicts(other):
+                    return True
         for other in waiters_before:
             if req.conflicts(other):
                 return True
@@ -47,13 +49,13 @@ class RangeLock:
         req = _Request(start, start + max(count, 1), exclusive)
         if self._blocked(req, self._waiting):
             return None
-        self._held.append(req)
+        self._grant(req)
         return req
 
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
         req = _Request(start, start + max(count, 1), exclusive)
         if not self._blocked(req, self._waiting):
-            self._held.append(req)
+            self._grant(req)
             return req
         req.future = asyncio.get_running_loop().create_future()
         self._waiting.append(req)
@@ -69,8 +71,15 @@ class RangeLock:
             raise
         return req
 
+    def _grant(self, req: _Request) -> None:
+        self._held.append(req)
+        if req.exclusive:
+            self._exclusive_held += 1
+
     def release(self, req: _Request) -> None:
         self._held.remove(req)
+        if req.exclusive:
+            self._exclusive_held -= 1
         self._wake()
 
     def _wake(self) -> None:
@@ -84,7 +93,7 @@ class RangeLock:
                 # its task was cancelled and has not run its handler yet: it waits no more
                 continue
             if not self._blocked(req, before):
-                self._held.append(req)
+                self._grant(req)
                 req.future.set_result(None)
             else:
                 remaining.append(req)

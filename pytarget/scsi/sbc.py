@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,16 +40,27 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     fua = len(cdb) > 6 and bool(cdb[1] & 0x08)
     nbytes = count * lu.block_size
     # Only what the initiator will take is read; the rest is reported as an overflow residual.
-    buf = data_buffer(min(nbytes, task.expected_in))
+    want = min(nbytes, task.expected_in)
     ranges = lu.ranges
     lock = ranges.try_acquire(lba, count, False) or await ranges.acquire(lba, count, False)
     try:
         if fua and lu.mode.write_cache:
             await lu.flush()  # FUA: the data comes from the medium, not a newer cached copy
-        if len(buf):
+        if task.lend_data_in and want == nbytes:
+            view = lu.lend_blocks(lba, nbytes)
+            if view is not None:
+                # No copy: the fabric sends from the page cache, and the blocks stay locked
+                # against writers until it has (no torn block next to a COMPARE AND WRITE).
+                task.set_data_in(view)
+                task.on_data_sent = partial(ranges.release, lock)
+                lock = None
+                return
+        buf = data_buffer(want)
+        if want:
             await lu.read_blocks(memoryview(buf), lba, task.prepare_data_in)
     finally:
-        ranges.release(lock)
+        if lock is not None:
+            ranges.release(lock)
     task.set_data_in(buf, nbytes)
 
 

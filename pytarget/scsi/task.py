@@ -64,7 +64,8 @@ class ScsiTask:
 
     __slots__ = ("cdb", "lun", "tag", "attr", "nexus", "expected_in", "expected_out",
                  "source", "status", "sense", "data_in", "data_in_len", "data_out_len",
-                 "aborted", "handle", "internal", "prepare_data_in")
+                 "aborted", "handle", "internal", "prepare_data_in", "lend_data_in",
+                 "on_data_sent")
 
     def __init__(self, cdb: bytes | memoryview, lun: int, tag: int, nexus: Nexus,
                  attr: TaskAttr = TaskAttr.SIMPLE, expected_in: int = 0,
@@ -88,6 +89,13 @@ class ScsiTask:
         # Fabric work on a large Data-In buffer, run on an I/O thread right after the read
         # fills it (iSCSI computes its data digests there).
         self.prepare_data_in: Callable[[memoryview], None] | None = None
+        # Set by a fabric that sends Data-In from the buffer it is given without reading it
+        # in Python: a READ may then answer with a view of the medium's pages instead of a
+        # copy. The view stays valid (the blocks locked) until the fabric calls
+        # `on_data_sent`, which it must do exactly once, when the data has left or will never
+        # leave.
+        self.lend_data_in = False
+        self.on_data_sent: Callable[[], None] | None = None
 
     async def receive_data_out(self, length: int) -> memoryview:
         """The first `length` bytes of Data-Out, collected from the initiator."""
