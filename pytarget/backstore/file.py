@@ -84,6 +84,7 @@ class FileBackstore:
         self.can_map = stat.S_ISREG(st.st_mode)
         self._windows: dict[int, tuple[memoryview, int]] = {}  # index -> (view, address)
         self._residency = bytearray(0)  # mincore's answer, one byte per page
+        self._residency_c: ctypes.Array[ctypes.c_char] | None = None  # pins its address
         self._residency_at = 0
 
     def _block_device_size(self) -> int:
@@ -154,7 +155,6 @@ class FileBackstore:
         pages = (address + end - first + _PAGE - 1) // _PAGE
         if pages > len(self._residency):
             self._residency = bytearray(max(pages, 64))
-            # the ctypes alias keeps the bytearray from being resized under its address
             self._residency_c = (ctypes.c_char * len(self._residency)).from_buffer(self._residency)
             self._residency_at = ctypes.addressof(self._residency_c)
         if _mincore(first, pages * _PAGE, self._residency_at) != 0:
