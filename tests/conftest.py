@@ -32,6 +32,15 @@ def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
     return asyncio.run(bounded())
 
 
+async def until(predicate: Any, what: str) -> None:
+    """Wait (up to 10 s) for a condition on the in-process target's state."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
 def write_config(directory: Path, luns: list[dict[str, Any]] | None = None,
                  targets: list[dict[str, Any]] | None = None, **extra: Any) -> Path:
     """A YAML config in `directory` with one target (TARGET_IQN) unless `targets` is given."""

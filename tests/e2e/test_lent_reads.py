@@ -16,20 +16,12 @@ from pytarget.initiator.client import ConnectionLost, Initiator
 from pytarget.scsi.stats import COMMANDS
 from pytarget.server import Server
 
-from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, write_config
+from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, until, write_config
 
 BS = 512
 MiB = 1 << 20
 READS = 32  # 1 MiB each: far more than loopback socket buffers hold
 READ10 = 0x28
-
-
-async def until(predicate, what: str) -> None:
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never: {what}")
 
 
 async def session(host: str, port: int, name: str) -> Initiator:
@@ -39,9 +31,14 @@ async def session(host: str, port: int, name: str) -> Initiator:
     return ini
 
 
-async def stalled_reads(server, lu, reader: Initiator) -> list[asyncio.Future]:
-    """READS reads of 1 MiB by a reader that takes none of the data: once they return, each
-    has run on the target and most of their data waits to be sent."""
+async def stalled_reads(server, lu, host: str, port: int,
+                        data: bytes) -> tuple[Initiator, Initiator, list[asyncio.Future]]:
+    """A writer session stores `data` at LBA 0; a reader session that takes none of the data
+    then reads it back in READS reads of 1 MiB. Once this returns, each READ has run on the
+    target and most of their data waits to be sent. Returns (writer, reader, reads)."""
+    writer = await session(host, port, INITIATOR2)
+    await write_all(writer, data)
+    reader = await session(host, port, INITIATOR1)
     reader.pause_reading()
     reads = [asyncio.ensure_future(reader.read(0, i * MiB // BS, MiB // BS, BS))
              for i in range(READS)]
@@ -49,7 +46,7 @@ async def stalled_reads(server, lu, reader: Initiator) -> list[asyncio.Future]:
     await until(lambda: lu.stats_commands.get(READ10, [0])[COMMANDS] == done + READS,
                 "every READ executed")
     await until(lambda: server.streams == 1, "the target's output waits for the socket")
-    return reads
+    return writer, reader, reads
 
 
 async def write_all(ini: Initiator, data: bytes) -> None:
@@ -82,10 +79,7 @@ def test_stalled_reader_gets_the_data_of_its_command(tmp_path: Path) -> None:
     new = os.urandom(MiB)
 
     async def scenario(server, lu, host, port) -> None:
-        writer = await session(host, port, INITIATOR2)
-        await write_all(writer, old)
-        reader = await session(host, port, INITIATOR1)
-        reads = await stalled_reads(server, lu, reader)
+        writer, reader, reads = await stalled_reads(server, lu, host, port, old)
         last = (READS - 1) * MiB // BS
         write = asyncio.ensure_future(writer.write(0, last, new, block_size=BS))
         await asyncio.sleep(0.2)
@@ -105,10 +99,8 @@ def test_stalled_reader_gets_the_data_of_its_command(tmp_path: Path) -> None:
 
 def test_peer_gone_with_data_unsent_releases_the_blocks(tmp_path: Path) -> None:
     async def scenario(server, lu, host, port) -> None:
-        writer = await session(host, port, INITIATOR2)
-        await write_all(writer, os.urandom(READS * MiB))
-        reader = await session(host, port, INITIATOR1)
-        reads = await stalled_reads(server, lu, reader)
+        writer, reader, reads = await stalled_reads(server, lu, host, port,
+                                                    os.urandom(READS * MiB))
         assert lu.ranges.busy
         await reader.close()
         await asyncio.gather(*reads, return_exceptions=True)
@@ -122,11 +114,8 @@ def test_peer_gone_with_data_unsent_releases_the_blocks(tmp_path: Path) -> None:
 
 def test_file_truncated_under_unsent_data_drops_only_that_connection(tmp_path: Path) -> None:
     async def scenario(server, lu, host, port) -> None:
-        other = await session(host, port, INITIATOR2)
         data = os.urandom(READS * MiB)
-        await write_all(other, data)
-        reader = await session(host, port, INITIATOR1)
-        reads = await stalled_reads(server, lu, reader)
+        other, reader, reads = await stalled_reads(server, lu, host, port, data)
         size = os.path.getsize(lu.backstore.path)
         os.truncate(lu.backstore.path, 0)  # someone else shrinks the backing file
         reader.resume_reading()

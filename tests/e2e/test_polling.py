@@ -14,18 +14,10 @@ from pytarget.initiator.client import Initiator
 from pytarget.server import Server
 from pytarget.transport import PollingSelector
 
-from ..conftest import INITIATOR1, TARGET_IQN, write_config
+from ..conftest import INITIATOR1, TARGET_IQN, until, write_config
 
 BS = 512
 MiB = 1 << 20
-
-
-async def until(predicate, what: str) -> None:
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never: {what}")
 
 
 def test_streams_are_counted_and_released(tmp_path: Path) -> None:
