@@ -43,6 +43,7 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     want = min(nbytes, task.expected_in)
     ranges = lu.ranges
     lock = ranges.try_acquire(lba, count, False) or await ranges.acquire(lba, count, False)
+    lent = False
     try:
         if fua and lu.mode.write_cache:
             await lu.flush()  # FUA: the data comes from the medium, not a newer cached copy
@@ -53,13 +54,13 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
                 # against writers until it has (no torn block next to a COMPARE AND WRITE).
                 task.set_data_in(view)
                 task.on_data_sent = partial(ranges.release, lock)
-                lock = None
+                lent = True
                 return
         buf = data_buffer(want)
         if want:
             await lu.read_blocks(memoryview(buf), lba, task.prepare_data_in)
     finally:
-        if lock is not None:
+        if not lent:
             ranges.release(lock)
     task.set_data_in(buf, nbytes)
 
