@@ -1,7 +1,7 @@
 """READs sent straight from the page cache keep their blocks locked until the socket has taken
 them: an initiator that stalls mid-read still gets the data as it was when its command ran,
 and a write to those blocks waits. A backing file truncated under data waiting to be sent
-costs that connection, not the target."""
+costs that connection, not the target; a LUN removed by a reload still delivers what it lent."""
 
 from __future__ import annotations
 
@@ -24,23 +24,23 @@ READS = 32  # 1 MiB each: far more than loopback socket buffers hold
 READ10 = 0x28
 
 
-async def session(host: str, port: int, name: str) -> Initiator:
+async def session(host: str, port: int, name: str, lun: int = 0) -> Initiator:
     ini = await Initiator.connect(host, port)
     await ini.login(TARGET_IQN, initiator_name=name, MaxRecvDataSegmentLength=str(256 * 1024))
-    await ini.clear_unit_attentions(0)
+    await ini.clear_unit_attentions(lun)
     return ini
 
 
-async def stalled_reads(server, lu, host: str, port: int,
-                        data: bytes) -> tuple[Initiator, Initiator, list[asyncio.Future]]:
-    """A writer session stores `data` at LBA 0; a reader session that takes none of the data
-    then reads it back in READS reads of 1 MiB. Once this returns, each READ has run on the
-    target and most of their data waits to be sent. Returns (writer, reader, reads)."""
-    writer = await session(host, port, INITIATOR2)
-    await write_all(writer, data)
-    reader = await session(host, port, INITIATOR1)
+async def stalled_reads(server, lu, host: str, port: int, data: bytes
+                        ) -> tuple[Initiator, Initiator, list[asyncio.Future]]:
+    """A writer session stores `data` at LBA 0 of `lu`; a reader session that takes none of
+    the data then reads it back in READS reads of 1 MiB. Once this returns, each READ has run
+    on the target and most of their data waits to be sent. Returns (writer, reader, reads)."""
+    writer = await session(host, port, INITIATOR2, lu.lun)
+    await write_all(writer, data, lu.lun)
+    reader = await session(host, port, INITIATOR1, lu.lun)
     reader.pause_reading()
-    reads = [asyncio.ensure_future(reader.read(0, i * MiB // BS, MiB // BS, BS))
+    reads = [asyncio.ensure_future(reader.read(lu.lun, i * MiB // BS, MiB // BS, BS))
              for i in range(READS)]
     done = lu.stats_commands.get(READ10, [0])[COMMANDS]
     await until(lambda: lu.stats_commands.get(READ10, [0])[COMMANDS] == done + READS,
@@ -49,9 +49,9 @@ async def stalled_reads(server, lu, host: str, port: int,
     return writer, reader, reads
 
 
-async def write_all(ini: Initiator, data: bytes) -> None:
+async def write_all(ini: Initiator, data: bytes, lun: int = 0) -> None:
     for at in range(0, len(data), MiB):
-        (await ini.write(0, at // BS, data[at:at + MiB], block_size=BS)).check()
+        (await ini.write(lun, at // BS, data[at:at + MiB], block_size=BS)).check()
 
 
 def serve(tmp_path: Path, scenario) -> None:
@@ -157,5 +157,30 @@ def test_reads_are_intact_with_and_without_data_digests(tmp_path: Path, digests:
         assert not lu.ranges.busy
         await ini.logout()
         await ini.close()
+
+    serve(tmp_path, scenario)
+
+
+def test_lun_removed_under_unsent_data_still_delivers_it(tmp_path: Path) -> None:
+    """A reload that removes the LUN closes its backing file once its commands are done; READ
+    data already lent from it is still sent whole."""
+    async def scenario(server, lu0, host, port) -> None:
+        config = write_config(tmp_path, luns=[{"id": 0, "path": "lun0.img", "size": "64MiB"},
+                                              {"id": 1, "path": "lun1.img", "size": "64MiB"}],
+                              limits={"output_high_water": "128MiB"})
+        await server.reload(load(config))
+        lu = server.registry.target(TARGET_IQN).luns[1]
+        data = os.urandom(READS * MiB)
+        writer, reader, reads = await stalled_reads(server, lu, host, port, data)
+        config = write_config(tmp_path, luns=[{"id": 0, "path": "lun0.img", "size": "64MiB"}],
+                              limits={"output_high_water": "128MiB"})
+        assert any("removed" in change for change in await server.reload(load(config)))
+        await until(lambda: lu.closed, "the removed LUN's backing file closed")
+        reader.resume_reading()
+        for i, fut in enumerate(reads):
+            assert (await fut).check().data == data[i * MiB:(i + 1) * MiB], f"read {i}"
+        await until(lambda: not lu.ranges.busy, "the lent blocks released")
+        for ini in (reader, writer):
+            await ini.close()
 
     serve(tmp_path, scenario)
