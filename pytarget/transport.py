@@ -265,7 +265,8 @@ class ConnectionDriver:
         lu.submit(scsi, self._completed)
 
     def _digest_data_in(self, itask: IscsiTask, data: memoryview) -> None:
-        """On an I/O thread: the Data-In digests of a read's buffer, ready for sending."""
+        """The Data-In digests of a read's buffer, ready for sending (on the event loop or an
+        I/O thread, wherever the read ran)."""
         length = min(len(data), itask.edtl)
         itask.data_in_digests = (length, self.conn.data_in_digests(data, length))
 

@@ -47,10 +47,6 @@ MAX_UA_QUEUE = 16
 COPY_ALIGNMENT = 4096  # FICLONERANGE offsets and lengths are filesystem-block aligned
 COPY_BUFFER_BYTES = 1 << 20
 INLINE_WRITE_MAX = 262144  # larger writes go to the I/O threads
-# Reads with fabric work to do on their buffer (iSCSI data digests) this large read and
-# prepare on an I/O thread. Plain reads stay on the event loop: measured here, handing a
-# 64 KiB read to a thread costs more in GIL hand-offs than the copy it moves.
-PREPARE_IN_THREAD_MIN = 65536
 # Reads at least this large are lent from the page cache to fabrics that take views
 # (ScsiTask.lend_data_in); below it a copy costs about as little as the residency check.
 LEND_MIN = 16384
@@ -388,19 +384,19 @@ class LogicalUnit:
 
     async def read_blocks(self, buf: memoryview, lba: int,
                           then: Callable[[memoryview], None] | None = None) -> None:
-        """Fill buf from the medium: from the page cache on the event loop when that cannot
-        block, else on the I/O threads. `then` (a fabric hook) runs on an I/O thread with the
-        filled buffer, so its work overlaps the event loop's."""
+        """Fill buf from the medium, then run `then` (a fabric hook, iSCSI's data digests) on
+        it: both on the event loop when the data is in the page cache, else both on an I/O
+        thread. Measured here, a trip to a thread and back costs more than the copy and the
+        CRC it would move off the loop (1 MiB reads with data digests: 0.82 of the
+        digest-free rate with the CRC on a thread, 0.94 on the loop)."""
         assert self.backstore is not None
         offset = lba * self.block_size
         try:
-            if then is not None and len(buf) >= PREPARE_IN_THREAD_MIN:
-                await self.in_thread(self._read_then, buf, offset, then)
+            if self.backstore.read_nowait(buf, offset):
+                if then is not None:
+                    then(buf)
                 return
-            if not self.backstore.read_nowait(buf, offset):
-                await self.in_thread(self.backstore.read_into, buf, offset)
-            if then is not None:
-                then(buf)
+            await self.in_thread(self._read_then, buf, offset, then)
         except OSError as exc:
             raise self.io_error(exc, lba, write=False) from exc
 

@@ -86,8 +86,9 @@ class ScsiTask:
         self.aborted = False
         self.handle: object | None = None
         self.internal = False  # issued by the copy manager on behalf of `nexus`
-        # Fabric work on a large Data-In buffer, run on an I/O thread right after the read
-        # fills it (iSCSI computes its data digests there).
+        # Fabric work on a READ's Data-In buffer, run right after the read fills it, where the
+        # read ran: on the event loop, or on an I/O thread when the read had to go there
+        # (iSCSI computes its data digests here).
         self.prepare_data_in: Callable[[memoryview], None] | None = None
         # Set by a fabric that sends Data-In from the buffer it is given without reading it
         # in Python: a READ may then answer with a view of the medium's pages instead of a
