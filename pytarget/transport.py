@@ -163,9 +163,8 @@ class ConnectionDriver:
                 else:
                     pending[0] = memoryview(head)[sent:]
                     sent = 0
-        lent = self.lent
-        while lent and lent[0][0] <= self.sent_bytes:
-            lent.popleft()[1]()
+        if self.lent:
+            self._release_lent(self.sent_bytes)
         if pending and not self.writing:
             self.writing = True
             self.loop.add_writer(self.fd, self._on_writable)
@@ -285,9 +284,11 @@ class ConnectionDriver:
         else:
             self.lent.append((self.conn.queued_bytes, release))
 
-    def _release_lent(self) -> None:
+    def _release_lent(self, sent: float = float("inf")) -> None:
+        """Release the blocks of lent Data-In whose response ends within the first `sent`
+        bytes of output (all of it when the connection ends)."""
         lent = self.lent
-        while lent:
+        while lent and lent[0][0] <= sent:
             lent.popleft()[1]()
 
     def _respond(self, scsi: ScsiTask) -> None:

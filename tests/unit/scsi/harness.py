@@ -95,11 +95,17 @@ def make_lu(tmp_path: Path, blocks: int = 8192, block_size: int = 512, lun: int 
     return lu
 
 
-async def run_async(lu: LogicalUnit, cdb: bytes, data_out: bytes = b"",
-                    nexus: Nexus = NEXUS_A, expected_in: int = 1 << 24) -> Result:
-    task = ScsiTask(cdb.ljust(16, b"\0") if len(cdb) < 6 else cdb, lu.lun, next(_tags), nexus,
+def make_task(lu: LogicalUnit, cdb: bytes, data_out: bytes = b"", nexus: Nexus = NEXUS_A,
+              expected_in: int = 1 << 24) -> ScsiTask:
+    """A task for `cdb` whose Data-Out is `data_out`, as a transport would build it."""
+    return ScsiTask(cdb.ljust(16, b"\0") if len(cdb) < 6 else cdb, lu.lun, next(_tags), nexus,
                     expected_in=expected_in, expected_out=len(data_out),
                     source=MemorySource(data_out))
+
+
+async def run_async(lu: LogicalUnit, cdb: bytes, data_out: bytes = b"",
+                    nexus: Nexus = NEXUS_A, expected_in: int = 1 << 24) -> Result:
+    task = make_task(lu, cdb, data_out, nexus, expected_in)
     await lu.start(task)
     data = bytes(task.data_in[:task.data_in_len]) if task.data_in is not None else b""
     return Result(task.status, task.sense, data)

@@ -15,7 +15,7 @@ from pytarget.scsi.device import LEND_MIN
 from pytarget.scsi.sense import Status
 from pytarget.scsi.task import ScsiTask
 
-from .harness import NEXUS_A, NEXUS_B, MemorySource, make_lu
+from .harness import NEXUS_A, NEXUS_B, make_lu, make_task
 
 MiB = 1 << 20
 
@@ -29,9 +29,8 @@ def write10(lba: int, blocks: int) -> bytes:
 
 
 def task_for(lu, cdb: bytes, *, lend: bool = True, expected_in: int = 1 << 24,
-             data_out: bytes = b"", nexus=NEXUS_A, tag: int = 1) -> ScsiTask:
-    task = ScsiTask(cdb, lu.lun, tag, nexus, expected_in=expected_in,
-                    expected_out=len(data_out), source=MemorySource(data_out))
+             data_out: bytes = b"", nexus=NEXUS_A) -> ScsiTask:
+    task = make_task(lu, cdb, data_out, nexus, expected_in)
     task.lend_data_in = lend
     lu.ua.setdefault(nexus.key, deque()).clear()
     return task
@@ -108,7 +107,7 @@ def test_lent_read_holds_its_blocks_until_the_data_is_sent(tmp_path) -> None:
         await lu.start(reader)
         assert reader.status == Status.GOOD and reader.on_data_sent is not None
         assert isinstance(reader.data_in, memoryview) and reader.data_in.readonly
-        writer = task_for(lu, write10(1024, 8), data_out=new[:4096], nexus=NEXUS_B, tag=2)
+        writer = task_for(lu, write10(1024, 8), data_out=new[:4096], nexus=NEXUS_B)
         write = asyncio.ensure_future(lu.start(writer))
         await asyncio.sleep(0.05)
         assert not write.done()  # the write waits for the lent blocks
@@ -116,7 +115,7 @@ def test_lent_read_holds_its_blocks_until_the_data_is_sent(tmp_path) -> None:
         reader.on_data_sent()
         await write
         assert writer.status == Status.GOOD
-        after = task_for(lu, read10(1024, 8), lend=False, tag=3)
+        after = task_for(lu, read10(1024, 8), lend=False)
         await lu.start(after)
         assert bytes(after.data_in) == new[:4096]
         assert not lu.ranges.busy
