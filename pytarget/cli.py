@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, logs
-from .config import (DEFAULT_CONFIG, IQN_RE, MAX_LUN, Config, ConfigError, load, parse,
-                     parse_portal, parse_size)
+from .config import (
+    DEFAULT_CONFIG,
+    IQN_RE,
+    MAX_LUN,
+    Config,
+    ConfigError,
+    load,
+    parse,
+    parse_portal,
+    parse_size,
+)
 
 EXIT_CONFIG = 2
 

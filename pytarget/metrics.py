@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .scsi import stats
+from .core import stats
 from .scsi.opcodes import Opcode
 
 if TYPE_CHECKING:

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections import Counter
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backstore.file import FileBackstore
 from .config import Config, LunConfig, TargetConfig
+from .core.sense import Asc
 from .iscsi.target import TargetNode
 from .scsi.pr import PrStateError
-from .scsi.sense import Asc
 from .status import size_text
 
 if TYPE_CHECKING:

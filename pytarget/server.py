@@ -20,8 +20,8 @@ from .backstore.file import FileBackstore
 from .config import Config, ConfigError, LunConfig, TargetConfig, load, prepare_backing_files
 from .control import ControlError, ControlServer, socket_path
 from .copy.manager import CopyManager, RegistryDomain
-from .iscsi.session import Session
 from .iscsi.bounds import MemoryBudget
+from .iscsi.session import Session
 from .iscsi.target import AclEntry, TargetNode, TargetRegistry
 from .metrics import MetricsServer, render
 from .scsi.device import LogicalUnit, LuConfig, io_threads_busy

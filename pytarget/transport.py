@@ -20,14 +20,14 @@ from functools import partial
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable
 
+from .core import sense as S
+from .core.sense import Asc
+from .core.task import ScsiTask, TaskAttr
 from .iscsi import connection as C
 from .iscsi.connection import Connection
 from .iscsi.errors import LoginError
-from .iscsi.pdu import TmfFunction, TmfResponse, decode_lun, LogoutReason, LogoutResponse
+from .iscsi.pdu import LogoutReason, LogoutResponse, TmfFunction, TmfResponse, decode_lun
 from .iscsi.session import IscsiTask
-from .scsi import sense as S
-from .scsi.sense import Asc
-from .scsi.task import ScsiTask, TaskAttr
 
 if TYPE_CHECKING:
     from .server import Server

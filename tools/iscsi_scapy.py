@@ -13,9 +13,21 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from scapy.fields import (BitEnumField, BitField, ByteEnumField, ByteField, IntField,
-                          ShortField, StrFixedLenField, StrLenField, X3BytesField,
-                          XByteField, XIntField, XLongField, XShortField)
+from scapy.fields import (
+    BitEnumField,
+    BitField,
+    ByteEnumField,
+    ByteField,
+    IntField,
+    ShortField,
+    StrFixedLenField,
+    StrLenField,
+    X3BytesField,
+    XByteField,
+    XIntField,
+    XLongField,
+    XShortField,
+)
 from scapy.layers.inet import TCP
 from scapy.packet import Packet, bind_layers
 

@@ -11,10 +11,10 @@ import asyncio
 import struct
 from typing import TYPE_CHECKING
 
-from ..scsi import limits
-from ..scsi import sense as S
-from ..scsi.cdb import be16, be32, be64
-from ..scsi.sense import Asc, SenseError
+from ..core import limits
+from ..core import sense as S
+from ..core.cdb import be16, be32, be64
+from ..core.sense import Asc, SenseError
 from . import descriptors, discovery
 from .descriptors import ListIdUsage, Segment, SegmentType
 from .engine import CopyAborted, CopyJob, Plan, Side, aborted_status, internal_command
@@ -22,8 +22,8 @@ from .manager import CopyOperation, CopyService, CopyStatus
 from .tokens import ROD_TYPE_AUR, ROD_TYPE_BLOCK_ZERO, TOKEN_LENGTH, RodToken
 
 if TYPE_CHECKING:
+    from ..core.task import ScsiTask
     from ..scsi.device import LogicalUnit
-    from ..scsi.task import ScsiTask
 
 SA_EXTENDED_COPY_LID1 = 0x00
 SA_EXTENDED_COPY_LID4 = 0x01

@@ -13,10 +13,10 @@ import ipaddress
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..scsi import limits
-from ..scsi import sense as S
-from ..scsi.cdb import be16, be32, be64
-from ..scsi.sense import Asc
+from ..core import limits
+from ..core import sense as S
+from ..core.cdb import be16, be32, be64
+from ..core.sense import Asc
 
 LID1_HEADER = 16
 LID4_HEADER = 48

@@ -1,6 +1,6 @@
 """What the copy manager tells initiators about itself: VPD 8Fh (Third-party Copy, SPC-4
 7.8.17), VPD 85h (Management Network Addresses, SPC-4 7.8.9) and RECEIVE COPY RESULTS'
-OPERATING PARAMETERS (SPC-4 6.18.4). Every number comes from `scsi.limits`, which the parser
+OPERATING PARAMETERS (SPC-4 6.18.4). Every number comes from `core.limits`, which the parser
 and the token code enforce.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from ..scsi import limits
+from ..core import limits
 from .descriptors import CSCD_ID_SELF, SUPPORTED_CSCD_TYPES, SUPPORTED_SEGMENT_TYPES
 from .tokens import ROD_TYPE_AUR, ROD_TYPE_BLOCK_ZERO
 
 if TYPE_CHECKING:
+    from ..core.task import ScsiTask
     from ..scsi.device import LogicalUnit
-    from ..scsi.task import ScsiTask
 
 EXTENDED_COPY = 0x83
 RECEIVE_COPY_RESULTS = 0x84

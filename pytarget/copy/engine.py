@@ -19,15 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..scsi import limits
-from ..scsi import sense as S
-from ..scsi.sense import Asc, SenseError, SenseKey, Status
-from ..scsi.task import ScsiTask
+from ..core import limits
+from ..core import sense as S
+from ..core.sense import Asc, SenseError, SenseKey, Status
+from ..core.task import ScsiTask
 from .descriptors import CSCD_ID_SELF, CopyList, Cscd, CscdType, Segment, SegmentType
 
 if TYPE_CHECKING:
+    from ..core.task import Nexus
     from ..scsi.device import LogicalUnit
-    from ..scsi.task import Nexus
     from .manager import CopyOperation, CopyService
 
 _tags = itertools.count(1 << 31)

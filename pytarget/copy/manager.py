@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..scsi import limits
-from ..scsi import sense as S
-from ..scsi.sense import SenseError, Status
+from ..core import limits
+from ..core import sense as S
+from ..core.sense import SenseError, Status
 from .tokens import TokenStore
 
 if TYPE_CHECKING:
+    from ..core.task import Nexus
     from ..scsi.device import LogicalUnit
-    from ..scsi.task import Nexus
 
 Clock = Callable[[], float]
 log = logging.getLogger("pytarget.copy")

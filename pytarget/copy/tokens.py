@@ -23,13 +23,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..scsi import limits
-from ..scsi import sense as S
-from ..scsi.sense import Asc
+from ..core import limits
+from ..core import sense as S
+from ..core.sense import Asc
 
 if TYPE_CHECKING:
+    from ..core.task import Nexus
     from ..scsi.device import LogicalUnit
-    from ..scsi.task import Nexus
     from .manager import Clock, CopyManager
 
 ROD_TYPE_AUR = 0x00010000  # access upon reference (SPC-4 table 119)

@@ -11,8 +11,7 @@ import hmac
 import secrets
 
 from ..iscsi import text
-from ..iscsi.auth import CHALLENGE_LENGTH, CHAP_MD5, CHAP_SHA256, HASHES, MAX_BINARY, \
-    chap_response
+from ..iscsi.auth import CHALLENGE_LENGTH, CHAP_MD5, CHAP_SHA256, HASHES, MAX_BINARY, chap_response
 from .protocol import Authenticator, ProtocolError
 
 

@@ -15,10 +15,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..iscsi.pdu import RESERVED_TAG, LogoutReason, TaskAttr
-from .protocol import (AsyncMessage, Authenticator, CommandAborted, CommandComplete,
-                       InitiatorConnection, LoginComplete, LoginFailed, LogoutComplete,
-                       NopReply, ProtocolError, R2TReceived, Rejected, TargetPing,
-                       TextComplete, TmfComplete, parse_sense)
+from .protocol import (
+    AsyncMessage,
+    Authenticator,
+    CommandAborted,
+    CommandComplete,
+    InitiatorConnection,
+    LoginComplete,
+    LoginFailed,
+    LogoutComplete,
+    NopReply,
+    ProtocolError,
+    R2TReceived,
+    Rejected,
+    TargetPing,
+    TextComplete,
+    TmfComplete,
+    parse_sense,
+)
 
 DEFAULT_INITIATOR = "iqn.2026-11.io.pytarget:initiator"
 GOOD = 0x00

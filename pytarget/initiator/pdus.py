@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import struct
 
-from ..iscsi.pdu import BHS_LEN, F_CMD_READ, F_CMD_WRITE, F_CONTINUE, F_FINAL, F_TRANSIT, \
-    RESERVED_TAG, Op
+from ..iscsi.pdu import (
+    BHS_LEN,
+    F_CMD_READ,
+    F_CMD_WRITE,
+    F_CONTINUE,
+    F_FINAL,
+    F_TRANSIT,
+    RESERVED_TAG,
+    Op,
+)
 
 IMMEDIATE = 0x40
 _I = struct.Struct(">I")

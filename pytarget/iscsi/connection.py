@@ -18,10 +18,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..backstore.buffers import data_buffer
+from ..core.buffers import data_buffer
+from ..core.limits import MAX_TRANSFER_BYTES
 from . import digest as dg
 from . import pdu, text
-from ..scsi.limits import MAX_TRANSFER_BYTES
 from .bounds import MemoryBudget
 from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduReject
 from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult

@@ -16,8 +16,15 @@ from typing import Protocol
 from . import pdu, text
 from .auth import Authenticator
 from .errors import LoginError, LoginStatus
-from .params import (DECLARATIVE_FROM_INITIATOR, SECURITY_KEYS, TARGET_ONLY_KEYS,
-                     ConnectionParams, Negotiator, SessionParams, TargetLimits)
+from .params import (
+    DECLARATIVE_FROM_INITIATOR,
+    SECURITY_KEYS,
+    TARGET_ONLY_KEYS,
+    ConnectionParams,
+    Negotiator,
+    SessionParams,
+    TargetLimits,
+)
 
 SECURITY = 0
 OPERATIONAL = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..scsi.task import Nexus, ScsiTask
+from ..core.task import Nexus, ScsiTask
 from .params import ConnectionParams, SessionParams
 
 if TYPE_CHECKING:

@@ -12,10 +12,15 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..core.task import Nexus
 from ..scsi.device import LogicalUnit, NoLogicalUnit
-from ..scsi.task import Nexus
-from .auth import Authenticator, ChallengeLedger, ChapAuthenticator, ChapCredentials, \
-    NoAuthentication
+from .auth import (
+    Authenticator,
+    ChallengeLedger,
+    ChapAuthenticator,
+    ChapCredentials,
+    NoAuthentication,
+)
 from .errors import LoginError, LoginStatus
 from .login import LoginResult
 from .params import TargetLimits

@@ -22,16 +22,25 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from . import limits, stats, vpd
-from . import sense as S
-from .locks import RangeLock, _Request
+from ..core import limits, stats
+from ..core import sense as S
+from ..core.locks import RangeLock, _Request
+from ..core.sense import Asc, SenseError, Status
+from ..core.stats import (
+    COMMANDS,
+    DATA_IN,
+    DATA_OUT,
+    FIRST_BUCKET,
+    LATENCY_NS,
+    NOT_GOOD,
+    SLOWEST,
+    TOP_BUCKET,
+)
+from ..core.task import Nexus, ScsiTask
+from . import vpd
 from .modes import ModePages
-from .opcodes import NO_LU_TABLE, SBC_THICK_TABLE, SBC_TABLE, Opcode, OpSpec, OpTable
+from .opcodes import NO_LU_TABLE, SBC_TABLE, SBC_THICK_TABLE, Opcode, OpSpec, OpTable
 from .pr import PersistentReservations
-from .sense import Asc, SenseError, Status
-from .stats import (COMMANDS, DATA_IN, DATA_OUT, FIRST_BUCKET, LATENCY_NS, NOT_GOOD, SLOWEST,
-                    TOP_BUCKET)
-from .task import Nexus, ScsiTask
 
 if TYPE_CHECKING:
     from ..backstore.file import FileBackstore

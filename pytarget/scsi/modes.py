@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import sense as S
+from ..core import sense as S
 
 if TYPE_CHECKING:
     from .device import LogicalUnit

@@ -15,13 +15,13 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from ..copy import commands as copy
+from ..core import sense as S
+from ..core.policy import Flag, Pr
 from . import pr, provisioning, sbc, spc
-from . import sense as S
-from .policy import Flag, Pr
 
 if TYPE_CHECKING:
+    from ..core.task import ScsiTask
     from .device import LogicalUnit
-    from .task import ScsiTask
 
 Handler = Callable[["LogicalUnit", "ScsiTask", bytes], Awaitable[None]]
 

@@ -38,15 +38,15 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from . import limits
-from . import sense as S
-from .cdb import be16, be32, be64
-from .policy import Pr
-from .sense import Asc
+from ..core import limits
+from ..core import sense as S
+from ..core.cdb import be16, be32, be64
+from ..core.policy import Pr
+from ..core.sense import Asc
 
 if TYPE_CHECKING:
+    from ..core.task import Nexus, ScsiTask
     from .device import LogicalUnit
-    from .task import Nexus, ScsiTask
 
 log = logging.getLogger("pytarget.scsi.pr")
 

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import limits
-from . import sense as S
-from .cdb import be16, be32, be64
+from ..core import limits
+from ..core import sense as S
+from ..core.cdb import be16, be32, be64
 from .sbc import physical_exponent
 
 if TYPE_CHECKING:
+    from ..core.task import ScsiTask
     from .device import LogicalUnit
-    from .task import ScsiTask
 
 MAPPED = 0
 DEALLOCATED = 1

@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..backstore.buffers import data_buffer
-from . import limits
-from . import sense as S
-from .cdb import be16, be32, be64, lba_and_length
-from .sense import Status
+from ..core import limits
+from ..core import sense as S
+from ..core.buffers import data_buffer
+from ..core.cdb import be16, be32, be64, lba_and_length
+from ..core.sense import Status
 
 if TYPE_CHECKING:
+    from ..core.task import ScsiTask
     from .device import LogicalUnit
-    from .task import ScsiTask
 
 
 def transfer(lu: LogicalUnit, cdb: bytes) -> tuple[int, int]:

@@ -10,14 +10,14 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from . import sense as S
+from ..core import sense as S
+from ..core.cdb import be16, be32
+from ..core.sense import Asc, SenseKey, encode_sense
 from . import vpd
-from .cdb import be16, be32
-from .sense import Asc, SenseKey, encode_sense
 
 if TYPE_CHECKING:
+    from ..core.task import ScsiTask
     from .device import LogicalUnit
-    from .task import ScsiTask
 
 log = logging.getLogger("pytarget.scsi")
 

@@ -6,12 +6,12 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import limits
-from . import sense as S
+from ..core import limits
+from ..core import sense as S
 
 if TYPE_CHECKING:
+    from ..core.task import Nexus, ScsiTask
     from .device import LogicalUnit
-    from .task import Nexus, ScsiTask
 
 # VERSION 05h (SPC-3) is what this device server claims in standard INQUIRY data: it
 # implements the SPC-4 commands it lists, but follows SPC-3's reading of the copy target

@@ -12,12 +12,24 @@ from typing import Any
 
 import pytest
 
-from pytarget.initiator.client import (ConnectionLost, Initiator, LoginFailedError,
-                                       TaskAborted, rw_cdb)
+from pytarget.initiator.client import (
+    ConnectionLost,
+    Initiator,
+    LoginFailedError,
+    TaskAborted,
+    rw_cdb,
+)
 from pytarget.iscsi.pdu import TmfFunction, TmfResponse
 
-from ..conftest import (INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, run, start_target,
-                       write_config)
+from ..conftest import (
+    INITIATOR1,
+    INITIATOR2,
+    TARGET_IQN,
+    LiveTarget,
+    run,
+    start_target,
+    write_config,
+)
 
 BLOCK = 512
 UNIT_ATTENTION = 0x6

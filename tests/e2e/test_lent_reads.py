@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pytarget.config import load
+from pytarget.core.stats import COMMANDS
 from pytarget.initiator.client import ConnectionLost, Initiator
-from pytarget.scsi.stats import COMMANDS
 from pytarget.server import Server
 
 from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, until, write_config

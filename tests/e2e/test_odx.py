@@ -14,8 +14,15 @@ import pytest
 
 from pytarget.initiator.client import CommandResult, Initiator
 
-from ..conftest import (INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, run, start_target,
-                       write_config)
+from ..conftest import (
+    INITIATOR1,
+    INITIATOR2,
+    TARGET_IQN,
+    LiveTarget,
+    run,
+    start_target,
+    write_config,
+)
 
 ZERO_TOKEN = struct.pack(">I2xH", 0xFFFF0001, 0x01F8) + bytes(504)
 BS = 512

@@ -19,8 +19,14 @@ import pytest
 
 from pytarget.initiator import pdus
 from pytarget.initiator.chap import ChapAuthenticator
-from pytarget.initiator.client import (CommandResult, ConnectionLost, Initiator,
-                                       LoginFailedError, random_isid, rw_cdb)
+from pytarget.initiator.client import (
+    CommandResult,
+    ConnectionLost,
+    Initiator,
+    LoginFailedError,
+    random_isid,
+    rw_cdb,
+)
 from pytarget.iscsi import digest as dg
 from pytarget.iscsi.auth import CHAP_MD5, CHAP_SHA256
 from pytarget.iscsi.pdu import RejectReason

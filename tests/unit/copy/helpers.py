@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pytarget.backstore.file import FileBackstore
 from pytarget.copy.manager import CopyManager, RegistryDomain
+from pytarget.core.task import Nexus
 from pytarget.iscsi.target import TargetNode, TargetRegistry
 from pytarget.scsi.device import LogicalUnit, LuConfig
-from pytarget.scsi.task import Nexus
 
 TARGET = "iqn.2026-11.io.pytarget:unit"
 OTHER_TARGET = "iqn.2026-11.io.pytarget:other"

@@ -12,14 +12,26 @@ from pathlib import Path
 
 import pytest
 
+from pytarget.core import limits
+from pytarget.core.sense import Asc, SenseKey, Status
+from pytarget.core.task import ScsiTask
 from pytarget.iscsi.target import AclEntry
-from pytarget.scsi import limits
-from pytarget.scsi.sense import Asc, SenseKey, Status
-from pytarget.scsi.task import ScsiTask
 
 from ..scsi.harness import MemorySource, Result, run, run_async
-from .helpers import (INIT_B, NEXUS_A, NEXUS_B, Rig, b2b, b2b_offset, e4, lid1, lid4,
-                      rcr_cdb, verify, xcopy_cdb)
+from .helpers import (
+    INIT_B,
+    NEXUS_A,
+    NEXUS_B,
+    Rig,
+    b2b,
+    b2b_offset,
+    e4,
+    lid1,
+    lid4,
+    rcr_cdb,
+    verify,
+    xcopy_cdb,
+)
 
 MiB = 1 << 20
 

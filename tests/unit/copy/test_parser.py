@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pytarget.scsi.sense import Asc, SenseKey, Status
+from pytarget.core.sense import Asc, SenseKey, Status
 
 from ..scsi.harness import run
-from .helpers import (NEXUS_A, Rig, b2b, e4, lid1, lid4, xcopy_cdb)
+from .helpers import NEXUS_A, Rig, b2b, e4, lid1, lid4, xcopy_cdb
 
 DATA = bytes(range(256)) * 8  # four blocks
 

@@ -9,12 +9,23 @@ from pathlib import Path
 import pytest
 
 from pytarget.copy import discovery
-from pytarget.scsi import limits
-from pytarget.scsi.sense import Asc, SenseKey
+from pytarget.core import limits
+from pytarget.core.sense import Asc, SenseKey
 
 from ..scsi.harness import run
-from .helpers import (NEXUS_A, NEXUS_A2, NEXUS_B, Rig, abort_cdb, b2b, e4, lid1, lid4, rcr_cdb,
-                      xcopy_cdb)
+from .helpers import (
+    NEXUS_A,
+    NEXUS_A2,
+    NEXUS_B,
+    Rig,
+    abort_cdb,
+    b2b,
+    e4,
+    lid1,
+    lid4,
+    rcr_cdb,
+    xcopy_cdb,
+)
 
 
 @pytest.fixture

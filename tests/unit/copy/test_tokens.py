@@ -9,13 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from pytarget.core import limits
+from pytarget.core.sense import Asc, SenseKey
 from pytarget.iscsi.target import AclEntry
-from pytarget.scsi import limits
-from pytarget.scsi.sense import Asc, SenseKey
 
 from ..scsi.harness import Result, run
-from .helpers import (INIT_B, NEXUS_A, NEXUS_B, ZERO_TOKEN, Rig, populate_params, rcr_cdb,
-                      token_cdb, write_token_params)
+from .helpers import (
+    INIT_B,
+    NEXUS_A,
+    NEXUS_B,
+    ZERO_TOKEN,
+    Rig,
+    populate_params,
+    rcr_cdb,
+    token_cdb,
+    write_token_params,
+)
 
 
 class Clock:

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from pytarget.copy.tokens import TokenStore
-from pytarget.scsi import limits
-from pytarget.scsi.sense import Asc, SenseError
-from pytarget.scsi.task import Nexus
+from pytarget.core import limits
+from pytarget.core.sense import Asc, SenseError
+from pytarget.core.task import Nexus
 
 from ..scsi.harness import make_lu
 

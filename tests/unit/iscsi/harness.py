@@ -17,8 +17,8 @@ from pytarget.iscsi import connection as C
 from pytarget.iscsi import digest as dg
 from pytarget.iscsi import pdu
 from pytarget.iscsi.bounds import MemoryBudget
-from pytarget.iscsi.errors import LoginError
 from pytarget.iscsi.connection import Connection
+from pytarget.iscsi.errors import LoginError
 from pytarget.iscsi.params import TargetLimits
 from pytarget.iscsi.pdu import Bhs, TmfFunction, TmfResponse
 from pytarget.iscsi.session import IscsiTask

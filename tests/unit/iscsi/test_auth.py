@@ -8,11 +8,20 @@ import hashlib
 
 import pytest
 
-from pytarget.initiator.chap import AuthenticationFailed, ChapAuthenticator as InitiatorChap
+from pytarget.initiator.chap import AuthenticationFailed
+from pytarget.initiator.chap import ChapAuthenticator as InitiatorChap
 from pytarget.initiator.protocol import LoginComplete, LoginFailed
 from pytarget.iscsi import text
-from pytarget.iscsi.auth import CHAP_MD5, CHAP_SHA256, ChallengeLedger, ChapAuthenticator, \
-    ChapCredentials, ChapSecret, chap_response, parse_algorithms
+from pytarget.iscsi.auth import (
+    CHAP_MD5,
+    CHAP_SHA256,
+    ChallengeLedger,
+    ChapAuthenticator,
+    ChapCredentials,
+    ChapSecret,
+    chap_response,
+    parse_algorithms,
+)
 from pytarget.iscsi.errors import LoginError, LoginStatus
 
 from .harness import TARGET, Pair, make_registry

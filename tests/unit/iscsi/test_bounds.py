@@ -4,6 +4,7 @@ watchdog, login-phase framing faults, session limits, access lists and LUN maski
 
 from __future__ import annotations
 
+from pytarget.core.task import Nexus
 from pytarget.initiator import pdus
 from pytarget.initiator.protocol import LoginFailed, R2TReceived, Rejected, TextComplete
 from pytarget.iscsi import connection as C
@@ -13,10 +14,20 @@ from pytarget.iscsi.errors import LoginStatus
 from pytarget.iscsi.login import MAX_RESPONSE_TEXT
 from pytarget.iscsi.pdu import Op, RejectReason
 from pytarget.iscsi.target import AclEntry, TargetNode, TargetRegistry
-from pytarget.scsi.task import Nexus
 
-from .harness import HOLD, INITIATOR, OTHER_TARGET, TARGET, TUR, Pair, frame, make_registry, \
-    produce, read10, write10
+from .harness import (
+    HOLD,
+    INITIATOR,
+    OTHER_TARGET,
+    TARGET,
+    TUR,
+    Pair,
+    frame,
+    make_registry,
+    produce,
+    read10,
+    write10,
+)
 
 MiB = 1 << 20
 HOLD_CDB = bytes([HOLD]) + bytes(5)

@@ -11,8 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytarget.initiator.protocol import (CommandComplete, LoginComplete, LogoutComplete,
-                                         NopReply, TextComplete)
+from pytarget.initiator.protocol import (
+    CommandComplete,
+    LoginComplete,
+    LogoutComplete,
+    NopReply,
+    TextComplete,
+)
 from pytarget.iscsi import connection as C
 from pytarget.iscsi.params import TargetLimits
 

@@ -12,8 +12,7 @@ from pytarget.iscsi.errors import LoginStatus
 from pytarget.iscsi.params import TargetLimits
 from pytarget.iscsi.pdu import Op
 
-from .harness import INITIATOR, OTHER_TARGET, TARGET, TUR, Pair, frame, make_registry, \
-    split_pdus
+from .harness import INITIATOR, OTHER_TARGET, TARGET, TUR, Pair, frame, make_registry, split_pdus
 
 
 def test_login_and_logout() -> None:

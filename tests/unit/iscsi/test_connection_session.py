@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 
 from pytarget.initiator import pdus
-from pytarget.initiator.protocol import (CommandAborted, CommandComplete, NopReply, Rejected,
-                                         TargetPing, TextComplete, TmfComplete, sn_le)
+from pytarget.initiator.protocol import (
+    CommandAborted,
+    CommandComplete,
+    NopReply,
+    Rejected,
+    TargetPing,
+    TextComplete,
+    TmfComplete,
+    sn_le,
+)
 from pytarget.iscsi import pdu
 from pytarget.iscsi.params import TargetLimits
 from pytarget.iscsi.pdu import RESERVED_TAG, Op, RejectReason, TmfFunction, TmfResponse

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from pytarget.initiator.protocol import (AsyncMessage, InitiatorConnection, LoginComplete,
-                                         LoginFailed, ProtocolError, State)
+from pytarget.initiator.protocol import (
+    AsyncMessage,
+    InitiatorConnection,
+    LoginComplete,
+    LoginFailed,
+    ProtocolError,
+    State,
+)
 from pytarget.iscsi import pdu, text
 from pytarget.iscsi.pdu import Bhs, Op
 

@@ -10,8 +10,14 @@ from pytarget.initiator import pdus
 from pytarget.iscsi import pdu, text
 from pytarget.iscsi.auth import Authenticator, NoAuthentication
 from pytarget.iscsi.errors import LoginError, LoginStatus
-from pytarget.iscsi.login import FULL_FEATURE, MAX_LOGIN_PDUS, OPERATIONAL, SECURITY, \
-    LoginMachine, LoginResponse
+from pytarget.iscsi.login import (
+    FULL_FEATURE,
+    MAX_LOGIN_PDUS,
+    OPERATIONAL,
+    SECURITY,
+    LoginMachine,
+    LoginResponse,
+)
 from pytarget.iscsi.params import KEYS, TargetLimits
 from pytarget.iscsi.pdu import Bhs
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytarget.backstore.file import FileBackstore
+from pytarget.core.sense import Status
+from pytarget.core.task import Nexus, ScsiTask
 from pytarget.scsi.device import LogicalUnit, LuConfig
-from pytarget.scsi.sense import Status
-from pytarget.scsi.task import Nexus, ScsiTask
 
 _tags = itertools.count(1)
 

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from pytarget.scsi.sense import Asc, SenseKey, Status
+from pytarget.core.sense import Asc, SenseKey, Status
 
 from .harness import make_lu, run
 
@@ -51,7 +51,7 @@ def test_range_checks(lu) -> None:
 
 
 def test_transfer_length_above_the_limit(tmp_path) -> None:
-    from pytarget.scsi import limits
+    from pytarget.core import limits
     lu = make_lu(tmp_path, blocks=40000)
     most = limits.MAX_TRANSFER_BYTES // 512
     assert run(lu, rw16(0x88, 0, most)).ok()

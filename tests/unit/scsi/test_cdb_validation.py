@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pytarget.core.sense import Asc, SenseKey, Status
 from pytarget.scsi.opcodes import SBC_TABLE, OpSpec
-from pytarget.scsi.sense import Asc, SenseKey, Status
 
 from .harness import make_lu, run
 

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from pytarget.scsi.sense import Asc, SenseKey, Status
+from pytarget.core.sense import Asc, SenseKey, Status
 
 from .harness import NEXUS_A, NEXUS_B, make_lu, run, run_async
 
@@ -105,7 +105,7 @@ def test_counter_increments_are_atomic_with_concurrent_writers(lu) -> None:
 def test_reserve_waits_for_a_pending_compare_and_write(lu) -> None:
     """SNIA hypervisor storage interfaces note: RESERVE must not complete while a COMPARE
     AND WRITE queued before it is still pending (here: waiting for its Data-Out)."""
-    from pytarget.scsi.task import ScsiTask
+    from pytarget.core.task import ScsiTask
 
     class HeldSource:
         def __init__(self, data: bytes) -> None:

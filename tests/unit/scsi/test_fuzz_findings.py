@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytarget.scsi.sense import Asc, SenseKey, Status
+from pytarget.core.sense import Asc, SenseKey, Status
 
 from .harness import make_lu, run
 
@@ -31,7 +31,7 @@ def test_range_lock_release_racing_a_cancelled_waiter() -> None:
     leaving a holder that never releases and a range locked for good."""
     import asyncio
 
-    from pytarget.scsi.locks import RangeLock
+    from pytarget.core.locks import RangeLock
 
     async def go() -> None:
         lock = RangeLock()

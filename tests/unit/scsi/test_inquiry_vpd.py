@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from pytarget.scsi import limits
-from pytarget.scsi.sense import Asc, Status
+from pytarget.core import limits
+from pytarget.core.sense import Asc, Status
 
 from .harness import make_lu, run
 
@@ -107,6 +107,7 @@ def test_read_capacity(lu) -> None:
 
 def test_missing_lun_inquiry(tmp_path) -> None:
     from pytarget.scsi.device import NoLogicalUnit
+
     from .harness import Directory
     lu = NoLogicalUnit(5, Directory())
     assert inquiry(lu).data[0] == 0x7F

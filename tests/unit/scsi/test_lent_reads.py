@@ -11,9 +11,9 @@ from collections import deque
 
 from pytarget.backstore import file as F
 from pytarget.backstore.file import FileBackstore
+from pytarget.core.sense import Status
+from pytarget.core.task import ScsiTask
 from pytarget.scsi.device import LEND_MIN
-from pytarget.scsi.sense import Status
-from pytarget.scsi.task import ScsiTask
 
 from .harness import NEXUS_A, NEXUS_B, make_lu, make_task
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytarget.scsi.sense import Asc, SenseKey
+from pytarget.core.sense import Asc, SenseKey
 
 from .harness import NEXUS_A, NEXUS_B, make_lu, run, run_async
 

@@ -19,12 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from pytarget.backstore.file import FileBackstore
+from pytarget.core.policy import Flag, Pr
+from pytarget.core.sense import Asc, SenseError, SenseKey, Status
+from pytarget.core.task import Nexus, ScsiTask
 from pytarget.scsi import pr as P
 from pytarget.scsi.device import LogicalUnit, LuConfig
 from pytarget.scsi.opcodes import SBC_TABLE, Opcode
-from pytarget.scsi.policy import Flag, Pr
-from pytarget.scsi.sense import Asc, SenseError, SenseKey, Status
-from pytarget.scsi.task import Nexus, ScsiTask
 
 TARGET = "iqn.2026-11.io.pytarget:pr"
 NAME_A = "iqn.2026-11.io.pytarget.test:a"

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from pytarget.scsi import limits
-from pytarget.scsi.sense import Asc
+from pytarget.core import limits
+from pytarget.core.sense import Asc
 
 from .harness import make_lu, run
 
