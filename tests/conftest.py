@@ -24,6 +24,22 @@ INITIATOR2 = "iqn.2026-11.io.pytarget.test:initiator2"
 
 T = TypeVar("T")
 
+# End-to-end tests that run the target inside the test process (`Server` on an ephemeral
+# loopback port, the project's initiator): no child process, libiscsi or guest, so they belong
+# to the fast lane (tools/test --fast) with the unit tests.
+IN_PROCESS = ("e2e/test_lent_reads.py", "e2e/test_polling.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.path.is_relative_to(REPO / "tests"):
+            continue
+        where = item.path.relative_to(REPO / "tests").as_posix()
+        if where.startswith("unit/"):
+            item.add_marker(pytest.mark.unit)
+        elif where in IN_PROCESS:
+            item.add_marker(pytest.mark.inprocess)
+
 
 def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
     """Run a coroutine on a fresh event loop; a test that hangs fails after `timeout`."""
