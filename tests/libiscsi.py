@@ -38,7 +38,7 @@ def parse(suite: str, returncode: int, output: str) -> SuiteResult:
     result = SuiteResult(suite, returncode, output)
     m = re.search(r"^\s*tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", output, re.M)
     if m:
-        result.tests, result.passed, result.failed = int(m.group(2)), int(m.group(3)), int(m.group(4))
+        result.tests, result.passed, result.failed = (int(m.group(i)) for i in (2, 3, 4))
     result.skips = [line.strip() for line in output.splitlines() if "[SKIPPED]" in line]
     result.failures = [line.strip() for line in output.splitlines()
                        if "FAILED" in line or re.match(r"\s*\d+\. test_", line)]
