@@ -13,6 +13,7 @@ every operation code and service action number is named here, once.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -155,6 +156,10 @@ def usage(*parts: int | tuple[int, ...]) -> bytes:
     return bytes(out)
 
 
+_STRUCTS = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I"),
+            8: struct.Struct(">Q")}
+
+
 @dataclass(frozen=True)
 class Field:
     """A CDB field: `width` bytes big-endian from byte `offset`, under `mask`."""
@@ -162,10 +167,20 @@ class Field:
     offset: int
     width: int
     mask: int = -1
+    # `read` made for this field once: commands read their fields on the hot path.
+    read: Callable[[bytes], int] = field(init=False, repr=False, compare=False)
 
-    def read(self, cdb: bytes) -> int:
-        o = self.offset
-        return int.from_bytes(cdb[o:o + self.width], "big") & self.mask
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read", _reader(self.offset, self.width, self.mask))
+
+
+def _reader(offset: int, width: int, mask: int) -> Callable[[bytes], int]:
+    fmt = _STRUCTS.get(width)
+    if fmt is not None and mask == -1:
+        unpack = fmt.unpack_from
+        return lambda cdb: unpack(cdb, offset)[0]
+    end = offset + width
+    return lambda cdb: int.from_bytes(cdb[offset:end], "big") & mask
 
 
 @dataclass(frozen=True)

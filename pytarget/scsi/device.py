@@ -652,3 +652,13 @@ class NoLogicalUnit(LogicalUnit):
 
     def _ua_queue(self, nexus: Nexus) -> deque[Asc]:
         return deque()
+
+
+if TYPE_CHECKING:
+    from .pr import LogicalUnit as PrUnit
+    from .unit import Unit
+
+    def _interfaces(lu: LogicalUnit) -> tuple[Unit, PrUnit]:
+        """The interfaces handlers and persistent reservations type their unit with (checked
+        by mypy)."""
+        return lu, lu
