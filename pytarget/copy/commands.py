@@ -39,7 +39,6 @@ from .engine import (
     Plan,
     Side,
     SubcommandFailed,
-    aborted_status,
     internal_command,
 )
 from .manager import CopyOperation, CopyService, CopyStatus
@@ -90,8 +89,8 @@ async def _run(service: CopyService, op: CopyOperation, work: asyncio.Future[Non
             op.finish(None, aborted=True)
             raise
         if runner.cancelled() or isinstance(runner.exception(), CopyAborted):
-            op.finish(aborted_status(), aborted=True)
-            raise aborted_status()
+            op.finish(S.task_aborted(), aborted=True)
+            raise S.task_aborted()
         exc = runner.exception()
         if isinstance(exc, SenseError):
             op.finish(exc)

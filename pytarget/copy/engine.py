@@ -336,9 +336,3 @@ class CopyJob:
 def _rw16(write: bool, lba: int, blocks: int) -> bytes:
     op = Opcode.WRITE_16 if write else Opcode.READ_16
     return bytes((op, 0)) + lba.to_bytes(8, "big") + blocks.to_bytes(4, "big") + bytes(2)
-
-
-def aborted_status() -> SenseError:
-    """TASK ABORTED for a copy stopped by COPY OPERATION ABORT."""
-    return SenseError(SenseKey.ABORTED_COMMAND, Asc.NO_ADDITIONAL_SENSE,
-                      status=Status.TASK_ABORTED)

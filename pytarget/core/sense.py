@@ -263,6 +263,12 @@ def aborted_command(asc: Asc) -> SenseError:
     return SenseError(SenseKey.ABORTED_COMMAND, asc)
 
 
+def task_aborted() -> SenseError:
+    """TASK ABORTED status, for a copy stopped by COPY OPERATION ABORT (SPC-4 6.3)."""
+    return SenseError(SenseKey.ABORTED_COMMAND, Asc.NO_ADDITIONAL_SENSE,
+                      status=Status.TASK_ABORTED)
+
+
 def saving_parameters_not_supported(byte: int, bit: int) -> SenseError:
     """Saved mode pages asked for where none can be saved (SPC-4 6.11, 6.12)."""
     return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.SAVING_PARAMETERS_NOT_SUPPORTED,

@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from ..backstore.file import FileBackstore
     from ..core.copyservice import CopyServiceHooks
 
-__all__ = ["LogicalUnit", "LuConfig", "LunDirectory", "NoLogicalUnit"]
-
 log = logging.getLogger("pytarget.scsi")
 T = TypeVar("T")
 
