@@ -17,7 +17,7 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import sense as S
 from .policy import Flag, Pr
@@ -201,52 +201,64 @@ NO_FIELDS = Layout()
 
 
 class Cdb(bytes):
-    """A CDB that passed its row's check, with the row; fields read through the row's layout."""
+    """A CDB that passed its row's check, with the row; its named fields are read through the
+    row's layout. Each row has its own subclass (`OpSpec.parse`) whose properties read the
+    fields the row has; reading a field the row does not have is a programming error."""
 
-    spec: OpSpec
+    __slots__ = ()
+    spec: ClassVar[OpSpec]
+
+    def _absent(self, name: str) -> int:
+        raise TypeError(f"{self.spec.name} has no {name} field")
 
     @property
     def lba(self) -> int:
-        f = self.spec.layout.lba
-        assert f is not None, self.spec.name
-        return f.read(self)
+        return self._absent("LOGICAL BLOCK ADDRESS")
 
     @property
     def transfer_length(self) -> int:
-        layout = self.spec.layout
-        f = layout.transfer_length
-        assert f is not None, self.spec.name
-        n = f.read(self)
-        return 256 if n == 0 and layout.zero_length_is_256 else n
+        return self._absent("TRANSFER LENGTH")
 
     @property
     def allocation_length(self) -> int:
-        f = self.spec.layout.allocation_length
-        assert f is not None, self.spec.name
-        return f.read(self)
+        return self._absent("ALLOCATION LENGTH")
 
     @property
     def parameter_list_length(self) -> int:
-        f = self.spec.layout.parameter_list_length
-        assert f is not None, self.spec.name
-        return f.read(self)
+        return self._absent("PARAMETER LIST LENGTH")
 
     @property
     def list_identifier(self) -> int:
-        f = self.spec.layout.list_identifier
-        assert f is not None, self.spec.name
-        return f.read(self)
+        return self._absent("LIST IDENTIFIER")
 
     @property
     def fua(self) -> bool:
-        f = self.spec.layout.fua
-        return f is not None and bool(f.read(self))
+        return False
 
     def offset_of(self, name: str) -> int:
         """Byte offset of a layout field, for a field pointer."""
         f = getattr(self.spec.layout, name)
         assert isinstance(f, Field), (self.spec.name, name)
         return f.offset
+
+
+def _cdb_class(spec: OpSpec) -> type[Cdb]:
+    """The CDB type of one row: its fields' properties call their readers directly."""
+    layout = spec.layout
+    namespace: dict[str, Any] = {"__slots__": (), "spec": spec}
+    for name in ("lba", "allocation_length", "parameter_list_length", "list_identifier"):
+        f = getattr(layout, name)
+        if f is not None:
+            namespace[name] = property(f.read)
+    length = layout.transfer_length
+    if length is not None:
+        read = length.read
+        namespace["transfer_length"] = property(
+            (lambda cdb: read(cdb) or 256) if layout.zero_length_is_256 else read)
+    if layout.fua is not None:
+        fua = layout.fua.read
+        namespace["fua"] = property(lambda cdb: bool(fua(cdb)))
+    return type("Cdb", (Cdb,), namespace)
 
 
 # A handler runs one command on a logical unit: (logical unit, task, CDB). The unit is the
@@ -272,6 +284,7 @@ class OpSpec:
     medium: bool = field(init=False, default=False, repr=False, compare=False)
     writes: bool = field(init=False, default=False, repr=False, compare=False)
     spc2: bool = field(init=False, default=False, repr=False, compare=False)
+    _cdb: type[Cdb] = field(init=False, default=Cdb, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         usage = bytearray(self.usage)
@@ -285,6 +298,7 @@ class OpSpec:
         object.__setattr__(self, "medium", bool(self.flags & Flag.MEDIUM))
         object.__setattr__(self, "writes", bool(self.flags & Flag.WRITES))
         object.__setattr__(self, "spc2", bool(self.flags & Flag.CONFLICTS_SPC2))
+        object.__setattr__(self, "_cdb", _cdb_class(self))
 
     @property
     def cdb_len(self) -> int:
@@ -310,9 +324,8 @@ class OpSpec:
 
     def parse(self, raw: bytes | bytearray | memoryview) -> Cdb:
         """The row's CDB out of the command's CDB bytes, checked."""
-        cdb = Cdb(raw[:self.cdb_len])
+        cdb = self._cdb(raw[:self.cdb_len])
         self.check(cdb)
-        cdb.spec = self
         return cdb
 
     def timeouts_descriptor(self) -> bytes:
