@@ -32,8 +32,6 @@ from ..core.table import (
 from ..core.table import usage as _u
 from . import pr, provisioning, sbc, spc
 
-__all__ = ["NO_LU_TABLE", "SBC_SPECS", "UNMAP_SPEC", "Opcode", "OpSpec", "OpTable", "lu_table"]
-
 C = CONTROL
 RW_FLAGS_READ = 0x1E  # DPO FUA RARC FUA_NV (RDPROTECT unsupported: no protection information)
 RW_FLAGS_WRITE = 0x1A  # DPO FUA FUA_NV
