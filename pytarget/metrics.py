@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .core import stats
-from .scsi.opcodes import Opcode
+from .core.table import Opcode
 
 if TYPE_CHECKING:
     from .server import Server

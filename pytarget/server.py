@@ -19,12 +19,14 @@ from . import status
 from .backstore.file import FileBackstore
 from .config import Config, ConfigError, LunConfig, TargetConfig, load, prepare_backing_files
 from .control import ControlError, ControlServer, socket_path
+from .copy import commands as copy_commands
 from .copy.manager import CopyManager, RegistryDomain
 from .iscsi.bounds import MemoryBudget
 from .iscsi.session import Session
 from .iscsi.target import AclEntry, TargetNode, TargetRegistry
 from .metrics import MetricsServer, render
 from .scsi.device import LogicalUnit, LuConfig, io_threads_busy
+from .scsi.opcodes import lu_table
 from .scsi.pr import PrStateError
 from .transport import ConnectionDriver, Listener, PollingSelector
 
@@ -73,7 +75,8 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) 
         lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
                              thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
                              pr_state_path=str(pr_state_path(config, lc)))
-        return LogicalUnit(lu_config, backstore, node)
+        # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
+        return LogicalUnit(lu_config, backstore, node, lu_table(lc.thin, copy_commands.ROWS))
     except BaseException:
         backstore.close()
         raise

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .copy.manager import CopyOperation, CopyService
 
 if TYPE_CHECKING:
-    from .copy.manager import CopyOperation
     from .scsi.device import LogicalUnit
     from .server import Server
 
@@ -94,8 +94,9 @@ def collect(server: Server) -> dict[str, Any]:
             pr = _reservation(lu)
             if pr is not None:
                 reservations.append({"target": node.name, "lun": lun, **pr})
-            if lu.copy_service is not None:
-                copies += [_copy(lu, op, now) for op in lu.copy_service.running.values()]
+            service = lu.copy_service
+            if isinstance(service, CopyService):
+                copies += [_copy(lu, op, now) for op in service.running.values()]
         targets.append({
             "name": node.name,
             "alias": node.alias,

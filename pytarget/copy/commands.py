@@ -2,7 +2,8 @@
 TOKEN, COPY OPERATION ABORT (83h) and RECEIVE COPY RESULTS / RECEIVE ROD TOKEN INFORMATION /
 REPORT ALL ROD TOKENS (84h). SPC-4 6.4, 6.18; SBC-3 5.10, 5.46.
 
-Handlers take (lu, task, cdb) like every device-server handler and raise SenseError.
+Handlers take (lu, task, cdb) like every device-server handler and raise SenseError; `ROWS`
+are the copy manager's rows of the opcode table, one per service action.
 """
 
 from __future__ import annotations
@@ -14,30 +15,38 @@ from typing import TYPE_CHECKING
 from ..core import limits
 from ..core import sense as S
 from ..core.cdb import be16, be32, be64
+from ..core.policy import Flag, Pr
 from ..core.sense import Asc, SenseError
+from ..core.table import (
+    CONTROL,
+    GROUP,
+    LEN4,
+    Cdb,
+    Field,
+    Handler,
+    Layout,
+    Opcode,
+    OpSpec,
+    ThirdPartyCopyIn,
+    ThirdPartyCopyOut,
+    usage,
+)
 from . import descriptors, discovery
 from .descriptors import ListIdUsage, Segment, SegmentType
-from .engine import CopyAborted, CopyJob, Plan, Side, aborted_status, internal_command
+from .engine import (
+    CopyAborted,
+    CopyJob,
+    Plan,
+    Side,
+    SubcommandFailed,
+    internal_command,
+)
 from .manager import CopyOperation, CopyService, CopyStatus
 from .tokens import ROD_TYPE_AUR, ROD_TYPE_BLOCK_ZERO, TOKEN_LENGTH, RodToken
 
 if TYPE_CHECKING:
     from ..core.task import ScsiTask
-    from ..scsi.device import LogicalUnit
-
-SA_EXTENDED_COPY_LID1 = 0x00
-SA_EXTENDED_COPY_LID4 = 0x01
-SA_POPULATE_TOKEN = 0x10
-SA_WRITE_USING_TOKEN = 0x11
-SA_COPY_OPERATION_ABORT = 0x1C
-SA_COPY_STATUS_LID1 = 0x00
-SA_COPY_DATA_LID1 = 0x01
-SA_OPERATING_PARAMETERS = 0x03
-SA_FAILURE_DETAILS_LID1 = 0x04
-SA_COPY_STATUS_LID4 = 0x05
-SA_COPY_DATA_LID4 = 0x06
-SA_ROD_TOKEN_INFORMATION = 0x07
-SA_REPORT_ALL_ROD_TOKENS = 0x08
+    from .unit import LogicalUnit
 
 RANGE_DESCRIPTOR = 16
 PT_HEADER = 16
@@ -48,9 +57,10 @@ UNITS_BLOCKS = 0xF1
 
 
 def _service(lu: LogicalUnit) -> CopyService:
-    if lu.copy_service is None:
+    service = lu.copy_service
+    if not isinstance(service, CopyService):
         raise S.invalid_opcode()
-    return lu.copy_service
+    return service
 
 
 def _reply(task: ScsiTask, data: bytes | bytearray, alloc: int) -> None:
@@ -79,8 +89,8 @@ async def _run(service: CopyService, op: CopyOperation, work: asyncio.Future[Non
             op.finish(None, aborted=True)
             raise
         if runner.cancelled() or isinstance(runner.exception(), CopyAborted):
-            op.finish(aborted_status(), aborted=True)
-            raise aborted_status()
+            op.finish(S.task_aborted(), aborted=True)
+            raise S.task_aborted()
         exc = runner.exception()
         if isinstance(exc, SenseError):
             op.finish(exc)
@@ -95,18 +105,28 @@ async def _run(service: CopyService, op: CopyOperation, work: asyncio.Future[Non
 
 
 # ---------------------------------------------------------------------- EXTENDED COPY
-async def extended_copy(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    """EXTENDED COPY(LID1) and (LID4) (SPC-4 6.4.2, 6.4.3)."""
+async def extended_copy_lid1(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """EXTENDED COPY(LID1) (SPC-4 6.4.2)."""
+    await _extended_copy(lu, task, cdb, ThirdPartyCopyOut.EXTENDED_COPY_LID1)
+
+
+async def extended_copy_lid4(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """EXTENDED COPY(LID4) (SPC-4 6.4.3)."""
+    await _extended_copy(lu, task, cdb, ThirdPartyCopyOut.EXTENDED_COPY_LID4)
+
+
+async def _extended_copy(lu: LogicalUnit, task: ScsiTask, cdb: Cdb,
+                         action: ThirdPartyCopyOut) -> None:
     service = _service(lu)
-    lid4 = (cdb[1] & 0x1F) == SA_EXTENDED_COPY_LID4
-    length = be32(cdb, 10)
+    lid4 = action == ThirdPartyCopyOut.EXTENDED_COPY_LID4
+    length = cdb.parameter_list_length
     if length == 0:
         return  # no parameter list: nothing to do (SPC-4 6.4.1)
     header = descriptors.LID4_HEADER if lid4 else descriptors.LID1_HEADER
     if length > header + limits.MAX_DESCRIPTOR_LIST_BYTES + limits.MAX_INLINE_DATA_BYTES + 4096:
-        raise S.invalid_field_in_cdb(10, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("parameter_list_length"), 7)
     plist = descriptors.parse(await _parameter_list(task, length), lid4)
-    op = service.begin(task.nexus, plist.list_id, cdb[1] & 0x1F,
+    op = service.begin(task.nexus, plist.list_id, action,
                        held=plist.usage is ListIdUsage.HOLD,
                        identified=plist.usage is not ListIdUsage.NONE, priority=plist.priority)
     job = CopyJob(service, task.nexus, plist, op)
@@ -125,11 +145,11 @@ async def extended_copy(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     await _run(service, op, None, lambda: job.run(plans))
 
 
-async def copy_operation_abort(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def copy_operation_abort(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """COPY OPERATION ABORT (SPC-4 6.3): stop the named copy of this I_T nexus."""
-    op = _service(lu).find(task.nexus, be32(cdb, 2))
+    op = _service(lu).find(task.nexus, cdb.list_identifier)
     if op is None:
-        raise S.invalid_field_in_cdb(2, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("list_identifier"), 7)
     if op.active:
         op.abort_requested = True
         if op.runner is not None:
@@ -137,10 +157,11 @@ async def copy_operation_abort(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> N
 
 
 # ---------------------------------------------------------------------- RECEIVE COPY RESULTS
-def _find(lu: LogicalUnit, task: ScsiTask, list_id: int) -> CopyOperation:
-    op = _service(lu).find(task.nexus, list_id)
+def _find(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> CopyOperation:
+    """The operation the CDB's LIST IDENTIFIER names."""
+    op = _service(lu).find(task.nexus, cdb.list_identifier)
     if op is None:
-        raise S.invalid_field_in_cdb(2, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("list_identifier"), 7)
     return op
 
 
@@ -160,7 +181,8 @@ def _sense(lu: LogicalUnit, op: CopyOperation) -> bytes:
 
 def _lid4_status(lu: LogicalUnit, op: CopyOperation, tail: bytes = b"") -> bytes:
     sense = _sense(lu, op)
-    if op.service_action in (SA_POPULATE_TOKEN, SA_WRITE_USING_TOKEN):
+    if op.service_action in (ThirdPartyCopyOut.POPULATE_TOKEN,
+                             ThirdPartyCopyOut.WRITE_USING_TOKEN):
         units, count = UNITS_BLOCKS, op.blocks_transferred
     else:
         units, count = UNITS_BYTES, op.bytes_transferred
@@ -176,36 +198,35 @@ def _retrieved(lu: LogicalUnit, op: CopyOperation) -> None:
         _service(lu).discard(op)
 
 
-async def receive_copy_status_lid1(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def receive_copy_status_lid1(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """COPY STATUS (SPC-4 6.18.2): LID1 status of a held or active copy."""
-    op = _find(lu, task, cdb[2])
+    op = _find(lu, task, cdb)
     state = {CopyStatus.COMPLETED: 0x01, CopyStatus.FAILED: 0x02,
              CopyStatus.ABORTED: 0x02}.get(op.status, 0x00)
     units, count = _transfer_count(op.bytes_transferred, 32)
     data = struct.pack(">IBHBI", 8, state, min(op.segments_processed, 0xFFFF), units, count)
-    _reply(task, data, be32(cdb, 10))
+    _reply(task, data, cdb.allocation_length)
     if op.status is not CopyStatus.FAILED:
         _retrieved(lu, op)
 
 
-async def receive_copy_data(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def receive_copy_data(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """RECEIVE COPY DATA (LID1, LID4) (SPC-4 6.18.3, 6.18.6): no segment this copy manager
     supports holds data (HELD DATA LIMIT 0), so the list is always empty."""
-    lid4 = (cdb[1] & 0x1F) == SA_COPY_DATA_LID4
-    _find(lu, task, be32(cdb, 2) if lid4 else cdb[2])
-    _reply(task, bytes(4), be32(cdb, 10))
+    _find(lu, task, cdb)
+    _reply(task, bytes(4), cdb.allocation_length)
 
 
-async def receive_copy_operating_parameters(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def receive_copy_operating_parameters(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     _service(lu)
-    _reply(task, discovery.operating_parameters(lu), be32(cdb, 10))
+    _reply(task, discovery.operating_parameters(lu), cdb.allocation_length)
 
 
-async def receive_copy_failure_details(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def receive_copy_failure_details(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """FAILURE DETAILS (SPC-4 6.18.5): the sense data of a finished LID1 copy."""
-    op = _find(lu, task, cdb[2])
+    op = _find(lu, task, cdb)
     if op.active:
-        raise S.invalid_field_in_cdb(2, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("list_identifier"), 7)
     sense = _sense(lu, op)
     failed = op.status in (CopyStatus.FAILED, CopyStatus.ABORTED)
     data = bytearray(60)
@@ -214,32 +235,32 @@ async def receive_copy_failure_details(lu: LogicalUnit, task: ScsiTask, cdb: byt
         data[56] = 0x02 if op.scsi_status == S.Status.CHECK_CONDITION else op.scsi_status
         struct.pack_into(">H", data, 58, len(sense))
         data += sense
-    _reply(task, data, be32(cdb, 10))
+    _reply(task, data, cdb.allocation_length)
     _retrieved(lu, op)
 
 
-async def receive_copy_status_lid4(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def receive_copy_status_lid4(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """RECEIVE COPY STATUS(LID4) (SPC-4 6.18.7)."""
-    op = _find(lu, task, be32(cdb, 2))
-    _reply(task, _lid4_status(lu, op), be32(cdb, 10))
+    op = _find(lu, task, cdb)
+    _reply(task, _lid4_status(lu, op), cdb.allocation_length)
     _retrieved(lu, op)
 
 
-async def receive_rod_token_information(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def receive_rod_token_information(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """RECEIVE ROD TOKEN INFORMATION (SBC-3 5.22): status, and the token POPULATE TOKEN made."""
-    op = _find(lu, task, be32(cdb, 2))
+    op = _find(lu, task, cdb)
     tail = struct.pack(">I", 0)
     if op.token is not None:
         tail = struct.pack(">IH", 2 + len(op.token), 0) + op.token
-    _reply(task, _lid4_status(lu, op, tail), be32(cdb, 10))
+    _reply(task, _lid4_status(lu, op, tail), cdb.allocation_length)
     _retrieved(lu, op)
 
 
-async def report_all_rod_tokens(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def report_all_rod_tokens(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """REPORT ALL ROD TOKENS (SPC-4 6.18.8): ROD management tokens, without the secret part."""
     tokens = _service(lu).manager.tokens.report(task.nexus)
     body = bytes(4) + b"".join(tokens)
-    _reply(task, struct.pack(">I", len(body)) + body, be32(cdb, 10))
+    _reply(task, struct.pack(">I", len(body)) + body, cdb.allocation_length)
 
 
 # ---------------------------------------------------------------------- ROD tokens
@@ -260,21 +281,21 @@ def _ranges(lu: LogicalUnit, data: bytes, at: int) -> list[tuple[int, int]]:
         if count:
             ranges.append((lba, count))
     ordered = sorted(ranges)
-    for (a, n), (b, _) in zip(ordered, ordered[1:]):
+    for (a, n), (b, _) in zip(ordered, ordered[1:], strict=False):
         if a + n > b:
             raise S.invalid_field_in_parameter_list(at, 7)
     return ranges
 
 
-async def _token_parameter_list(task: ScsiTask, cdb: bytes,
+async def _token_parameter_list(task: ScsiTask, cdb: Cdb,
                                  header: int) -> tuple[int, bytes, int] | None:
     """The parameter list of POPULATE TOKEN or WRITE USING TOKEN, its fixed header of
     `header` bytes checked: (list identifier, data, flags), or None for an empty list."""
-    list_id, length = be32(cdb, 6), be32(cdb, 10)
+    list_id, length = cdb.list_identifier, cdb.parameter_list_length
     if length == 0:
         return None
     if length > header + RANGE_DESCRIPTOR * limits.MAX_ROD_RANGES:
-        raise S.invalid_field_in_cdb(10, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("parameter_list_length"), 7)
     data = await _parameter_list(task, length)
     if length < header or be16(data, 0) + 2 > length or be16(data, 0) < header - 2:
         raise S.parameter_list_length_error()
@@ -284,7 +305,7 @@ async def _token_parameter_list(task: ScsiTask, cdb: bytes,
     return list_id, data, flags
 
 
-async def populate_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def populate_token(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """POPULATE TOKEN (SBC-3 5.10): a ROD token representing the ranges' data as of now."""
     service = _service(lu)
     parsed = await _token_parameter_list(task, cdb, PT_HEADER)
@@ -299,7 +320,8 @@ async def populate_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     ranges = _ranges(lu, data, PT_HEADER)
     if sum(n for _, n in ranges) * lu.block_size > limits.MAX_TOKEN_TRANSFER_BYTES:
         raise S.invalid_field_in_parameter_list(14, 7)
-    op = service.begin(task.nexus, list_id, SA_POPULATE_TOKEN, held=True, identified=True)
+    op = service.begin(task.nexus, list_id, ThirdPartyCopyOut.POPULATE_TOKEN, held=True,
+                       identified=True)
     try:
         token = await _snapshot(lu, task, ranges, inactivity)
     except BaseException as exc:
@@ -330,7 +352,7 @@ async def _snapshot(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, int
             await guard.__aexit__(None, None, None)
 
 
-async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """WRITE USING TOKEN (SBC-3 5.46): copy the token's data (or zeros) into the ranges."""
     service = _service(lu)
     parsed = await _token_parameter_list(task, cdb, WUT_HEADER)
@@ -346,7 +368,8 @@ async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None
     total = sum(n for _, n in ranges) * lu.block_size
     if token is not None and offset * lu.block_size + total > token.nbytes:
         raise S.invalid_field_in_parameter_list(8, 7)  # past the end of the ROD
-    op = service.begin(task.nexus, list_id, SA_WRITE_USING_TOKEN, held=True, identified=True)
+    op = service.begin(task.nexus, list_id, ThirdPartyCopyOut.WRITE_USING_TOKEN, held=True,
+                       identified=True)
     op.total_bytes = total
     if token is None:
         work = _write_zeros(lu, task, ranges, op)
@@ -375,17 +398,17 @@ async def _write_zeros(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, 
             if op.abort_requested:
                 raise CopyAborted
             n = min(step, count - done)
-            cdb = bytes((0x93, 0x09 if lu.thin else 0x01)) + (lba + done).to_bytes(8, "big") \
-                + n.to_bytes(4, "big") + bytes(2)
+            # WRITE SAME(16) with UNMAP and NDOB on a thin LU, NDOB alone on a thick one
+            sub = bytes((Opcode.WRITE_SAME_16, 0x09 if lu.thin else 0x01)) \
+                + (lba + done).to_bytes(8, "big") + n.to_bytes(4, "big") + bytes(2)
             try:
-                await internal_command(lu, cdb, task.nexus)
-            except Exception as exc:
-                status = getattr(exc, "status", S.Status.CHECK_CONDITION)
+                await internal_command(lu, sub, task.nexus)
+            except SubcommandFailed as exc:
                 raise S.copy_aborted(Asc.THIRD_PARTY_DEVICE_FAILURE, index,
                                      residual=count - done,
                                      forwarded=S.forwarded_sense(
-                                         S.FORWARDED_FROM_DESTINATION, status,
-                                         getattr(exc, "sense", None))) from None
+                                         S.FORWARDED_FROM_DESTINATION, exc.status,
+                                         exc.sense)) from None
             done += n
             op.blocks_transferred += n
             op.operations += 1
@@ -435,3 +458,64 @@ def _byte_runs(runs: list[tuple[int, int]], skip: int):  # type: ignore[no-untyp
 def _chain(first: tuple[int, int], rest):  # type: ignore[no-untyped-def]
     yield first
     yield from rest
+
+
+# ---------------------------------------------------------------------- the opcode table's rows
+# Third-party copy (SPC-4 6.3, 6.4, 6.18; SBC-3 5.10, 5.22, 5.46). Sub-commands apply the
+# reservation policy on each copy source and destination; the copy manager's own unit only
+# conflicts like the command's own effect (POPULATE TOKEN reads, WRITE USING TOKEN writes).
+_M = Flag.MEDIUM | Flag.CONFLICTS_SPC2
+_W = Flag.MEDIUM | Flag.WRITES | Flag.CONFLICTS_SPC2
+_R2 = Flag.CONFLICTS_SPC2
+_PLIST_10 = Field(10, 4)  # PARAMETER LIST LENGTH / ALLOCATION LENGTH at byte 10
+_LID1 = Layout(list_identifier=Field(2, 1), allocation_length=_PLIST_10)
+_LID4 = Layout(list_identifier=Field(2, 4), allocation_length=_PLIST_10)
+_TOKEN = Layout(list_identifier=Field(6, 4), parameter_list_length=_PLIST_10)
+OUT, IN = ThirdPartyCopyOut, ThirdPartyCopyIn
+XC, RCR = Opcode.EXTENDED_COPY, Opcode.RECEIVE_COPY_RESULTS
+
+
+def _out(sa: ThirdPartyCopyOut, name: str, cdb_usage: bytes, handler: Handler, flags: Flag,
+         pr: Pr, layout: Layout) -> OpSpec:
+    return OpSpec(XC, sa, name, cdb_usage, handler, flags, pr, layout=layout)
+
+
+def _in(sa: ThirdPartyCopyIn, name: str, list_id: bytes, handler: Handler,
+        layout: Layout) -> OpSpec:
+    """A RECEIVE COPY RESULTS row: 16 bytes, LIST IDENTIFIER from byte 2, ALLOCATION LENGTH at
+    byte 10."""
+    cdb_usage = usage(RCR, sa, *list_id, (0,) * (8 - len(list_id)), LEN4, 0, CONTROL)
+    return OpSpec(RCR, sa, name, cdb_usage, handler, _R2, Pr.READ, layout=layout)
+
+
+_ID1 = bytes((0xFF,))
+_ID4 = bytes(LEN4)
+ROWS: tuple[OpSpec, ...] = (
+    _out(OUT.EXTENDED_COPY_LID1, "EXTENDED COPY(LID1)",
+         usage(XC, OUT.EXTENDED_COPY_LID1, (0,) * 8, LEN4, 0, CONTROL), extended_copy_lid1, _R2,
+         Pr.ALLOWED, Layout(parameter_list_length=_PLIST_10)),
+    _out(OUT.EXTENDED_COPY_LID4, "EXTENDED COPY(LID4)",
+         usage(XC, OUT.EXTENDED_COPY_LID4, (0,) * 8, LEN4, 0, CONTROL), extended_copy_lid4, _R2,
+         Pr.ALLOWED, Layout(parameter_list_length=_PLIST_10)),
+    _out(OUT.POPULATE_TOKEN, "POPULATE TOKEN",
+         usage(XC, OUT.POPULATE_TOKEN, (0,) * 4, LEN4, LEN4, GROUP, CONTROL), populate_token, _M,
+         Pr.READ, _TOKEN),
+    _out(OUT.WRITE_USING_TOKEN, "WRITE USING TOKEN",
+         usage(XC, OUT.WRITE_USING_TOKEN, (0,) * 4, LEN4, LEN4, GROUP, CONTROL),
+         write_using_token, _W, Pr.WRITE, _TOKEN),
+    _out(OUT.COPY_OPERATION_ABORT, "COPY OPERATION ABORT",
+         usage(XC, OUT.COPY_OPERATION_ABORT, LEN4, (0,) * 9, CONTROL), copy_operation_abort, _R2,
+         Pr.ALLOWED, Layout(list_identifier=Field(2, 4))),
+    _in(IN.COPY_STATUS_LID1, "RECEIVE COPY STATUS(LID1)", _ID1, receive_copy_status_lid1, _LID1),
+    _in(IN.COPY_DATA_LID1, "RECEIVE COPY DATA(LID1)", _ID1, receive_copy_data, _LID1),
+    _in(IN.OPERATING_PARAMETERS, "RECEIVE COPY OPERATING PARAMETERS", b"",
+        receive_copy_operating_parameters, Layout(allocation_length=_PLIST_10)),
+    _in(IN.FAILURE_DETAILS_LID1, "RECEIVE COPY FAILURE DETAILS(LID1)", _ID1,
+        receive_copy_failure_details, _LID1),
+    _in(IN.COPY_STATUS_LID4, "RECEIVE COPY STATUS(LID4)", _ID4, receive_copy_status_lid4, _LID4),
+    _in(IN.COPY_DATA_LID4, "RECEIVE COPY DATA(LID4)", _ID4, receive_copy_data, _LID4),
+    _in(IN.ROD_TOKEN_INFORMATION, "RECEIVE ROD TOKEN INFORMATION", _ID4,
+        receive_rod_token_information, _LID4),
+    _in(IN.REPORT_ALL_ROD_TOKENS, "REPORT ALL ROD TOKENS", b"", report_all_rod_tokens,
+        Layout(allocation_length=_PLIST_10)),
+)

@@ -10,15 +10,13 @@ import struct
 from typing import TYPE_CHECKING
 
 from ..core import limits
+from ..core.table import Opcode
 from .descriptors import CSCD_ID_SELF, SUPPORTED_CSCD_TYPES, SUPPORTED_SEGMENT_TYPES
 from .tokens import ROD_TYPE_AUR, ROD_TYPE_BLOCK_ZERO
 
 if TYPE_CHECKING:
-    from ..core.task import ScsiTask
-    from ..scsi.device import LogicalUnit
+    from .unit import LogicalUnit
 
-EXTENDED_COPY = 0x83
-RECEIVE_COPY_RESULTS = 0x84
 IMPLEMENTED_DESCRIPTORS = bytes(sorted((*SUPPORTED_SEGMENT_TYPES, *SUPPORTED_CSCD_TYPES)))
 
 COPY_SERVICE = 0x06  # SERVICE TYPE of a copy service (SPC-4 7.8.9 table 663)
@@ -32,7 +30,7 @@ def _descriptor(kind: int, body: bytes) -> bytes:
 def supported_commands(lu: LogicalUnit) -> bytes:
     """Copy commands and their service actions, from the opcode table."""
     listed = bytearray()
-    for opcode in (EXTENDED_COPY, RECEIVE_COPY_RESULTS):
+    for opcode in (Opcode.EXTENDED_COPY, Opcode.RECEIVE_COPY_RESULTS):
         actions = sorted(s.sa for s in lu.table.specs if s.opcode == opcode and s.sa is not None)
         if actions:
             listed += bytes((opcode, len(actions), *actions))
@@ -79,7 +77,7 @@ def granularity(lu: LogicalUnit) -> int:
     return lu.block_size.bit_length() - 1
 
 
-def third_party_copy_page(lu: LogicalUnit, task: ScsiTask) -> bytes:
+def third_party_copy_page(lu: LogicalUnit) -> bytes:
     """VPD 8Fh body: one descriptor per capability (SPC-4 7.8.17.1)."""
     parts = [
         _descriptor(0x0000, block_device_rod_limits(lu)),
@@ -106,13 +104,8 @@ def operating_parameters(lu: LogicalUnit) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def management_network_addresses(lu: LogicalUnit, task: ScsiTask) -> bytes:
-    """VPD 85h body: the configured addresses, and the copy service on each portal."""
-    service = lu.copy_service
-    assert service is not None
-    entries = list(service.manager.management_addresses)
-    if not any(kind == COPY_SERVICE for kind, _ in entries):
-        entries += [(COPY_SERVICE, url) for url in service.manager.copy_service_urls()]
+def management_network_addresses(entries: list[tuple[int, str]]) -> bytes:
+    """VPD 85h body: (SERVICE TYPE, URL) entries, the copy service on each portal among them."""
     body = bytearray()
     for kind, url in entries:
         text = url.encode() + b"\0"

@@ -22,18 +22,17 @@ from typing import TYPE_CHECKING
 from ..core import limits
 from ..core import sense as S
 from ..core.sense import Asc, SenseError, SenseKey, Status
+from ..core.table import Opcode
 from ..core.task import ScsiTask
 from .descriptors import CSCD_ID_SELF, CopyList, Cscd, CscdType, Segment, SegmentType
 
 if TYPE_CHECKING:
     from ..core.task import Nexus
-    from ..scsi.device import LogicalUnit
     from .manager import CopyOperation, CopyService
+    from .unit import LogicalUnit
 
 _tags = itertools.count(1 << 31)
-READ_16 = 0x88  # opcodes of the sub-commands (scsi.opcodes imports this package)
-WRITE_16 = 0x8A
-TEST_UNIT_READY = bytes(6)
+TEST_UNIT_READY = bytes((Opcode.TEST_UNIT_READY,)) + bytes(5)
 
 
 class CopyAborted(Exception):
@@ -86,10 +85,25 @@ async def internal_command(lu: LogicalUnit, cdb: bytes, nexus: Nexus,
 
 
 class SubcommandFailed(Exception):
-    def __init__(self, status: int, sense: bytes | None) -> None:
+    """What a copy source or destination answered to a sub-command, for forwarded sense data
+    (SPC-4 4.5.2.9): its status, its sense data, and which side it was
+    (`sense.FORWARDED_FROM_SOURCE` or `FORWARDED_FROM_DESTINATION`, None until known)."""
+
+    def __init__(self, status: int, sense: bytes | None, side: int | None = None) -> None:
         super().__init__(f"status {status:#x}")
         self.status = status
         self.sense = sense
+        self.side = side
+
+    def on(self, side: int) -> SubcommandFailed:
+        """The same failure, attributed to `side`."""
+        return SubcommandFailed(self.status, self.sense, side)
+
+    @classmethod
+    def refused(cls, exc: SenseError, side: int) -> SubcommandFailed:
+        """A sub-command `side` refused before it ran (reservation, medium, protection)."""
+        sense = exc.encode(True) if exc.status == Status.CHECK_CONDITION else None
+        return cls(exc.status, sense, side)
 
 
 class CopyJob:
@@ -172,7 +186,8 @@ class CopyJob:
                 try:
                     await internal_command(plan.src.lu, TEST_UNIT_READY, self.nexus)
                 except SubcommandFailed as exc:
-                    raise self._forward(seg, S.FORWARDED_FROM_SOURCE, exc.status, exc.sense, 0)
+                    raise self._forward(seg, S.FORWARDED_FROM_SOURCE, exc.status, exc.sense,
+                                        0) from None
             self.op.operations += 1
             return
         assert plan.dst is not None
@@ -222,6 +237,10 @@ class CopyJob:
                 self.op.operations += 1
                 if paths and paths <= {"reflink", "hole"}:
                     chunk = min(chunk * 4, limits.COPY_CHUNK_MAX_BYTES // unit * unit)
+        except SubcommandFailed as exc:
+            assert exc.side is not None
+            raise self._forward(plan.segment, exc.side, exc.status, exc.sense,
+                                self._residual(plan, total - done)) from None
         except SenseError as exc:
             if exc.key == SenseKey.COPY_ABORTED:
                 raise
@@ -239,13 +258,12 @@ class CopyJob:
         try:
             if self.manager.chunk_delay:
                 await asyncio.sleep(self.manager.chunk_delay)
-            for lu, opcode, side in ((src, READ_16, S.FORWARDED_FROM_SOURCE),
-                                     (dst, WRITE_16, S.FORWARDED_FROM_DESTINATION)):
+            for lu, opcode, side in ((src, Opcode.READ_16, S.FORWARDED_FROM_SOURCE),
+                                     (dst, Opcode.WRITE_16, S.FORWARDED_FROM_DESTINATION)):
                 try:
                     lu.admit_internal(self.nexus, opcode)
                 except SenseError as exc:
-                    exc.copy_side = side  # type: ignore[attr-defined]
-                    raise
+                    raise SubcommandFailed.refused(exc, side) from None
             return await dst.copy_blocks_from(
                 src, (plan.src_byte + off) // src.block_size,
                 (plan.dst_byte + off) // dst.block_size, n // dst.block_size, self.nexus,
@@ -253,15 +271,19 @@ class CopyJob:
         finally:
             self.service.scheduler.release()
 
-    def _failed(self, plan: Plan, exc: SenseError, residual_bytes: int) -> SenseError:
+    @staticmethod
+    def _residual(plan: Plan, residual_bytes: int) -> int:
         assert plan.dst is not None
-        side = getattr(exc, "copy_side", None)
-        if side is None:
-            side = S.FORWARDED_FROM_SOURCE if exc.asc == Asc.UNRECOVERED_READ_ERROR \
-                else S.FORWARDED_FROM_DESTINATION
+        return -(-residual_bytes // plan.dst.lu.block_size)
+
+    def _failed(self, plan: Plan, exc: SenseError, residual_bytes: int) -> SenseError:
+        """A failure of the data mover itself: a read error is the source's, any other the
+        destination's."""
+        side = S.FORWARDED_FROM_SOURCE if exc.asc == Asc.UNRECOVERED_READ_ERROR \
+            else S.FORWARDED_FROM_DESTINATION
         sense = exc.encode(True) if exc.status == Status.CHECK_CONDITION else None
-        residual = -(-residual_bytes // plan.dst.lu.block_size)
-        return self._forward(plan.segment, side, exc.status, sense, residual)
+        return self._forward(plan.segment, side, exc.status, sense,
+                             self._residual(plan, residual_bytes))
 
     async def _copy_unaligned(self, plan: Plan) -> None:
         """Byte offsets (segment 0Ah): internal READs, read-modify-write of the destination's
@@ -292,8 +314,9 @@ class CopyJob:
                 await self._io(dst, _rw16(True, dfirst, dlast - dfirst), 0, data_out=span,
                                side=S.FORWARDED_FROM_DESTINATION)
             except SubcommandFailed as exc:
+                assert exc.side is not None
                 residual = -(-(plan.nbytes - done) // dbs)
-                raise self._forward(plan.segment, getattr(exc, "side"), exc.status, exc.sense,
+                raise self._forward(plan.segment, exc.side, exc.status, exc.sense,
                                     residual) from None
             done += n
             self.op.bytes_transferred += n
@@ -304,19 +327,12 @@ class CopyJob:
         try:
             task = await internal_command(lu, cdb, self.nexus, data_out, expected_in)
         except SubcommandFailed as exc:
-            exc.side = side  # type: ignore[attr-defined]
-            raise
+            raise exc.on(side) from None
         if task.data_in is None:
             return b""
         return bytes(task.data_in[:task.data_in_len])
 
 
 def _rw16(write: bool, lba: int, blocks: int) -> bytes:
-    op = WRITE_16 if write else READ_16
+    op = Opcode.WRITE_16 if write else Opcode.READ_16
     return bytes((op, 0)) + lba.to_bytes(8, "big") + blocks.to_bytes(4, "big") + bytes(2)
-
-
-def aborted_status() -> SenseError:
-    """TASK ABORTED for a copy stopped by COPY OPERATION ABORT."""
-    return SenseError(SenseKey.ABORTED_COMMAND, Asc.NO_ADDITIONAL_SENSE,
-                      status=Status.TASK_ABORTED)

@@ -19,25 +19,29 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core import limits
 from ..core import sense as S
+from ..core.designators import lu_designators
 from ..core.sense import SenseError, Status
-from .tokens import TokenStore
+from ..core.table import ThirdPartyCopyOut
+from . import discovery
+from .tokens import Clock, TokenStore
 
 if TYPE_CHECKING:
     from ..core.task import Nexus
-    from ..scsi.device import LogicalUnit
+    from .unit import LogicalUnit
 
-Clock = Callable[[], float]
 log = logging.getLogger("pytarget.copy")
 # The commands that start a copy operation, by service action of operation code 83h.
-OPERATION_NAMES = {0x00: "EXTENDED COPY(LID1)", 0x01: "EXTENDED COPY(LID4)",
-                   0x10: "POPULATE TOKEN", 0x11: "WRITE USING TOKEN"}
+OPERATION_NAMES: dict[int, str] = {ThirdPartyCopyOut.EXTENDED_COPY_LID1: "EXTENDED COPY(LID1)",
+                                   ThirdPartyCopyOut.EXTENDED_COPY_LID4: "EXTENDED COPY(LID4)",
+                                   ThirdPartyCopyOut.POPULATE_TOKEN: "POPULATE TOKEN",
+                                   ThirdPartyCopyOut.WRITE_USING_TOKEN: "WRITE USING TOKEN"}
 
 
 class CopyDomain(Protocol):
@@ -226,7 +230,10 @@ class ChunkScheduler:
 
 
 class CopyService:
-    """The copy manager as one logical unit sees it: its operations and held results."""
+    """The copy manager as one logical unit sees it: its operations and held results.
+
+    It is what the device server knows of the copy manager (`core.copyservice.CopyServiceHooks`).
+    """
 
     def __init__(self, manager: CopyManager, lu: LogicalUnit) -> None:
         self.manager = manager
@@ -305,6 +312,15 @@ class CopyService:
         if runners:
             await asyncio.wait(runners)
 
+    def third_party_copy_page(self) -> bytes:
+        return discovery.third_party_copy_page(self.lu)
+
+    def management_network_addresses(self) -> bytes:
+        entries = list(self.manager.management_addresses)
+        if not any(kind == discovery.COPY_SERVICE for kind, _ in entries):
+            entries += [(discovery.COPY_SERVICE, url) for url in self.manager.copy_service_urls()]
+        return discovery.management_network_addresses(entries)
+
 
 class CopyManager:
     """Third-party copy for every logical unit of one pytarget instance."""
@@ -345,13 +361,8 @@ class CopyManager:
 
     def attach(self, lu: LogicalUnit) -> CopyService:
         """Serve `lu`: 3PC=1, VPD 8Fh and 85h, copy status, ROD tokens."""
-        from . import discovery
-
         service = CopyService(self, lu)
-        lu.copy_service = service
-        lu.third_party_copy = True
-        lu.vpd[0x8F] = discovery.third_party_copy_page
-        lu.vpd[0x85] = discovery.management_network_addresses
+        lu.attach_copy_service(service)
         lu.write_observers.append(lambda lba, count: self.tokens.blocks_written(lu, lba, count))
         self.services.append(service)
         return service
@@ -359,12 +370,10 @@ class CopyManager:
     def resolve_designator(self, nexus: Nexus, designator_type: int,
                            designator: bytes) -> LogicalUnit | None:
         """The accessible logical unit with this VPD 83h designator (association: LU)."""
-        from ..scsi.vpd import lu_designators
-
         for lu in self.domain.accessible_units(nexus):
             if not lu.exists:
                 continue
-            for d in lu_designators(lu):
+            for d in lu_designators(lu.naa, lu.vendor, lu.serial):
                 if d[1] & 0x30:
                     continue
                 if d[1] & 0x0F == designator_type and d[4:4 + d[3]] == designator:

@@ -20,17 +20,20 @@ import hmac
 import secrets
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core import limits
 from ..core import sense as S
+from ..core.designators import lu_designators, scsi_name
 from ..core.sense import Asc
 
 if TYPE_CHECKING:
     from ..core.task import Nexus
-    from ..scsi.device import LogicalUnit
-    from .manager import Clock, CopyManager
+    from .unit import LogicalUnit
+
+Clock = Callable[[], float]
 
 ROD_TYPE_AUR = 0x00010000  # access upon reference (SPC-4 table 119)
 ROD_TYPE_BLOCK_ZERO = 0xFFFF0001  # block device zero ROD token (SBC-3 4.29.5)
@@ -65,10 +68,17 @@ class RodToken:
         return any(lba < start + n and start < lba + count for start, n in self.ranges)
 
 
+class TokenAuthority(Protocol):
+    """Who may use a token: the copy manager's view of its targets and their access control."""
+
+    def is_local_target(self, name: str) -> bool: ...
+    def accessible(self, nexus: Nexus, lu: LogicalUnit) -> bool: ...
+
+
 class TokenStore:
     """Every live ROD token of one copy manager, and why recent ones died."""
 
-    def __init__(self, manager: CopyManager, clock: Clock) -> None:
+    def __init__(self, manager: TokenAuthority, clock: Clock) -> None:
         self.manager = manager
         self.clock = clock
         self.tokens: dict[bytes, RodToken] = {}
@@ -177,12 +187,10 @@ class TokenStore:
 
 
 def _build(ident: bytes, lu: LogicalUnit, nexus: Nexus, nbytes: int) -> bytes:
-    from ..scsi.vpd import lu_designators, scsi_name
-
     raw = bytearray(TOKEN_LENGTH)
     struct.pack_into(">I2xH", raw, 0, ROD_TYPE_AUR, TOKEN_BODY_LENGTH)
     raw[8:16] = ident
-    naa = lu_designators(lu)[0]
+    naa = lu_designators(lu.naa, lu.vendor, lu.serial)[0]
     creator = bytearray(32)  # CREATOR LOGICAL UNIT DESCRIPTOR: an E4h CSCD descriptor
     creator[0] = 0xE4
     creator[4:8 + naa[3]] = naa[:4 + naa[3]]

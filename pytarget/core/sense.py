@@ -218,6 +218,11 @@ def invalid_service_action(byte: int = 1, bit: int | None = 4) -> SenseError:
     return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, field=(True, byte, bit))
 
 
+def invalid_field_in_information_unit() -> SenseError:
+    """The Data-Out the fabric carries does not fit the command (SPC-4 table D.1)."""
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+
+
 def lba_out_of_range() -> SenseError:
     return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.LBA_OUT_OF_RANGE)
 
@@ -258,10 +263,26 @@ def aborted_command(asc: Asc) -> SenseError:
     return SenseError(SenseKey.ABORTED_COMMAND, asc)
 
 
+def task_aborted() -> SenseError:
+    """TASK ABORTED status, for a copy stopped by COPY OPERATION ABORT (SPC-4 6.3)."""
+    return SenseError(SenseKey.ABORTED_COMMAND, Asc.NO_ADDITIONAL_SENSE,
+                      status=Status.TASK_ABORTED)
+
+
 def saving_parameters_not_supported(byte: int, bit: int) -> SenseError:
     """Saved mode pages asked for where none can be saved (SPC-4 6.11, 6.12)."""
     return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.SAVING_PARAMETERS_NOT_SUPPORTED,
                       field=(True, byte, bit))
+
+
+def medium_removal_prevented() -> SenseError:
+    """LOEJ while a nexus prevents medium removal (SBC-3 5.20)."""
+    return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_REMOVAL_PREVENTED)
+
+
+def no_sense() -> SenseError:
+    """Nothing to report: what REQUEST SENSE returns for a healthy unit (SPC-4 6.39)."""
+    return SenseError(SenseKey.NO_SENSE, Asc.NO_ADDITIONAL_SENSE)
 
 
 def reservation_conflict() -> SenseError:

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.table import Opcode
 from ..iscsi.pdu import RESERVED_TAG, LogoutReason, TaskAttr
 from .protocol import (
     AsyncMessage,
@@ -140,8 +141,10 @@ def random_isid() -> bytes:
 def rw_cdb(write: bool, lba: int, blocks: int) -> bytes:
     """READ/WRITE (10) when the fields fit, else (16) (SBC-3 5.11, 5.15, 5.39, 5.42)."""
     if lba <= 0xFFFFFFFF and blocks <= 0xFFFF:
-        return struct.pack(">BBIBHB", 0x2A if write else 0x28, 0, lba, 0, blocks, 0)
-    return struct.pack(">BBQIBB", 0x8A if write else 0x88, 0, lba, blocks, 0, 0)
+        op10 = Opcode.WRITE_10 if write else Opcode.READ_10
+        return struct.pack(">BBIBHB", op10, 0, lba, 0, blocks, 0)
+    op16 = Opcode.WRITE_16 if write else Opcode.READ_16
+    return struct.pack(">BBQIBB", op16, 0, lba, blocks, 0, 0)
 
 
 class Initiator:

@@ -3,7 +3,8 @@
 `LogicalUnit.execute` is the only place a `SenseError` becomes CHECK CONDITION (or another
 status) and the only place an unexpected exception becomes HARDWARE ERROR / INTERNAL TARGET
 FAILURE. Dispatch, CDB validation and the per-command policy (unit attentions, NOT READY,
-write protection, reservation conflicts) all come from the opcode table in `opcodes`.
+write protection, reservation conflicts) all come from the logical unit's opcode table, which is
+given to it: the SPC/SBC rows of `opcodes` joined with the rows of the services that serve it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from time import perf_counter, perf_counter_ns
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -36,15 +37,17 @@ from ..core.stats import (
     SLOWEST,
     TOP_BUCKET,
 )
+from ..core.table import Opcode, OpSpec, OpTable
 from ..core.task import Nexus, ScsiTask
 from . import vpd
 from .modes import ModePages
-from .opcodes import NO_LU_TABLE, SBC_TABLE, SBC_THICK_TABLE, Opcode, OpSpec, OpTable
+from .opcodes import NO_LU_TABLE, lu_table
 from .pr import PersistentReservations
+from .unit import LunDirectory
 
 if TYPE_CHECKING:
     from ..backstore.file import FileBackstore
-    from ..copy.manager import CopyService
+    from ..core.copyservice import CopyServiceHooks
 
 log = logging.getLogger("pytarget.scsi")
 T = TypeVar("T")
@@ -116,12 +119,6 @@ class _UnitRangeLock(RangeLock):
                 observer(start, max(count, 1))
 
 
-class LunDirectory(Protocol):
-    """What a logical unit needs from the target that exports it."""
-
-    def visible_luns(self, nexus: Nexus) -> list[int]: ...
-
-
 @dataclass
 class LuConfig:
     lun: int
@@ -138,14 +135,18 @@ class LuConfig:
 
 
 class LogicalUnit:
-    """A direct-access block device (SBC-3) backed by a file."""
+    """A direct-access block device (SBC-3) backed by a file.
+
+    `table` is its opcode table: the SPC/SBC rows and the rows of the services that will serve
+    it (`opcodes.lu_table`); without one it knows the SPC/SBC commands only.
+    """
 
     exists = True
 
     def __init__(self, config: LuConfig, backstore: FileBackstore | None,
-                 directory: LunDirectory) -> None:
+                 directory: LunDirectory, table: OpTable | None = None) -> None:
         self.config = config
-        self.table: OpTable = SBC_TABLE if config.thin else SBC_THICK_TABLE
+        self.table: OpTable = table if table is not None else lu_table(config.thin)
         self.lun = config.lun
         self.backstore = backstore
         self.directory = directory
@@ -168,7 +169,7 @@ class LogicalUnit:
         self.mode = ModePages(self)
         self.write_observers: list[Callable[[int, int], None]] = []
         self.ranges: RangeLock = _UnitRangeLock(self)
-        self.copy_service: CopyService | None = None  # set by the copy manager that serves this LU
+        self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
         self.stats_copy_paths: dict[str, int] = {}
         self.stats_copy_bytes: dict[str, int] = {}
         self.stats_commands: dict[int, list[int]] = {}  # opcode -> stats row
@@ -221,8 +222,7 @@ class LogicalUnit:
         started = perf_counter_ns()
         try:
             spec = self.table.lookup(task.cdb)
-            cdb = bytes(task.cdb[:spec.cdb_len])
-            spec.check(cdb)
+            cdb = spec.parse(task.cdb)
             self._admit(task, spec)
             await spec.handler(self, task, cdb)
         except SenseError as exc:
@@ -285,6 +285,14 @@ class LogicalUnit:
 
     def vpd_pages(self) -> list[int]:
         return sorted(self.vpd)
+
+    def attach_copy_service(self, service: CopyServiceHooks) -> None:
+        """A copy manager serves this LU from now on: 3PC=1, VPD 8Fh and 85h, and resets and
+        nexus losses reach its copies."""
+        self.copy_service = service
+        self.third_party_copy = True
+        self.vpd[0x8F] = lambda lu, task: service.third_party_copy_page()
+        self.vpd[0x85] = lambda lu, task: service.management_network_addresses()
 
     # ------------------------------------------------------------------ unit attentions
     def _ua_queue(self, nexus: Nexus) -> deque[Asc]:
@@ -638,8 +646,17 @@ class NoLogicalUnit(LogicalUnit):
     exists = False
 
     def __init__(self, lun: int, directory: LunDirectory) -> None:
-        super().__init__(LuConfig(lun=lun), None, directory)
-        self.table = NO_LU_TABLE
+        super().__init__(LuConfig(lun=lun), None, directory, NO_LU_TABLE)
 
     def _ua_queue(self, nexus: Nexus) -> deque[Asc]:
         return deque()
+
+
+if TYPE_CHECKING:
+    from .pr import LogicalUnit as PrUnit
+    from .unit import Unit
+
+    def _interfaces(lu: LogicalUnit) -> tuple[Unit, PrUnit]:
+        """The interfaces handlers and persistent reservations type their unit with (checked
+        by mypy)."""
+        return lu, lu

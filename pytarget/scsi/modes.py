@@ -9,12 +9,8 @@ through the properties of `ModePages`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..core import sense as S
-
-if TYPE_CHECKING:
-    from .device import LogicalUnit
 
 
 @dataclass
@@ -68,7 +64,7 @@ def _default_pages() -> list[ModePage]:
 
 
 class ModePages:
-    def __init__(self, lu: LogicalUnit) -> None:
+    def __init__(self, lu: object) -> None:
         self.lu = lu
         self.pages = _default_pages()
         self._index = {(p.code, p.subpage): p for p in self.pages}

@@ -34,19 +34,21 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..core import limits
 from ..core import sense as S
 from ..core.cdb import be16, be32, be64
 from ..core.policy import Pr
 from ..core.sense import Asc
+from ..core.table import ProutAction
 
 if TYPE_CHECKING:
+    from ..core.table import Cdb
     from ..core.task import Nexus, ScsiTask
-    from .device import LogicalUnit
 
 log = logging.getLogger("pytarget.scsi.pr")
 
@@ -63,22 +65,36 @@ STATE_VERSION = 1
 _HEX_ISID = re.compile(r"^[0-9a-fA-F]{12}$")
 
 
-class PrinAction(IntEnum):
-    READ_KEYS = 0x00
-    READ_RESERVATION = 0x01
-    REPORT_CAPABILITIES = 0x02
-    READ_FULL_STATUS = 0x03
+T = TypeVar("T")
 
 
-class ProutAction(IntEnum):
-    REGISTER = 0x00
-    RESERVE = 0x01
-    RELEASE = 0x02
-    CLEAR = 0x03
-    PREEMPT = 0x04
-    PREEMPT_AND_ABORT = 0x05
-    REGISTER_AND_IGNORE_EXISTING_KEY = 0x06
-    REGISTER_AND_MOVE = 0x07
+class PrConfig(Protocol):
+    @property
+    def pr_state_path(self) -> str | None: ...
+
+
+class LogicalUnit(Protocol):
+    """What persistent reservations and their commands need from the logical unit."""
+
+    @property
+    def lun(self) -> int: ...
+    @property
+    def naa(self) -> bytes: ...
+    @property
+    def config(self) -> PrConfig: ...
+    @property
+    def pr(self) -> PersistentReservations: ...
+    @property
+    def reservation(self) -> tuple[Any, ...] | None: ...
+    @property
+    def ua(self) -> Mapping[tuple[Any, ...], Any]: ...
+    @property
+    def tasks(self) -> Mapping[tuple[tuple[Any, ...], int], Any]: ...
+
+    def establish_ua(self, asc: Asc, keys: Iterable[tuple[Any, ...]] | None = None,
+                     skip: Nexus | None = None) -> None: ...
+    async def abort_tasks_of(self, keys: set[tuple[Any, ...]]) -> None: ...
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
 class PrType(IntEnum):
@@ -195,7 +211,7 @@ class PrState:
     def copy(self) -> PrState:
         regs = [replace(r) for r in self.registrations]
         holder = None
-        for old, new in zip(self.registrations, regs):
+        for old, new in zip(self.registrations, regs, strict=False):
             if old is self.holder:
                 holder = new
         return PrState(regs, self.type, holder, self.generation, self.aptpl)
@@ -859,47 +875,81 @@ def _spc2_reserved(lu: LogicalUnit) -> None:
         raise S.reservation_conflict()
 
 
-async def persistent_reserve_in(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def _persistent_reserve_in(lu: LogicalUnit, task: ScsiTask, cdb: Cdb,
+                                 data: Callable[[PersistentReservations], bytes]) -> None:
     """PERSISTENT RESERVE IN (SPC-4 6.15). ADDITIONAL LENGTH always reports the whole list."""
     _spc2_reserved(lu)
-    sa = cdb[1] & 0x1F
-    alloc = be16(cdb, 7)
-    pr = lu.pr
-    if sa == PrinAction.READ_KEYS:
-        data = pr.read_keys()
-    elif sa == PrinAction.READ_RESERVATION:
-        data = pr.read_reservation()
-    elif sa == PrinAction.REPORT_CAPABILITIES:
-        data = pr.report_capabilities()
-    elif sa == PrinAction.READ_FULL_STATUS:
-        data = pr.read_full_status()
-    else:
-        raise S.invalid_service_action(1, 4)
-    task.set_data_in(data[:alloc])
+    task.set_data_in(data(lu.pr)[:cdb.allocation_length])
 
 
-_TYPED_ACTIONS = frozenset({ProutAction.RESERVE, ProutAction.RELEASE, ProutAction.PREEMPT,
-                            ProutAction.PREEMPT_AND_ABORT})
+async def read_keys(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_in(lu, task, cdb, PersistentReservations.read_keys)
 
 
-async def persistent_reserve_out(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    """PERSISTENT RESERVE OUT (SPC-4 6.16): CDB checks, the parameter list, then the action."""
+async def read_reservation(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_in(lu, task, cdb, PersistentReservations.read_reservation)
+
+
+async def report_capabilities(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_in(lu, task, cdb, PersistentReservations.report_capabilities)
+
+
+async def read_full_status(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_in(lu, task, cdb, PersistentReservations.read_full_status)
+
+
+async def _persistent_reserve_out(lu: LogicalUnit, task: ScsiTask, cdb: Cdb,
+                                  action: ProutAction, typed: bool) -> None:
+    """PERSISTENT RESERVE OUT (SPC-4 6.16): CDB checks, the parameter list, then the action.
+    SCOPE and TYPE are checked for the actions that use them (`typed`)."""
     _spc2_reserved(lu)
-    sa = cdb[1] & 0x1F
     scope = cdb[2] >> 4
     type_code = cdb[2] & 0x0F
-    length = be32(cdb, 5)
-    if sa in _TYPED_ACTIONS:
+    length = cdb.parameter_list_length
+    if typed:
         if scope != LU_SCOPE:
             raise S.invalid_field_in_cdb(2, 7)
-        if sa != ProutAction.RELEASE and type_code not in _PR_TYPES:
+        if action != ProutAction.RELEASE and type_code not in _PR_TYPES:
             raise S.invalid_field_in_cdb(2, 3)
     if length > limits.MAX_PARAMETER_LIST:
-        raise S.invalid_field_in_cdb(5, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("parameter_list_length"), 7)
     if length < BASIC_PARAMETER_LIST:
         raise S.parameter_list_length_error()
     data = await task.receive_data_out(length)
     if len(data) < length:
         raise S.parameter_list_length_error()
-    params = parse_prout_parameters(sa, bytes(data[:length]), lu.pr.aptpl_capable)
-    await lu.pr.prout(task, sa, type_code, params)
+    params = parse_prout_parameters(action, bytes(data[:length]), lu.pr.aptpl_capable)
+    await lu.pr.prout(task, action, type_code, params)
+
+
+async def register(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.REGISTER, typed=False)
+
+
+async def reserve(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.RESERVE, typed=True)
+
+
+async def release(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.RELEASE, typed=True)
+
+
+async def clear(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.CLEAR, typed=False)
+
+
+async def preempt(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.PREEMPT, typed=True)
+
+
+async def preempt_and_abort(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.PREEMPT_AND_ABORT, typed=True)
+
+
+async def register_and_ignore_existing_key(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.REGISTER_AND_IGNORE_EXISTING_KEY,
+                                  typed=False)
+
+
+async def register_and_move(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    await _persistent_reserve_out(lu, task, cdb, ProutAction.REGISTER_AND_MOVE, typed=False)

@@ -20,25 +20,26 @@ from ..core.cdb import be16, be32, be64
 from .sbc import physical_exponent
 
 if TYPE_CHECKING:
+    from ..core.table import Cdb
     from ..core.task import ScsiTask
-    from .device import LogicalUnit
+    from .unit import Unit as LogicalUnit
 
 MAPPED = 0
 DEALLOCATED = 1
 REPLICATE_CHUNK = 1 << 20
 
 
-async def unmap(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def unmap(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """UNMAP (SBC-3 5.28): deallocate every range in the parameter list."""
     if cdb[1] & 0x01:
         raise S.invalid_field_in_cdb(1, 0)  # ANCHOR: anchored state is not supported
-    length = be16(cdb, 7)
+    length = cdb.parameter_list_length
     if length == 0:
         return
     if length < 8:
         raise S.parameter_list_length_error()
     if length > 8 + 16 * limits.MAX_UNMAP_DESCRIPTORS + 16:
-        raise S.invalid_field_in_cdb(7, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("parameter_list_length"), 7)
     data = await task.receive_data_out(length)
     if len(data) < length:
         raise S.parameter_list_length_error()
@@ -91,12 +92,11 @@ async def zero(lu: LogicalUnit, lba: int, blocks: int) -> None:
             raise lu.io_error(exc, lba, write=True) from exc
 
 
-async def write_same(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def write_same(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """WRITE SAME(10/16) (SBC-3 5.41, 5.42)."""
-    sixteen = len(cdb) == 16
     anchor = bool(cdb[1] & 0x10)
     unmap_bit = bool(cdb[1] & 0x08)
-    ndob = sixteen and bool(cdb[1] & 0x01)
+    ndob = bool(cdb[1] & 0x01)  # WRITE SAME(16) only: a reserved bit of WRITE SAME(10)
     if anchor:
         raise S.invalid_field_in_cdb(1, 4)  # no anchored state (ANC_SUP=0)
     if unmap_bit and not lu.thin:
@@ -104,18 +104,15 @@ async def write_same(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     bs = lu.block_size
     if task.expected_out != (0 if ndob else bs):
         # the Data-Out buffer is exactly one block (none with NDOB), whatever the residual
-        raise S.SenseError(S.SenseKey.ILLEGAL_REQUEST, S.Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
-    if sixteen:
-        lba, blocks, length_at = be64(cdb, 2), be32(cdb, 10), 10
-    else:
-        lba, blocks, length_at = be32(cdb, 2), be16(cdb, 7), 7
+        raise S.invalid_field_in_information_unit()
+    lba, blocks = cdb.lba, cdb.transfer_length
     if blocks == 0:  # WSNZ=0: through the last LBA
         if lba >= lu.nblocks:
             raise S.lba_out_of_range()
         blocks = lu.nblocks - lba
     lu.check_range(lba, blocks)
     if blocks > lu.max_write_same_blocks:
-        raise S.invalid_field_in_cdb(length_at, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("transfer_length"), 7)
     if ndob:
         pattern = memoryview(bytes(bs))
     else:
@@ -147,15 +144,15 @@ async def replicate(lu: LogicalUnit, lba: int, blocks: int, block: bytes) -> Non
             done += n
 
 
-async def get_lba_status(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def get_lba_status(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """GET LBA STATUS (SBC-3 5.16) from SEEK_DATA/SEEK_HOLE on the backing file.
 
     Compatibility: a starting LBA inside a physical block is reported from the next physical
     block boundary, as libiscsi 1.19's GetLBAStatus.UnmapSingle requires of targets with
     LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT > 0 (docs/conformance.md).
     """
-    lba = be64(cdb, 2)
-    alloc = be32(cdb, 10)
+    lba = cdb.lba
+    alloc = cdb.allocation_length
     if lba >= lu.nblocks:
         raise S.lba_out_of_range()
     assert lu.backstore is not None

@@ -14,30 +14,28 @@ import numpy as np
 from ..core import limits
 from ..core import sense as S
 from ..core.buffers import data_buffer
-from ..core.cdb import be16, be32, be64, lba_and_length
 from ..core.sense import Status
 
 if TYPE_CHECKING:
+    from ..core.table import Cdb
     from ..core.task import ScsiTask
-    from .device import LogicalUnit
+    from .unit import Unit as LogicalUnit
 
 
-def transfer(lu: LogicalUnit, cdb: bytes) -> tuple[int, int]:
+def transfer(lu: LogicalUnit, cdb: Cdb) -> tuple[int, int]:
     """(LBA, blocks) of a READ/WRITE/VERIFY CDB, range- and limit-checked (SBC-3 4.5)."""
-    lba, count, length_at = lba_and_length(cdb)
-    if len(cdb) == 6 and count == 0:
-        count = 256
+    lba, count = cdb.lba, cdb.transfer_length
     lu.check_range(lba, count)
     if count * lu.block_size > limits.MAX_TRANSFER_BYTES:
-        raise S.invalid_field_in_cdb(length_at, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("transfer_length"), 7)
     return lba, count
 
 
-async def read(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def read(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     lba, count = transfer(lu, cdb)
     if not count:
         return
-    fua = len(cdb) > 6 and bool(cdb[1] & 0x08)
+    fua = cdb.fua
     nbytes = count * lu.block_size
     # Only what the initiator will take is read; the rest is reported as an overflow residual.
     want = min(nbytes, task.expected_in)
@@ -75,15 +73,15 @@ async def receive_blocks(lu: LogicalUnit, task: ScsiTask, count: int) -> memoryv
     nbytes = count * lu.block_size
     data = await task.receive_data_out(nbytes)
     if len(data) < nbytes and len(data) % lu.block_size:
-        raise S.SenseError(S.SenseKey.ILLEGAL_REQUEST, S.Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
+        raise S.invalid_field_in_information_unit()
     return data
 
 
-async def write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     lba, count = transfer(lu, cdb)
     if not count:
         return
-    fua = len(cdb) > 6 and bool(cdb[1] & 0x08)
+    fua = cdb.fua
     data = await receive_blocks(lu, task, count)
     if not data:
         return
@@ -95,7 +93,8 @@ async def write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         ranges.release(lock)
 
 
-def first_difference(a: memoryview | bytes, b: memoryview | bytes) -> int | None:
+def first_difference(a: memoryview | bytes | bytearray,
+                     b: memoryview | bytes | bytearray) -> int | None:
     """Offset of the first differing byte, or None when equal (numpy compare)."""
     x = np.frombuffer(a, dtype=np.uint8)
     y = np.frombuffer(b, dtype=np.uint8)
@@ -112,7 +111,7 @@ async def _compare_with_medium(lu: LogicalUnit, lba: int, data: memoryview) -> N
         raise S.miscompare(offset)
 
 
-async def verify(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def verify(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """VERIFY(10/12/16) (SBC-3 5.26): BYTCHK 00b checks the medium, 01b compares the Data-Out,
     11b compares one block of Data-Out with every block."""
     bytchk = (cdb[1] >> 1) & 0x03
@@ -135,7 +134,7 @@ async def verify(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         await _compare_with_medium(lu, lba, data)
 
 
-async def write_and_verify(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def write_and_verify(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """WRITE AND VERIFY(10/12/16) (SBC-3 5.35): write, make durable, verify the medium."""
     bytchk = (cdb[1] >> 1) & 0x03
     if bytchk > 1:
@@ -151,15 +150,15 @@ async def write_and_verify(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         await _compare_with_medium(lu, lba, data)
 
 
-async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """COMPARE AND WRITE (SBC-3 5.2): atomic against every command that writes the range.
 
     The exclusive range lock is taken before the Data-Out is fetched, so a RESERVE or any
     other writer queued after this command waits for it to finish. On a miscompare nothing is
     written and INFORMATION holds the offset of the first differing byte.
     """
-    lba = be64(cdb, 2)
-    blocks = cdb[13]
+    lba = cdb.lba
+    blocks = cdb.transfer_length
     nbytes = blocks * lu.block_size
     if task.expected_out != 2 * nbytes:
         # the Data-Out is the compare half then the write half, exactly (SBC-3 5.2)
@@ -169,7 +168,7 @@ async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None
     if blocks > lu.max_compare_and_write_blocks:
         raise S.invalid_field_in_cdb(13, 7)
     lu.check_range(lba, blocks)
-    fua = bool(cdb[1] & 0x08)
+    fua = cdb.fua
     async with lu.ranges.exclusive(lba, blocks):
         data = await task.receive_data_out(2 * nbytes)
         current = bytearray(nbytes)
@@ -181,22 +180,16 @@ async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None
         await lu.write_blocks(data[nbytes:], lba, fua)
 
 
-async def synchronize_cache(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    if len(cdb) == 10:
-        lba, count = be32(cdb, 2), be16(cdb, 7)
-    else:
-        lba, count = be64(cdb, 2), be32(cdb, 10)
+async def synchronize_cache(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    lba, count = cdb.lba, cdb.transfer_length
     lu.check_range(lba, count)
     await lu.flush()
 
 
-async def pre_fetch(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def pre_fetch(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """PRE-FETCH(10/16) (SBC-3 5.9): ask the page cache to read ahead; CONDITION MET when the
     blocks fit in the cache."""
-    if len(cdb) == 10:
-        lba, count = be32(cdb, 2), be16(cdb, 7)
-    else:
-        lba, count = be64(cdb, 2), be32(cdb, 10)
+    lba, count = cdb.lba, cdb.transfer_length
     lu.check_range(lba, count)
     assert lu.backstore is not None
     length = (count or lu.nblocks - lba) * lu.block_size
@@ -205,8 +198,8 @@ async def pre_fetch(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         task.status = Status.CONDITION_MET
 
 
-async def read_capacity_10(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    if not cdb[8] & 0x01 and be32(cdb, 2):
+async def read_capacity_10(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    if not cdb[8] & 0x01 and cdb.lba:
         raise S.invalid_field_in_cdb(2, 7)  # LBA without PMI
     last = min(lu.nblocks - 1, 0xFFFFFFFF)
     task.set_data_in(struct.pack(">II", last, lu.block_size))
@@ -217,9 +210,9 @@ def physical_exponent(lu: LogicalUnit) -> int:
     return max(0, (4096 // lu.block_size).bit_length() - 1)
 
 
-async def read_capacity_16(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    alloc = be32(cdb, 10)
-    if not cdb[14] & 0x01 and be64(cdb, 2):
+async def read_capacity_16(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    alloc = cdb.allocation_length
+    if not cdb[14] & 0x01 and cdb.lba:
         raise S.invalid_field_in_cdb(2, 7)
     data = bytearray(32)
     struct.pack_into(">QI", data, 0, lu.nblocks - 1, lu.block_size)
@@ -229,7 +222,7 @@ async def read_capacity_16(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     task.set_data_in(bytes(data[:alloc]))
 
 
-async def start_stop_unit(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def start_stop_unit(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """START STOP UNIT (SBC-3 5.20).
 
     A file has no spindle: power conditions are accepted and change nothing, and START=0
@@ -245,11 +238,11 @@ async def start_stop_unit(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         await lu.flush()
     if loej and lu.removable:
         if lu.prevent:
-            raise S.SenseError(S.SenseKey.ILLEGAL_REQUEST, S.Asc.MEDIUM_REMOVAL_PREVENTED)
+            raise S.medium_removal_prevented()
         lu.medium_present = start
 
 
-async def prevent_allow_medium_removal(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def prevent_allow_medium_removal(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """PREVENT ALLOW MEDIUM REMOVAL (SBC-3 5.11): per I_T nexus, for removable media."""
     prevent = cdb[4] & 0x03
     if prevent > 1:
@@ -260,12 +253,12 @@ async def prevent_allow_medium_removal(lu: LogicalUnit, task: ScsiTask, cdb: byt
         lu.prevent.discard(task.nexus.key)
 
 
-async def orwrite(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def orwrite(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """ORWRITE(16) (SBC-3 5.8): OR the Data-Out into the blocks, atomically."""
     lba, count = transfer(lu, cdb)
     if not count:
         return
-    fua = bool(cdb[1] & 0x08)
+    fua = cdb.fua
     data = await receive_blocks(lu, task, count)
     async with lu.ranges.exclusive(lba, count):
         current = bytearray(len(data))
@@ -275,13 +268,13 @@ async def orwrite(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
         await lu.write_blocks(memoryview(merged.tobytes()), lba, fua)
 
 
-async def read_defect_data(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    """READ DEFECT DATA(10/12) (SBC-3 5.18): a file has no defect list; report an empty one."""
-    twelve = len(cdb) == 12
-    fmt = (cdb[1] if twelve else cdb[2]) & 0x1F
-    alloc = be32(cdb, 6) if twelve else be16(cdb, 7)
-    if twelve:
-        data = struct.pack(">BBHI", 0, fmt, 0, 0)
-    else:
-        data = struct.pack(">BBH", 0, fmt, 0)
-    task.set_data_in(data[:alloc])
+async def read_defect_data_10(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """READ DEFECT DATA(10) (SBC-3 5.18): a file has no defect list; report an empty one."""
+    fmt = cdb[2] & 0x1F
+    task.set_data_in(struct.pack(">BBH", 0, fmt, 0)[:cdb.allocation_length])
+
+
+async def read_defect_data_12(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """READ DEFECT DATA(12) (SBC-3 5.19): an empty defect list."""
+    fmt = cdb[1] & 0x1F
+    task.set_data_in(struct.pack(">BBHI", 0, fmt, 0, 0)[:cdb.allocation_length])

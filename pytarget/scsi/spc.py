@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 from ..core import sense as S
 from ..core.cdb import be16, be32
-from ..core.sense import Asc, SenseKey, encode_sense
+from ..core.sense import Asc
 from . import vpd
 
 if TYPE_CHECKING:
+    from ..core.table import Cdb
     from ..core.task import ScsiTask
-    from .device import LogicalUnit
+    from .unit import Unit as LogicalUnit
 
 log = logging.getLogger("pytarget.scsi")
 
@@ -29,14 +30,14 @@ def reply(task: ScsiTask, data: bytes | bytearray, allocation_length: int) -> No
     task.set_data_in(data)
 
 
-async def test_unit_ready(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def test_unit_ready(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     return None
 
 
-async def inquiry(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def inquiry(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     evpd = cdb[1] & 0x01
     page = cdb[2]
-    alloc = be16(cdb, 3)
+    alloc = cdb.allocation_length
     if not evpd:
         if page:
             raise S.invalid_field_in_cdb(2, 7)
@@ -45,31 +46,30 @@ async def inquiry(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     reply(task, vpd.page(lu, task, page), alloc)
 
 
-async def request_sense(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def request_sense(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """REQUEST SENSE (SPC-4 6.39): a pending unit attention or the LU's current state."""
     descriptor = bool(cdb[1] & 0x01)
-    alloc = cdb[4]
     if not lu.exists:
-        data = encode_sense(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_UNIT_NOT_SUPPORTED, descriptor)
+        state = S.logical_unit_not_supported()
     else:
         asc = lu.take_unit_attention(task.nexus)
         if asc is not None:
-            data = encode_sense(SenseKey.UNIT_ATTENTION, asc, descriptor)
+            state = S.unit_attention(asc)
         elif not lu.medium_present:
-            data = encode_sense(SenseKey.NOT_READY, Asc.MEDIUM_NOT_PRESENT, descriptor)
+            state = S.not_ready(Asc.MEDIUM_NOT_PRESENT)
         else:
-            data = encode_sense(SenseKey.NO_SENSE, Asc.NO_ADDITIONAL_SENSE, descriptor)
-    reply(task, data, alloc)
+            state = S.no_sense()
+    reply(task, state.encode(descriptor), cdb.allocation_length)
 
 
-async def report_luns(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def report_luns(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """REPORT LUNS (SPC-4 6.33): the LUNs this initiator may see."""
     select = cdb[2]
-    alloc = be32(cdb, 6)
+    alloc = cdb.allocation_length
     if select not in (0x00, 0x01, 0x02, 0x10, 0x11, 0x12):
         raise S.invalid_field_in_cdb(2, 7)
     if alloc < 16:
-        raise S.invalid_field_in_cdb(6, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("allocation_length"), 7)
     luns: list[int] = []
     if select in (0x00, 0x02, 0x11):
         luns = sorted(lu.directory.visible_luns(task.nexus))
@@ -104,14 +104,23 @@ def _device_specific(lu: LogicalUnit) -> int:
     return (0x80 if lu.write_protected else 0) | 0x10
 
 
-async def mode_sense(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    ten = len(cdb) == 10
+async def mode_sense_6(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """MODE SENSE(6) (SPC-4 6.11)."""
+    await _mode_sense(lu, task, cdb, ten=False)
+
+
+async def mode_sense_10(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """MODE SENSE(10) (SPC-4 6.12)."""
+    await _mode_sense(lu, task, cdb, ten=True)
+
+
+async def _mode_sense(lu: LogicalUnit, task: ScsiTask, cdb: Cdb, ten: bool) -> None:
     dbd = bool(cdb[1] & 0x08)
-    llbaa = ten and bool(cdb[1] & 0x10)
+    llbaa = bool(cdb[1] & 0x10)  # MODE SENSE(10) only: reserved in MODE SENSE(6)
     pc = cdb[2] >> 6
     code = cdb[2] & 0x3F
     subpage = cdb[3]
-    alloc = be16(cdb, 7) if ten else cdb[4]
+    alloc = cdb.allocation_length
     if pc == 3:
         raise S.saving_parameters_not_supported(2, 7)
     pages = lu.mode.sense_pages(pc, code, subpage)
@@ -129,11 +138,20 @@ async def mode_sense(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     reply(task, header + blockdesc + pages, alloc)
 
 
-async def mode_select(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
-    ten = len(cdb) == 10
+async def mode_select_6(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """MODE SELECT(6) (SPC-4 6.9)."""
+    await _mode_select(lu, task, cdb, ten=False)
+
+
+async def mode_select_10(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """MODE SELECT(10) (SPC-4 6.10)."""
+    await _mode_select(lu, task, cdb, ten=True)
+
+
+async def _mode_select(lu: LogicalUnit, task: ScsiTask, cdb: Cdb, ten: bool) -> None:
     if cdb[1] & 0x01:
         raise S.invalid_field_in_cdb(1, 0)  # SP: no saved pages
-    length = be16(cdb, 7) if ten else cdb[4]
+    length = cdb.parameter_list_length
     if length == 0:
         return
     data = bytes(await task.receive_data_out(length))
@@ -165,21 +183,21 @@ async def mode_select(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
 
 
 # ------------------------------------------------------------------ REPORT SUPPORTED ...
-async def report_supported_operation_codes(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def report_supported_operation_codes(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """REPORT SUPPORTED OPERATION CODES (SPC-4 6.35), generated from the opcode table."""
     rctd = bool(cdb[2] & 0x80)
     options = cdb[2] & 0x07
     opcode = cdb[3]
     sa = be16(cdb, 4)
-    alloc = be32(cdb, 6)
+    alloc = cdb.allocation_length
     table = lu.table
     if options == 0:
         body = bytearray()
-        for spec in table.specs:
-            flags = (0x01 if spec.sa is not None else 0) | (0x02 if rctd else 0)
-            body += struct.pack(">BxHxBH", spec.opcode, spec.sa or 0, flags, spec.cdb_len)
+        for row in table.specs:
+            flags = (0x01 if row.sa is not None else 0) | (0x02 if rctd else 0)
+            body += struct.pack(">BxHxBH", row.opcode, row.sa or 0, flags, row.cdb_len)
             if rctd:
-                body += spec.timeouts_descriptor()
+                body += row.timeouts_descriptor()
         reply(task, struct.pack(">I", len(body)) + body, alloc)
         return
     if options not in (1, 2, 3):
@@ -205,12 +223,12 @@ async def report_supported_operation_codes(lu: LogicalUnit, task: ScsiTask, cdb:
     reply(task, data, alloc)
 
 
-async def report_supported_tmf(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def report_supported_tmf(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-4 6.36)."""
     repd = bool(cdb[2] & 0x80)
-    alloc = be32(cdb, 6)
+    alloc = cdb.allocation_length
     if alloc < 4:
-        raise S.invalid_field_in_cdb(6, 7)
+        raise S.invalid_field_in_cdb(cdb.offset_of("allocation_length"), 7)
     # ATS ATSS CACAS CTSS LURS QTS TRS WAKES; then QAES QTSS ITNRS
     data = bytearray(16 if repd else 4)
     data[0] = 0x80 | 0x40 | 0x10 | 0x08 | 0x02  # ATS, ATSS, CTSS, LURS, TRS
@@ -219,9 +237,9 @@ async def report_supported_tmf(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> N
     reply(task, data, alloc)
 
 
-async def report_target_port_groups(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def report_target_port_groups(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """REPORT TARGET PORT GROUPS (SPC-4 6.37): one group, active/optimized, implicit ALUA."""
-    alloc = be32(cdb, 6)
+    alloc = cdb.allocation_length
     extended = (cdb[1] >> 5) == 1
     port = task.nexus
     desc = struct.pack(">BBHBBBB", 0x80, 0x01, port.tpgt, 0, 0, 0, 1)
@@ -234,14 +252,12 @@ async def report_target_port_groups(lu: LogicalUnit, task: ScsiTask, cdb: bytes)
 
 
 # ------------------------------------------------------------------ SPC-2 reservations
-async def reserve(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def reserve(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """RESERVE(6/10) (SPC-2 7.21): whole-LU reservation for this I_T nexus.
 
     It waits for every command queued before it that holds or waits for an LBA range, so a
     RESERVE never completes while an earlier COMPARE AND WRITE is pending.
     """
-    if len(cdb) == 10 and cdb[1] & 0x02:
-        raise S.invalid_field_in_cdb(1, 1)  # third-party reservations
     holder = lu.reservation
     if holder is not None and holder != task.nexus.key:
         raise S.reservation_conflict()
@@ -257,10 +273,8 @@ async def reserve(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
     lu.reservation = task.nexus.key
 
 
-async def release(lu: LogicalUnit, task: ScsiTask, cdb: bytes) -> None:
+async def release(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """RELEASE(6/10): only the holder's release has any effect; others get GOOD."""
-    if len(cdb) == 10 and cdb[1] & 0x02:
-        raise S.invalid_field_in_cdb(1, 1)
     if lu.persistent_reservation_active():
         raise S.reservation_conflict()
     if lu.reservation == task.nexus.key:

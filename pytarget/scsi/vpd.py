@@ -6,12 +6,13 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..core import limits
+from ..core import designators, limits
 from ..core import sense as S
+from ..core.designators import ascii_field
 
 if TYPE_CHECKING:
     from ..core.task import Nexus, ScsiTask
-    from .device import LogicalUnit
+    from .unit import Unit as LogicalUnit
 
 # VERSION 05h (SPC-3) is what this device server claims in standard INQUIRY data: it
 # implements the SPC-4 commands it lists, but follows SPC-3's reading of the copy target
@@ -23,25 +24,6 @@ VERSION_DESCRIPTORS = (
     0x04C0,  # SBC-3 (no version claimed)
     0x0960,  # iSCSI (no version claimed)
 )
-
-PROTOCOL_ISCSI = 0x5
-CODE_BINARY = 1
-CODE_ASCII = 2
-CODE_UTF8 = 3
-ASSOC_LU = 0
-ASSOC_PORT = 1
-ASSOC_TARGET = 2
-TYPE_VENDOR = 0
-TYPE_T10 = 1
-TYPE_EUI64 = 2
-TYPE_NAA = 3
-TYPE_RELATIVE_PORT = 4
-TYPE_PORT_GROUP = 5
-TYPE_SCSI_NAME = 8
-
-
-def _ascii(text: str, width: int) -> bytes:
-    return text.encode("ascii", "replace")[:width].ljust(width)
 
 
 def standard_inquiry(lu: LogicalUnit) -> bytes:
@@ -55,46 +37,22 @@ def standard_inquiry(lu: LogicalUnit) -> bytes:
     data[4] = len(data) - 5
     data[5] = 0x10 | (0x08 if lu.third_party_copy else 0)  # TPGS=01b implicit ALUA; 3PC
     data[7] = 0x02  # CMDQUE
-    data[8:16] = _ascii(lu.vendor, 8)
-    data[16:32] = _ascii(lu.product, 16)
-    data[32:36] = _ascii(lu.revision, 4)
+    data[8:16] = ascii_field(lu.vendor, 8)
+    data[16:32] = ascii_field(lu.product, 16)
+    data[32:36] = ascii_field(lu.revision, 4)
     for i, desc in enumerate(VERSION_DESCRIPTORS):
         struct.pack_into(">H", data, 58 + 2 * i, desc)
     return bytes(data)
 
 
-def designator(code_set: int, assoc: int, kind: int, value: bytes, piv: bool = False) -> bytes:
-    proto = PROTOCOL_ISCSI << 4 if piv else 0
-    return bytes((proto | code_set, (0x80 if piv else 0) | (assoc << 4) | kind, 0,
-                  len(value))) + value
-
-
-def scsi_name(text: str) -> bytes:
-    """A SCSI name string: UTF-8, null-terminated, padded to a multiple of 4 (SPC-4 7.8.6.11)."""
-    raw = text.encode() + b"\0"
-    return raw + bytes(-len(raw) & 3)
-
-
 def lu_designators(lu: LogicalUnit) -> list[bytes]:
-    """Designators naming the logical unit itself, NAA first (the one copy managers use)."""
-    return [
-        designator(CODE_BINARY, ASSOC_LU, TYPE_NAA, lu.naa),
-        designator(CODE_ASCII, ASSOC_LU, TYPE_T10, _ascii(lu.vendor, 8) + lu.serial.encode()),
-        designator(CODE_UTF8, ASSOC_LU, TYPE_SCSI_NAME, scsi_name("naa." + lu.naa.hex().upper())),
-    ]
+    """Designators naming the logical unit itself, NAA first."""
+    return designators.lu_designators(lu.naa, lu.vendor, lu.serial)
 
 
 def port_designators(nexus: Nexus) -> list[bytes]:
-    return [
-        designator(CODE_BINARY, ASSOC_PORT, TYPE_RELATIVE_PORT,
-                   struct.pack(">HH", 0, nexus.relative_port), piv=True),
-        designator(CODE_BINARY, ASSOC_PORT, TYPE_PORT_GROUP, struct.pack(">HH", 0, nexus.tpgt),
-                   piv=True),
-        designator(CODE_UTF8, ASSOC_PORT, TYPE_SCSI_NAME, scsi_name(nexus.target_port_name),
-                   piv=True),
-        designator(CODE_UTF8, ASSOC_TARGET, TYPE_SCSI_NAME, scsi_name(nexus.target_name),
-                   piv=True),
-    ]
+    return designators.port_designators(nexus.relative_port, nexus.tpgt,
+                                        nexus.target_port_name, nexus.target_name)
 
 
 def _page(code: int, body: bytes, byte0: int = 0) -> bytes:

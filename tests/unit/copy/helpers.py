@@ -7,10 +7,12 @@ import struct
 from pathlib import Path
 
 from pytarget.backstore.file import FileBackstore
+from pytarget.copy import commands
 from pytarget.copy.manager import CopyManager, RegistryDomain
 from pytarget.core.task import Nexus
 from pytarget.iscsi.target import TargetNode, TargetRegistry
 from pytarget.scsi.device import LogicalUnit, LuConfig
+from pytarget.scsi.opcodes import lu_table
 
 TARGET = "iqn.2026-11.io.pytarget:unit"
 OTHER_TARGET = "iqn.2026-11.io.pytarget:other"
@@ -44,7 +46,7 @@ class Rig:
         lu = LogicalUnit(LuConfig(lun=lun, block_size=block_size, thin=thin, readonly=readonly,
                                   serial=f"SER{self._naa:X}",
                                   naa=self._naa.to_bytes(8, "big")),
-                         FileBackstore(str(path)), node)
+                         FileBackstore(str(path)), node, lu_table(thin, commands.ROWS))
         node.luns[lun] = lu
         self.manager.attach(lu)
         return lu

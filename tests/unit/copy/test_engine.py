@@ -253,26 +253,32 @@ def test_abort_stops_within_one_chunk(tmp_path: Path) -> None:
     original = dst.copy_blocks_from
     started: list[float] = []
     finished: list[float] = []
-
-    async def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
-        started.append(time.monotonic())
-        try:
-            paths = await original(*args, **kwargs)
-            await asyncio.sleep(0.05)
-            return paths
-        finally:
-            finished.append(time.monotonic())
-
-    dst.copy_blocks_from = slow  # type: ignore[method-assign]
     params = lid1([e4(src), e4(dst)], segments(0, 1, blocks))
 
     async def go() -> tuple[ScsiTask, int]:
+        first_two, later = asyncio.Event(), asyncio.Event()
+
+        async def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+            """The first two chunks complete; every later one stays in flight after its
+            data has moved, until the abort cancels it."""
+            started.append(time.monotonic())
+            held = len(started) > 2
+            try:
+                paths = await original(*args, **kwargs)
+                if held:
+                    await later.wait()
+                return paths
+            finally:
+                finished.append(time.monotonic())
+                if len(finished) == 2:
+                    first_two.set()
+
+        dst.copy_blocks_from = slow  # type: ignore[method-assign]
         src.ua.setdefault(NEXUS_A.key, deque()).clear()
         task = ScsiTask(xcopy_cdb(len(params)), 0, 5, NEXUS_A, expected_out=len(params),
                         source=MemorySource(params))
         runner = src.start(task)
-        while len(finished) < 2:
-            await asyncio.sleep(0.005)
+        await first_two.wait()
         await src.abort([(task, runner)])
         in_flight_at_abort = len(started) - len(finished)
         assert len(finished) == len(started)  # thread I/O done before the abort completed
@@ -293,21 +299,23 @@ def test_duplicate_active_list_id(tmp_path: Path) -> None:
 
     async def go() -> tuple[Result, Result, Result, Result]:
         gate = release()
+        moving = {NEXUS_A.key: release(), NEXUS_B.key: release()}  # a copy reached the gate
         original = dst.copy_blocks_from
 
         async def gated(*args, **kwargs):  # type: ignore[no-untyped-def]
+            moving[args[4].key].set()
             await gate.wait()
             return await original(*args, **kwargs)
 
         dst.copy_blocks_from = gated  # type: ignore[method-assign]
         params = lid1([e4(src), e4(dst)], [b2b(0, 1, 2048, 0, 0)], list_id=9)
         first = asyncio.ensure_future(run_async(src, xcopy_cdb(len(params)), params, NEXUS_A))
-        await asyncio.sleep(0.01)
+        await moving[NEXUS_A.key].wait()
         status = await run_async(src, rcr_cdb(0x00, 9), b"", NEXUS_A)  # in progress
         second = await run_async(src, xcopy_cdb(len(params)), params, NEXUS_A)
         other = asyncio.ensure_future(  # B's own list 9
             run_async(src, xcopy_cdb(len(params)), params, NEXUS_B))
-        await asyncio.sleep(0.01)
+        await moving[NEXUS_B.key].wait()
         gate.set()
         return await first, second, status, await other
 
@@ -326,14 +334,22 @@ def test_lid4_immediate_copy_runs_in_the_background(tmp_path: Path) -> None:
                   immediate=True)
 
     async def go() -> Result:
+        ended = asyncio.Event()
+        finished = rig.manager.finished
+
+        def note_end(service, op):  # type: ignore[no-untyped-def]
+            finished(service, op)
+            ended.set()
+
+        rig.manager.finished = note_end  # type: ignore[method-assign]
         quiet(src)
         r = await run_async(src, xcopy_cdb(len(params), True), params, NEXUS_A)
         assert r.ok()
-        for _ in range(200):
+        for _ in range(2):
             status = await run_async(src, rcr_cdb(0x05, 0x01020304), b"", NEXUS_A)
             if status.data[5] != 0x12:
                 return status
-            await asyncio.sleep(0.01)
+            await ended.wait()
         raise AssertionError("copy never finished")
 
     status = asyncio.run(go())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pytarget.backstore.file import FileBackstore
 from pytarget.core.sense import Status
+from pytarget.core.table import OpTable
 from pytarget.core.task import Nexus, ScsiTask
 from pytarget.scsi.device import LogicalUnit, LuConfig
 
@@ -82,7 +83,8 @@ NEXUS_B = Nexus("iqn.2026-11.io.pytarget.test:b", bytes.fromhex("800000000002"),
 
 
 def make_lu(tmp_path: Path, blocks: int = 8192, block_size: int = 512, lun: int = 0,
-            directory: Directory | None = None, **config: object) -> LogicalUnit:
+            directory: Directory | None = None, table: OpTable | None = None,
+            **config: object) -> LogicalUnit:
     path = tmp_path / f"lun{lun}.img"
     if not path.exists():
         FileBackstore.create(str(path), blocks * block_size)
@@ -90,7 +92,7 @@ def make_lu(tmp_path: Path, blocks: int = 8192, block_size: int = 512, lun: int 
     directory = directory or Directory()
     lu = LogicalUnit(LuConfig(lun=lun, block_size=block_size, serial="UNIT0001",
                               naa=bytes.fromhex("3000000000000001"), **config),  # type: ignore[arg-type]
-                     backstore, directory)
+                     backstore, directory, table)
     directory.luns[lun] = lu
     return lu
 

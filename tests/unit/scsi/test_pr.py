@@ -24,7 +24,9 @@ from pytarget.core.sense import Asc, SenseError, SenseKey, Status
 from pytarget.core.task import Nexus, ScsiTask
 from pytarget.scsi import pr as P
 from pytarget.scsi.device import LogicalUnit, LuConfig
-from pytarget.scsi.opcodes import SBC_TABLE, Opcode
+from pytarget.copy import commands as copy_commands
+from pytarget.core.table import Opcode
+from pytarget.scsi.opcodes import lu_table
 
 TARGET = "iqn.2026-11.io.pytarget:pr"
 NAME_A = "iqn.2026-11.io.pytarget.test:a"
@@ -41,6 +43,7 @@ REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_IGNORE, 
     REGISTER_AND_MOVE = range(8)
 READ_KEYS, READ_RESERVATION, REPORT_CAPABILITIES, READ_FULL_STATUS = range(4)
 CONFLICT = Status.RESERVATION_CONFLICT
+SBC_TABLE = lu_table(True, copy_commands.ROWS)
 
 
 # ------------------------------------------------------------------------------ harness
