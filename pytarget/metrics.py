@@ -126,7 +126,7 @@ def render(server: Server) -> str:
         for lun, lu in sorted(node.luns.items()):
             where: dict[str, object] = {"target": node.name, "lun": lun}
             size.add(lu.nblocks * lu.block_size, where)
-            if lu.backstore is not None and lu.backstore.fd >= 0:
+            if lu.backstore is not None and not lu.backstore.closed:
                 with contextlib.suppress(OSError):
                     allocated.add(lu.backstore.allocated_bytes(), where)
             miscompares.add(lu.stats_miscompares, where)
