@@ -90,6 +90,7 @@ class FileBackstore(Backstore):
             thin=True, deallocated_reads_zero=True,
             deallocate_granularity=DEALLOCATE_GRANULARITY, deallocate_alignment=0,
             clone=True, clone_alignment=CLONE_ALIGNMENT, copy_range=True)
+        self._can_map = self.caps.lend  # mirrors caps.lend: one attribute less per lent read
         self._windows: dict[int, tuple[memoryview, int]] = {}  # index -> (view, address)
         self._residency = bytearray(0)  # mincore's answer, one byte per page
         self._residency_c: ctypes.Array[ctypes.c_char] | None = None  # pins its address
@@ -169,7 +170,7 @@ class FileBackstore(Backstore):
         index = offset >> MAP_WINDOW_SHIFT
         start = offset - (index << MAP_WINDOW_SHIFT)
         end = start + length
-        if end > MAP_WINDOW or not self.caps.lend:
+        if end > MAP_WINDOW or not self._can_map:
             return None
         window = self._windows.get(index)
         if window is None or end > len(window[0]):
@@ -197,7 +198,7 @@ class FileBackstore(Backstore):
         try:
             region = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
         except (OSError, ValueError):
-            self.caps.lend = False
+            self._can_map = self.caps.lend = False
             return None
         if index not in self._windows and len(self._windows) >= MAP_WINDOWS:
             del self._windows[next(iter(self._windows))]  # the oldest
