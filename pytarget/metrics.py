@@ -126,7 +126,7 @@ def render(server: Server) -> str:
         for lun, lu in sorted(node.luns.items()):
             where: dict[str, object] = {"target": node.name, "lun": lun}
             size.add(lu.nblocks * lu.block_size, where)
-            if lu.backstore is not None and lu.backstore.fd >= 0:
+            if lu.backstore is not None and not lu.backstore.closed:
                 with contextlib.suppress(OSError):
                     allocated.add(lu.backstore.allocated_bytes(), where)
             miscompares.add(lu.stats_miscompares, where)
@@ -198,8 +198,7 @@ class MetricsServer:
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEADER_TIMEOUT)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    asyncio.TimeoutError):
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 return
             method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
             target = rest.split(" ", 1)[0].split("?", 1)[0]

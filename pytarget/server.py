@@ -26,7 +26,6 @@ from .iscsi.session import Session
 from .iscsi.target import AclEntry, TargetNode, TargetRegistry
 from .metrics import MetricsServer, render
 from .scsi.device import LogicalUnit, LuConfig, io_threads_busy
-from .scsi.opcodes import lu_table
 from .scsi.pr import PrStateError
 from .transport import ConnectionDriver, Listener, PollingSelector
 
@@ -76,7 +75,7 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) 
                              thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
                              pr_state_path=str(pr_state_path(config, lc)))
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
-        return LogicalUnit(lu_config, backstore, node, lu_table(lc.thin, copy_commands.ROWS))
+        return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS)
     except BaseException:
         backstore.close()
         raise

@@ -79,12 +79,12 @@ def collect(server: Server) -> dict[str, Any]:
         for lun, lu in sorted(node.luns.items()):
             backstore = lu.backstore
             allocated = None
-            if backstore is not None and backstore.fd >= 0:
+            if backstore is not None and not backstore.closed:
                 with contextlib.suppress(OSError):
                     allocated = backstore.allocated_bytes()
             luns.append({
                 "lun": lun,
-                "path": backstore.path if backstore is not None else None,
+                "path": backstore.location if backstore is not None else None,
                 "size_bytes": lu.nblocks * lu.block_size,
                 "block_size": lu.block_size,
                 "allocated_bytes": allocated,

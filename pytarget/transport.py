@@ -16,9 +16,10 @@ import selectors
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .core import sense as S
 from .core.sense import Asc
@@ -446,7 +447,7 @@ class ConnectionDriver:
         self.idle = self.loop.create_future()
         try:
             await asyncio.wait_for(asyncio.shield(self.idle), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.abort_all()
 
     async def abort_all(self) -> None:

@@ -1,12 +1,13 @@
-"""A logical unit's blocks in a regular (usually sparse) file.
+"""The file backstore: a logical unit's blocks in a regular (usually sparse) file or a block
+device (`backstore: file`).
 
-Reads and writes are `os.preadv`/`os.pwritev` into and out of the caller's buffers, and
-`mapped` lends a read-only view of a range that is in the page cache; durability is
-`fdatasync`; space is given back with `fallocate(PUNCH_HOLE|KEEP_SIZE)`; allocation is found
-with SEEK_DATA/SEEK_HOLE; copies between files use FICLONERANGE or `copy_file_range` where
-the filesystem offers them. Every method is synchronous and, but for `mapped`, may block: the
-device server decides what runs on the event loop and what goes to its I/O threads. OS errors
-propagate as OSError for the device server to turn into sense data.
+Reads and writes are `os.preadv`/`os.pwritev` into and out of the caller's buffers: a read
+first tries the page cache with RWF_NOWAIT on the event loop, and small writes go to the page
+cache from the loop; `mapped` lends a read-only view of a range that is in the page cache.
+Durability is `fdatasync`; space is given back with `fallocate(PUNCH_HOLE|KEEP_SIZE)`;
+allocation is found with SEEK_DATA/SEEK_HOLE; copies between files use FICLONERANGE or
+`copy_file_range` where the filesystem offers them. The awaitable calls are the blocking ones
+on the I/O threads (`Backstore`'s defaults). No atomic compare-and-write or atomic write yet.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+
+from .base import Backstore, Capabilities, Extent
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -42,6 +46,11 @@ _mincore.restype = ctypes.c_int
 _ZEROS = bytes(1 << 20)
 _PAGE = mmap.PAGESIZE
 
+# Holes are punched in filesystem blocks, 4 KiB on the filesystems pytarget runs on; partial ones
+# are zeroed by the filesystem. Reflinks share whole filesystem blocks.
+DEALLOCATE_GRANULARITY = 4096
+CLONE_ALIGNMENT = 4096
+
 # `mapped` maps the file in windows of 128 MiB on demand and keeps at most 32 of them per file:
 # 4 GiB of address space and, fully touched, 8 MiB of page tables. A window dropped from the
 # cache is unmapped once the last view lent from it is gone.
@@ -56,15 +65,11 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-@dataclass
-class Extent:
-    offset: int
-    length: int
-    mapped: bool
-
-
-class FileBackstore:
+class FileBackstore(Backstore):
     """Block storage in a file; offsets and lengths are in bytes."""
+
+    kind = "file"
+    PARAMS = ("path",)
 
     def __init__(self, path: str, readonly: bool = False) -> None:
         self.path = path
@@ -75,13 +80,17 @@ class FileBackstore:
         if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
             os.close(self.fd)
             raise OSError(errno.EINVAL, f"{path} is not a regular file or block device")
+        self.location = path
         self.size = st.st_size if stat.S_ISREG(st.st_mode) else self._block_device_size()
         self.can_punch = True
         self.can_zero_range = True
-        self.can_reflink = True
-        self.can_copy_range = True
-        # Only regular files are mapped; a block device is read with preadv.
-        self.can_map = stat.S_ISREG(st.st_mode)
+        self.caps = Capabilities(
+            read_nowait=True, write_inline=True,
+            lend=stat.S_ISREG(st.st_mode),  # a block device is read with preadv
+            thin=True, deallocated_reads_zero=True,
+            deallocate_granularity=DEALLOCATE_GRANULARITY, deallocate_alignment=0,
+            clone=True, clone_alignment=CLONE_ALIGNMENT, copy_range=True)
+        self._can_map = self.caps.lend  # mirrors caps.lend: one attribute less per lent read
         self._windows: dict[int, tuple[memoryview, int]] = {}  # index -> (view, address)
         self._residency = bytearray(0)  # mincore's answer, one byte per page
         self._residency_c: ctypes.Array[ctypes.c_char] | None = None  # pins its address
@@ -89,6 +98,20 @@ class FileBackstore:
 
     def _block_device_size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
+
+    @classmethod
+    def open(cls, params: Mapping[str, Any], *, readonly: bool = False) -> FileBackstore:
+        return cls(str(params["path"]), readonly=readonly)
+
+    @classmethod
+    def exists(cls, params: Mapping[str, Any]) -> bool:
+        return os.path.exists(str(params["path"]))
+
+    @classmethod
+    def provision(cls, params: Mapping[str, Any], size: int) -> None:
+        path = str(params["path"])
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        cls.create(path, size)
 
     @staticmethod
     def create(path: str, size: int) -> None:
@@ -104,6 +127,10 @@ class FileBackstore:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -143,7 +170,7 @@ class FileBackstore:
         index = offset >> MAP_WINDOW_SHIFT
         start = offset - (index << MAP_WINDOW_SHIFT)
         end = start + length
-        if end > MAP_WINDOW or not self.can_map:
+        if end > MAP_WINDOW or not self._can_map:
             return None
         window = self._windows.get(index)
         if window is None or end > len(window[0]):
@@ -171,7 +198,7 @@ class FileBackstore:
         try:
             region = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
         except (OSError, ValueError):
-            self.can_map = False
+            self._can_map = self.caps.lend = False
             return None
         if index not in self._windows and len(self._windows) >= MAP_WINDOWS:
             del self._windows[next(iter(self._windows))]  # the oldest
@@ -199,8 +226,11 @@ class FileBackstore:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
+    def prefetch(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     # -- provisioning
-    def punch(self, offset: int, length: int) -> None:
+    def deallocate(self, offset: int, length: int) -> None:
         """Deallocate a range; it reads back as zeros."""
         if self.can_punch:
             try:
@@ -210,7 +240,7 @@ class FileBackstore:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self.can_punch = False
-        self.write_zeros(offset, length)
+        self._write_zeros(offset, length)
 
     def zero(self, offset: int, length: int) -> None:
         """Zero a range and keep it allocated."""
@@ -222,9 +252,9 @@ class FileBackstore:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self.can_zero_range = False
-        self.write_zeros(offset, length)
+        self._write_zeros(offset, length)
 
-    def write_zeros(self, offset: int, length: int) -> None:
+    def _write_zeros(self, offset: int, length: int) -> None:
         end = offset + length
         while offset < end:
             n = min(len(_ZEROS), end - offset)
@@ -258,11 +288,22 @@ class FileBackstore:
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 
+    # -- size
+    def medium_size(self) -> int:
+        st = os.fstat(self.fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        return self._block_device_size()
+
+    def resize(self, size: int) -> None:
+        """ftruncate: only a regular file can change its size."""
+        os.ftruncate(self.fd, size)
+        self.size = size
+
     # -- copy offload between files
-    def reflink_from(self, src: FileBackstore, src_offset: int, dst_offset: int,
-                     length: int) -> bool:
+    def clone_from(self, src: Backstore, src_offset: int, dst_offset: int, length: int) -> bool:
         """Share src's blocks (FICLONERANGE); False when the filesystem cannot."""
-        if not self.can_reflink:
+        if not self.caps.clone or not isinstance(src, FileBackstore):
             return False
         arg = struct.pack("qQQQ", src.fd, src_offset, length, dst_offset)
         try:
@@ -272,14 +313,14 @@ class FileBackstore:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
                              errno.ENOSYS, errno.EPERM):
                 if exc.errno != errno.EINVAL:
-                    self.can_reflink = False
+                    self.caps.clone = False
                 return False
             raise
 
-    def copy_range_from(self, src: FileBackstore, src_offset: int, dst_offset: int,
+    def copy_range_from(self, src: Backstore, src_offset: int, dst_offset: int,
                         length: int) -> bool:
         """Copy in the kernel (copy_file_range); False when unsupported here."""
-        if not self.can_copy_range:
+        if not self.caps.copy_range or not isinstance(src, FileBackstore):
             return False
         done = 0
         try:
@@ -287,13 +328,14 @@ class FileBackstore:
                 n = os.copy_file_range(src.fd, self.fd, length - done, src_offset + done,
                                        dst_offset + done)
                 if n == 0:
-                    self.write_zeros(dst_offset + done, length - done)
+                    self._write_zeros(dst_offset + done, length - done)
                     break
                 done += n
             return True
         except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL) and not done:
-                self.can_copy_range = False
+            if not done and exc.errno in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS,
+                                          errno.EINVAL):
+                self.caps.copy_range = False
                 return False
             raise
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
-import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter, perf_counter_ns
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from ..backstore.base import Backstore, Capabilities, ReadHook
+from ..backstore.threads import io_threads_busy as io_threads_busy
+from ..backstore.threads import run_blocking
 from ..core import limits, stats
 from ..core import sense as S
 from ..core.locks import RangeLock, _Request
@@ -46,7 +48,6 @@ from .pr import PersistentReservations
 from .unit import LunDirectory
 
 if TYPE_CHECKING:
-    from ..backstore.file import FileBackstore
     from ..core.copyservice import CopyServiceHooks
 
 log = logging.getLogger("pytarget.scsi")
@@ -56,36 +57,16 @@ VENDOR = "PYTARGET"
 PRODUCT = "pytarget disk"
 REVISION = "0001"
 MAX_UA_QUEUE = 16
-COPY_ALIGNMENT = 4096  # FICLONERANGE offsets and lengths are filesystem-block aligned
 COPY_BUFFER_BYTES = 1 << 20
 INLINE_WRITE_MAX = 262144  # larger writes go to the I/O threads
 # Reads at least this large are lent from the page cache to fabrics that take views
 # (ScsiTask.lend_data_in); below it a copy costs about as little as the residency check.
 LEND_MIN = 16384
+NEVER = 1 << 62  # a length no command reaches: the fast path is off
 INLINE_WRITE_STALL = 0.020  # seconds (throttling pauses, not scheduling noise)
 # Resets supersede every other pending unit attention (SAM-5 5.14).
 _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCCURRED,
                         Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED})
-
-_executor: ThreadPoolExecutor | None = None
-_io_jobs = 0  # submitted to the I/O threads and not yet handed back to the event loop
-
-
-def io_executor() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pytarget-io")
-    return _executor
-
-
-def io_threads_busy() -> bool:
-    """Whether the I/O threads hold work whose result the event loop is waiting for."""
-    return _io_jobs > 0
-
-
-def _io_job_done(_: object) -> None:
-    global _io_jobs
-    _io_jobs -= 1
 
 
 class _UnitRangeLock(RangeLock):
@@ -135,25 +116,29 @@ class LuConfig:
 
 
 class LogicalUnit:
-    """A direct-access block device (SBC-3) backed by a file.
+    """A direct-access block device (SBC-3) on a backstore.
 
-    `table` is its opcode table: the SPC/SBC rows and the rows of the services that will serve
-    it (`opcodes.lu_table`); without one it knows the SPC/SBC commands only.
+    Its opcode table holds the SPC/SBC rows and the rows of `services`, the services that will
+    serve it (`opcodes.lu_table`); without them it knows the SPC/SBC commands only.
     """
 
     exists = True
 
-    def __init__(self, config: LuConfig, backstore: FileBackstore | None,
-                 directory: LunDirectory, table: OpTable | None = None) -> None:
+    def __init__(self, config: LuConfig, backstore: Backstore | None,
+                 directory: LunDirectory, services: Iterable[OpSpec] = ()) -> None:
         self.config = config
-        self.table: OpTable = table if table is not None else lu_table(config.thin)
         self.lun = config.lun
         self.backstore = backstore
+        self.caps = backstore.caps if backstore is not None else Capabilities()
         self.directory = directory
         self.block_size = config.block_size
         self.nblocks = backstore.size // config.block_size if backstore else 0
         self.readonly = config.readonly or bool(backstore and backstore.readonly)
-        self.thin = config.thin
+        self.thin = config.thin and (backstore is None or self.caps.thin)
+        self.table: OpTable = lu_table(self.thin, services)
+        # The fast paths the backstore offers, as the lengths they start or stop at.
+        self._inline_write_max = INLINE_WRITE_MAX if self.caps.write_inline else -1
+        self._lend_min = LEND_MIN if self.caps.lend else NEVER
         self.removable = config.removable
         self.vendor = config.vendor
         self.product = config.product
@@ -387,78 +372,67 @@ class LogicalUnit:
         if lba + count > self.nblocks or (count == 0 and lba >= self.nblocks):
             raise S.lba_out_of_range()
 
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+    def in_thread(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         """Run blocking work on the I/O threads; a cancelled caller still waits for it to end."""
-        global _io_jobs
-        fut = asyncio.get_running_loop().run_in_executor(io_executor(), fn, *args)
-        _io_jobs += 1
-        fut.add_done_callback(_io_job_done)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            await asyncio.wait([fut])
-            raise
+        return run_blocking(fn, *args)
 
-    async def read_blocks(self, buf: memoryview, lba: int,
-                          then: Callable[[memoryview], None] | None = None) -> None:
+    async def read_blocks(self, buf: memoryview, lba: int, then: ReadHook | None = None) -> None:
         """Fill buf from the medium, then run `then` (a fabric hook, iSCSI's data digests) on
-        it: both on the event loop when the data is in the page cache, else both on an I/O
-        thread. Measured here, a trip to a thread and back costs more than the copy and the
-        CRC it would move off the loop (1 MiB reads with data digests: 0.82 of the
-        digest-free rate with the CRC on a thread, 0.94 on the loop)."""
-        assert self.backstore is not None
+        it: both on the event loop when the backstore has the data in a cache (the page
+        cache), else both where the backstore's read completes (an I/O thread). Measured here,
+        a trip to a thread and back costs more than the copy and the CRC it would move off the
+        loop (1 MiB reads with data digests: 0.82 of the digest-free rate with the CRC on a
+        thread, 0.94 on the loop)."""
+        backstore = self.backstore
+        assert backstore is not None
         offset = lba * self.block_size
         try:
-            if self.backstore.read_nowait(buf, offset):
+            if backstore.read_nowait(buf, offset):
                 if then is not None:
                     then(buf)
                 return
-            await self.in_thread(self._read_then, buf, offset, then)
+            await backstore.aread(buf, offset, then)
         except OSError as exc:
             raise self.io_error(exc, lba, write=False) from exc
 
     def lend_blocks(self, lba: int, nbytes: int) -> memoryview | None:
-        """A view of the medium's blocks as they are in the page cache, or None when reading
-        them would wait for the disk (see FileBackstore.mapped for the caller's duties)."""
-        if self.backstore is None or nbytes < LEND_MIN:
+        """A view of the medium's blocks as they are in the backstore's cache, or None when
+        reading them would wait for the medium (see Backstore.mapped for the caller's duties)."""
+        if self.backstore is None or nbytes < self._lend_min:
             return None
         return self.backstore.mapped(lba * self.block_size, nbytes)
 
-    def _read_then(self, buf: memoryview, offset: int,
-                   then: Callable[[memoryview], None] | None) -> None:
-        assert self.backstore is not None
-        self.backstore.read_into(buf, offset)
-        if then is not None:
-            then(buf)
-
     async def write_blocks(self, data: memoryview, lba: int, fua: bool,
                            inline: bool = True) -> None:
-        """Write whole blocks; small writes go to the page cache from the event loop.
+        """Write whole blocks; small writes go to the page cache from the event loop when the
+        backstore takes them there (`caps.write_inline`).
 
         Buffered writes cannot be asked not to block (RWF_NOWAIT is refused for them), and
         under writeback pressure the kernel throttles the writer: a write that took longer than
         INLINE_WRITE_STALL sends this LU's writes to the I/O threads for a second, so one
         stalled write never holds up every session.
         """
-        assert self.backstore is not None
+        backstore = self.backstore
+        assert backstore is not None
         offset = lba * self.block_size
         try:
-            if inline and len(data) <= INLINE_WRITE_MAX and perf_counter() >= self._inline_after:
+            if inline and len(data) <= self._inline_write_max \
+                    and perf_counter() >= self._inline_after:
                 started = perf_counter()
-                self.backstore.write(data, offset)
+                backstore.write(data, offset)
                 if perf_counter() - started > INLINE_WRITE_STALL:
                     self._inline_after = perf_counter() + 1.0
             else:
-                await self.in_thread(self.backstore.write, data, offset)
+                await backstore.awrite(data, offset)
             if fua or not self.mode.write_cache:
-                await self.in_thread(self.backstore.flush)
+                await backstore.aflush()
         except OSError as exc:
             raise self.io_error(exc, lba, write=True) from exc
 
     async def flush(self) -> None:
         assert self.backstore is not None
         try:
-            await self.in_thread(self.backstore.flush)
+            await self.backstore.aflush()
         except OSError as exc:
             raise self.io_error(exc, None, write=True) from exc
 
@@ -490,8 +464,9 @@ class LogicalUnit:
         lock on the source blocks and an exclusive one on the destination blocks (one exclusive
         lock over both when they overlap within one LU), then the fastest path the backstores
         offer, chosen per extent: holes become holes (or zeros on a fully provisioned LU),
-        data is cloned (FICLONERANGE), else copied in the kernel (copy_file_range), else read
-        and written. `guard` runs once the locks are held (a ROD token's validity check).
+        data is cloned (a reflink), else copied inside the storage (copy_file_range), else read
+        and written, all of it in one piece of blocking work on an I/O thread. `guard` runs
+        once the locks are held (a ROD token's validity check).
         Returns the paths taken ("hole", "reflink", "copy_range", "buffered").
         """
         nbytes = count * self.block_size
@@ -524,7 +499,7 @@ class LogicalUnit:
                 paths = await self.in_thread(self._copy_bytes, src.backstore, so, do, nbytes,
                                              overlap)
                 if not self.mode.write_cache:
-                    await self.in_thread(self.backstore.flush)
+                    await self.backstore.aflush()
             except OSError as exc:
                 raise self.io_error(exc, dst_lba, write=True) from exc
         for path, moved in paths.items():
@@ -532,7 +507,7 @@ class LogicalUnit:
             self.stats_copy_bytes[path] = self.stats_copy_bytes.get(path, 0) + moved
         return set(paths)
 
-    def _copy_bytes(self, src: FileBackstore, so: int, do: int, n: int,
+    def _copy_bytes(self, src: Backstore, so: int, do: int, n: int,
                     overlap: bool) -> Counter[str]:
         """The blocking part of `copy_blocks_from`, run on an I/O thread; the bytes each path
         moved."""
@@ -544,21 +519,21 @@ class LogicalUnit:
         for extent in src.extents(so, n):
             at = do + extent.offset - so
             if not extent.mapped:
-                (dst.punch if self.thin else dst.zero)(at, extent.length)
+                (dst.deallocate if self._deallocate_zeros(dst) else dst.zero)(at, extent.length)
                 paths["hole"] += extent.length
             else:
                 paths.update(self._copy_data(src, extent.offset, at, extent.length))
         return paths
 
-    def _copy_data(self, src: FileBackstore, so: int, do: int, n: int) -> Counter[str]:
+    def _copy_data(self, src: Backstore, so: int, do: int, n: int) -> Counter[str]:
         dst = self.backstore
         assert dst is not None
         paths: Counter[str] = Counter()
-        align = max(COPY_ALIGNMENT, self.block_size)
-        if dst.can_reflink and so % align == do % align:
+        align = max(dst.caps.clone_alignment, self.block_size)
+        if dst.caps.clone and so % align == do % align:
             head = min(n, -so % align)
             body = (n - head) // align * align
-            if body and dst.reflink_from(src, so + head, do + head, body):
+            if body and dst.clone_from(src, so + head, do + head, body):
                 paths["reflink"] += body
                 if head:
                     paths.update(self._copy_data(src, so, do, head))
@@ -570,10 +545,10 @@ class LogicalUnit:
             return Counter({"copy_range": n})
         return Counter({self._copy_buffered(src, so, do, n): n})
 
-    def _copy_buffered(self, src: FileBackstore, so: int, do: int, n: int,
+    def _copy_buffered(self, src: Backstore, so: int, do: int, n: int,
                        whole: bool = False) -> str:
-        """preadv/pwritev; blocks of zeros become holes on a thin LU. `whole` reads everything
-        before writing anything (memmove semantics for an overlapping copy within one file)."""
+        """Read and write; blocks of zeros become holes on a thin LU. `whole` reads everything
+        before writing anything (memmove semantics for an overlapping copy within one LU)."""
         dst = self.backstore
         assert dst is not None
         step = n if whole else min(n, COPY_BUFFER_BYTES)
@@ -590,23 +565,28 @@ class LogicalUnit:
         """Write `data`; on a thin LU runs of all-zero blocks are deallocated instead."""
         dst = self.backstore
         assert dst is not None
-        if not self.thin:
+        if not self._deallocate_zeros(dst):
             dst.write(data, offset)
             return
         bs = self.block_size
         nonzero = np.asarray(np.frombuffer(data, dtype=np.uint8).reshape(-1, bs).any(axis=1))
         edges = [0, *(np.flatnonzero(np.diff(nonzero)) + 1).tolist(), len(nonzero)]
-        for a, b in zip(edges, edges[1:]):
+        for a, b in itertools.pairwise(edges):
             if nonzero[a]:
                 dst.write(data[a * bs:b * bs], offset + a * bs)
             else:
-                dst.punch(offset + a * bs, (b - a) * bs)
+                dst.deallocate(offset + a * bs, (b - a) * bs)
+
+    def _deallocate_zeros(self, dst: Backstore) -> bool:
+        """Whether zeros are written as deallocated blocks: on a thin LU whose deallocated
+        blocks read as zeros."""
+        return self.thin and dst.caps.deallocated_reads_zero
 
     def close(self) -> None:
         if self.backstore is not None and not self.closed:
             try:
                 if not self.readonly:
-                    os.fdatasync(self.backstore.fd)
+                    self.backstore.flush()
             finally:
                 self.backstore.close()
         self.closed = True
@@ -646,7 +626,8 @@ class NoLogicalUnit(LogicalUnit):
     exists = False
 
     def __init__(self, lun: int, directory: LunDirectory) -> None:
-        super().__init__(LuConfig(lun=lun), None, directory, NO_LU_TABLE)
+        super().__init__(LuConfig(lun=lun), None, directory)
+        self.table = NO_LU_TABLE
 
     def _ua_queue(self, nexus: Nexus) -> deque[Asc]:
         return deque()

@@ -74,7 +74,7 @@ async def deallocate(lu: LogicalUnit, lba: int, blocks: int) -> None:
     bs = lu.block_size
     async with lu.ranges.exclusive(lba, blocks):
         try:
-            await lu.in_thread(lu.backstore.punch, lba * bs, blocks * bs)
+            await lu.backstore.adeallocate(lba * bs, blocks * bs)
         except OSError as exc:
             raise lu.io_error(exc, lba, write=True) from exc
 
@@ -85,9 +85,9 @@ async def zero(lu: LogicalUnit, lba: int, blocks: int) -> None:
     bs = lu.block_size
     async with lu.ranges.exclusive(lba, blocks):
         try:
-            await lu.in_thread(lu.backstore.zero, lba * bs, blocks * bs)
+            await lu.backstore.azero(lba * bs, blocks * bs)
             if not lu.mode.write_cache:
-                await lu.in_thread(lu.backstore.flush)
+                await lu.backstore.aflush()
         except OSError as exc:
             raise lu.io_error(exc, lba, write=True) from exc
 
@@ -117,13 +117,14 @@ async def write_same(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
         pattern = memoryview(bytes(bs))
     else:
         pattern = await task.receive_data_out(bs)
-    if unmap_bit:
+    zeros_deallocate = lu.thin and lu.caps.deallocated_reads_zero
+    if unmap_bit and zeros_deallocate:
         # SBC-3 4.7.3.4: the device server may unmap instead of writing; deallocated blocks
         # read back as zeros (LBPRZ=1), whatever the Data-Out block held.
         await deallocate(lu, lba, blocks)
         return
     if not np.frombuffer(pattern, dtype=np.uint8).any():
-        if lu.thin:
+        if zeros_deallocate:
             await deallocate(lu, lba, blocks)
         else:
             await zero(lu, lba, blocks)
@@ -163,7 +164,7 @@ async def get_lba_status(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
             lba = aligned
     max_descriptors = max(1, (alloc - 8) // 16) if alloc >= 24 else 1
     bs = lu.block_size
-    extents = await lu.in_thread(lu.backstore.extents, lba * bs, (lu.nblocks - lba) * bs)
+    extents = await lu.backstore.aextents(lba * bs, (lu.nblocks - lba) * bs)
     descriptors = bytearray()
     for extent in extents:
         if len(descriptors) // 16 >= max_descriptors:

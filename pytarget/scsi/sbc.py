@@ -4,7 +4,6 @@ PRE-FETCH, READ CAPACITY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, READ DE
 
 from __future__ import annotations
 
-import os
 import struct
 from functools import partial
 from typing import TYPE_CHECKING
@@ -193,7 +192,7 @@ async def pre_fetch(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     lu.check_range(lba, count)
     assert lu.backstore is not None
     length = (count or lu.nblocks - lba) * lu.block_size
-    os.posix_fadvise(lu.backstore.fd, lba * lu.block_size, length, os.POSIX_FADV_WILLNEED)
+    lu.backstore.prefetch(lba * lu.block_size, length)
     if length <= limits.MAX_PREFETCH_BYTES:
         task.status = Status.CONDITION_MET
 
@@ -218,7 +217,7 @@ async def read_capacity_16(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     struct.pack_into(">QI", data, 0, lu.nblocks - 1, lu.block_size)
     data[13] = physical_exponent(lu)
     if lu.thin:
-        data[14] = 0x80 | 0x40  # LBPME, LBPRZ
+        data[14] = 0x80 | (0x40 if lu.caps.deallocated_reads_zero else 0)  # LBPME, LBPRZ
     task.set_data_in(bytes(data[:alloc]))
 
 

@@ -80,7 +80,8 @@ def extended_inquiry(lu: LogicalUnit, task: ScsiTask) -> bytes:
 
 
 def block_limits(lu: LogicalUnit, task: ScsiTask) -> bytes:
-    """Block Limits (SBC-3 6.6.3), all values from `limits`."""
+    """Block Limits (SBC-3 6.6.3): the values from `limits`, the unmap granularity from the
+    backstore's capabilities."""
     bs = lu.block_size
     body = bytearray(60)
     body[1] = lu.max_compare_and_write_blocks
@@ -91,8 +92,9 @@ def block_limits(lu: LogicalUnit, task: ScsiTask) -> bytes:
     if lu.thin:
         struct.pack_into(">I", body, 16, limits.MAX_UNMAP_BLOCKS)
         struct.pack_into(">I", body, 20, limits.MAX_UNMAP_DESCRIPTORS)
-        struct.pack_into(">I", body, 24, max(1, limits.UNMAP_GRANULARITY_BYTES // bs))
-        struct.pack_into(">I", body, 28, 0x80000000)  # UGAVALID, alignment 0
+        struct.pack_into(">I", body, 24, max(1, lu.caps.deallocate_granularity // bs))
+        alignment = lu.caps.deallocate_alignment // bs
+        struct.pack_into(">I", body, 28, 0x80000000 | alignment)  # UGAVALID
     struct.pack_into(">Q", body, 32, lu.max_write_same_blocks)
     return bytes(body)
 
@@ -108,7 +110,9 @@ def logical_block_provisioning(lu: LogicalUnit, task: ScsiTask) -> bytes:
     """Logical Block Provisioning (SBC-3 6.6.4)."""
     body = bytearray(4)
     if lu.thin:
-        body[1] = 0x80 | 0x40 | 0x20 | 0x04  # LBPU LBPWS LBPWS10 LBPRZ
+        body[1] = 0x80 | 0x40 | 0x20  # LBPU LBPWS LBPWS10
+        if lu.caps.deallocated_reads_zero:
+            body[1] |= 0x04  # LBPRZ
         body[2] = 0x02  # PROVISIONING TYPE: thin
     return bytes(body)
 

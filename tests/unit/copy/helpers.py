@@ -6,13 +6,13 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from pytarget.backstore.base import Backstore
 from pytarget.backstore.file import FileBackstore
 from pytarget.copy import commands
 from pytarget.copy.manager import CopyManager, RegistryDomain
 from pytarget.core.task import Nexus
 from pytarget.iscsi.target import TargetNode, TargetRegistry
 from pytarget.scsi.device import LogicalUnit, LuConfig
-from pytarget.scsi.opcodes import lu_table
 
 TARGET = "iqn.2026-11.io.pytarget:unit"
 OTHER_TARGET = "iqn.2026-11.io.pytarget:other"
@@ -38,15 +38,19 @@ class Rig:
         self._naa = 0x3000000000000100
 
     def unit(self, lun: int, blocks: int = 8192, block_size: int = 512, thin: bool = True,
-             node: TargetNode | None = None, readonly: bool = False) -> LogicalUnit:
+             node: TargetNode | None = None, readonly: bool = False,
+             backstore: Backstore | None = None) -> LogicalUnit:
+        """A LUN on a new sparse file, or on `backstore` when given."""
         node = node or self.node
         self._naa += 1
-        path = self.tmp_path / f"{node.name.rsplit(':', 1)[1]}-lun{lun}.img"
-        FileBackstore.create(str(path), blocks * block_size)
+        if backstore is None:
+            path = self.tmp_path / f"{node.name.rsplit(':', 1)[1]}-lun{lun}.img"
+            FileBackstore.create(str(path), blocks * block_size)
+            backstore = FileBackstore(str(path))
         lu = LogicalUnit(LuConfig(lun=lun, block_size=block_size, thin=thin, readonly=readonly,
                                   serial=f"SER{self._naa:X}",
                                   naa=self._naa.to_bytes(8, "big")),
-                         FileBackstore(str(path)), node, lu_table(thin, commands.ROWS))
+                         backstore, node, commands.ROWS)
         node.luns[lun] = lu
         self.manager.attach(lu)
         return lu

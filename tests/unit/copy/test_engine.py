@@ -148,9 +148,9 @@ def test_sparse_source_stays_sparse(tmp_path: Path) -> None:
 def test_zero_blocks_of_data_become_holes_on_a_thin_destination(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     src, dst = rig.unit(0), rig.unit(1)
-    src.backstore.can_reflink = False
-    src.backstore.can_copy_range = False
-    dst.backstore.can_reflink = dst.backstore.can_copy_range = False
+    src.backstore.caps.clone = False
+    src.backstore.caps.copy_range = False
+    dst.backstore.caps.clone = dst.backstore.caps.copy_range = False
     fill(src, 0, b"\0" * (4 * MiB))  # allocated zeros
     fill(src, 1024, pattern(8))
     params = lid1([e4(src), e4(dst)], [b2b(0, 1, 8192, 0, 0)])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytarget.backstore.file import FileBackstore
 from pytarget.core.sense import Status
-from pytarget.core.table import OpTable
+from pytarget.core.table import OpSpec
 from pytarget.core.task import Nexus, ScsiTask
 from pytarget.scsi.device import LogicalUnit, LuConfig
 
@@ -83,7 +84,7 @@ NEXUS_B = Nexus("iqn.2026-11.io.pytarget.test:b", bytes.fromhex("800000000002"),
 
 
 def make_lu(tmp_path: Path, blocks: int = 8192, block_size: int = 512, lun: int = 0,
-            directory: Directory | None = None, table: OpTable | None = None,
+            directory: Directory | None = None, services: Iterable[OpSpec] = (),
             **config: object) -> LogicalUnit:
     path = tmp_path / f"lun{lun}.img"
     if not path.exists():
@@ -92,7 +93,7 @@ def make_lu(tmp_path: Path, blocks: int = 8192, block_size: int = 512, lun: int 
     directory = directory or Directory()
     lu = LogicalUnit(LuConfig(lun=lun, block_size=block_size, serial="UNIT0001",
                               naa=bytes.fromhex("3000000000000001"), **config),  # type: ignore[arg-type]
-                     backstore, directory, table)
+                     backstore, directory, services)
     directory.luns[lun] = lu
     return lu
 

@@ -14,7 +14,6 @@ import pytest
 
 from pytarget.copy import commands
 from pytarget.core.sense import Asc, SenseKey, Status
-from pytarget.scsi.opcodes import lu_table
 
 from .harness import make_lu, run
 
@@ -149,7 +148,7 @@ LAYOUTS = SBC_LAYOUTS + COPY_LAYOUTS
 
 @pytest.fixture(scope="module")
 def lu(tmp_path_factory: pytest.TempPathFactory):
-    return make_lu(tmp_path_factory.mktemp("cdb"), table=lu_table(True, commands.ROWS))
+    return make_lu(tmp_path_factory.mktemp("cdb"), services=commands.ROWS)
 
 
 def test_every_command_is_listed_here(lu) -> None:

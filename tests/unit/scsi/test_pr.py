@@ -19,13 +19,13 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from pytarget.backstore.file import FileBackstore
+from pytarget.copy import commands as copy_commands
 from pytarget.core.policy import Flag, Pr
 from pytarget.core.sense import Asc, SenseError, SenseKey, Status
+from pytarget.core.table import Opcode
 from pytarget.core.task import Nexus, ScsiTask
 from pytarget.scsi import pr as P
 from pytarget.scsi.device import LogicalUnit, LuConfig
-from pytarget.copy import commands as copy_commands
-from pytarget.core.table import Opcode
 from pytarget.scsi.opcodes import lu_table
 
 TARGET = "iqn.2026-11.io.pytarget:pr"
