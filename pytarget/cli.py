@@ -305,7 +305,8 @@ def _commit(path: Path, old_text: str | None, result: Any, summary: str,
         if "not running" in str(exc):
             print("no running target uses this configuration; it applies at the next start")
             return 0
-        raise CliError(f"the file is written, but the running target did not apply it: {exc}")
+        raise CliError(
+            f"the file is written, but the running target did not apply it: {exc}") from None
     for change in answer.get("changes", []):
         print(f"running target: {change}")
     return 0

@@ -144,7 +144,7 @@ class ControlServer:
                     raise ControlError('expected {"command": NAME, ...}')
                 result = await self.handler(request["command"], request, uid)
                 answer: dict[str, Any] = {"ok": True, "result": result}
-            except (ControlError, ValueError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ControlError, ValueError) as exc:
                 answer = {"ok": False, "error": str(exc) or type(exc).__name__}
             except Exception as exc:  # the target goes on; the client learns what happened
                 log.exception("control request failed")
@@ -192,7 +192,7 @@ def request(path: Path, command: str, timeout: float = 120.0, **arguments: Any) 
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except socket.timeout:
+        except TimeoutError:
             raise ControlError(f"no answer from {path} within {timeout:.0f} s") from None
     try:
         answer = json.loads(b"".join(chunks))

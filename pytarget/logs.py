@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -22,8 +22,8 @@ LEVELS = ("debug", "info", "warning", "error")
 # `extra` keys copied into JSON records, in this order.
 FIELDS = ("event", "initiator", "target", "lun", "tsih", "isid", "portal", "peer", "list_id",
           "operation", "outcome", "bytes", "reason", "changes", "uid")
-_SECRET = re.compile(r"\b(CHAP_[CRN]|[A-Za-z_]*secret|[A-Za-z_]*password)(\s*[=:]\s*)(\"[^\"]*\"|\S+)",
-                     re.IGNORECASE)
+_SECRET = re.compile(r"\b(CHAP_[CRN]|[A-Za-z_]*secret|[A-Za-z_]*password)"
+                     r"(\s*[=:]\s*)(\"[^\"]*\"|\S+)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -45,7 +45,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc)
+            "time": datetime.fromtimestamp(record.created, UTC)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,

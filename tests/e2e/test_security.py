@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from pytarget.assembly import lu_identity
 from pytarget.initiator import pdus
 from pytarget.initiator.chap import ChapAuthenticator
 from pytarget.initiator.client import (
@@ -30,7 +31,6 @@ from pytarget.initiator.client import (
 from pytarget.iscsi import digest as dg
 from pytarget.iscsi.auth import CHAP_MD5, CHAP_SHA256
 from pytarget.iscsi.pdu import RejectReason
-from pytarget.server import lu_identity
 
 from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, run, start_target, write_config
 from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
