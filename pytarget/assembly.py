@@ -64,12 +64,23 @@ def pr_state_path(config: Config, lc: LunConfig) -> Path:
 
 
 def check(config: Config) -> None:
-    """What only assembly can refuse, before anything is created: a backstore kind that does not
-    exist (ConfigError), two LUNs keeping reservations in one file (PrStateError)."""
-    seen: set[Path] = set()
+    """What only assembly can refuse, before anything is created."""
+    check_backstores(config)
+    check_pr_paths(config)
+
+
+def check_backstores(config: Config) -> None:
+    """ConfigError when a LUN names a kind of backstore that does not exist."""
     for tc in config.targets:
         for lc in tc.luns:
             backstore_kind(config, tc, lc)
+
+
+def check_pr_paths(config: Config) -> None:
+    """PrStateError when two LUNs would keep their persistent reservations in one file."""
+    seen: set[Path] = set()
+    for tc in config.targets:
+        for lc in tc.luns:
             path = pr_state_path(config, lc)
             if path in seen:
                 raise PrStateError(errno.EEXIST, "two LUNs would keep persistent reservations "

@@ -160,12 +160,14 @@ def tune_allocator() -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from .assembly import check_backstores
     from .server import Server
 
     tune_allocator()
 
     try:
         config = load(args.config)
+        check_backstores(config)
         portals = [parse_portal(p) for p in args.portal] or None
     except ConfigError as exc:
         print(f"pytarget: configuration error: {exc}", file=sys.stderr)
