@@ -1,6 +1,7 @@
-"""A running pytarget: configuration turned into targets and logical units, portals listening,
-sessions tracked across connections, the control socket and metrics endpoint, live
-reconfiguration, and a clean shutdown."""
+"""A running pytarget: the targets and logical units `assembly` built from the configuration,
+portals listening, sessions tracked across connections, the control socket and metrics
+endpoint, the changes a reload applies (one method each, called by `reconfigure`), and a clean
+shutdown."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ RETIRE_GRACE = 30.0  # seconds a removed LUN's commands may take before they are
 
 
 class Server:
+    """One pytarget instance: owns the registry, the copy manager, listeners and connections."""
+
     def __init__(self, config: Config, portals: list[tuple[str, int]] | None = None,
                  source: str | os.PathLike[str] | None = None,
                  **connection_options: Any) -> None:
