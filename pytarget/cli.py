@@ -160,12 +160,14 @@ def tune_allocator() -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from .assembly import check_backstores
     from .server import Server
 
     tune_allocator()
 
     try:
         config = load(args.config)
+        check_backstores(config)
         portals = [parse_portal(p) for p in args.portal] or None
     except ConfigError as exc:
         print(f"pytarget: configuration error: {exc}", file=sys.stderr)
@@ -305,7 +307,8 @@ def _commit(path: Path, old_text: str | None, result: Any, summary: str,
         if "not running" in str(exc):
             print("no running target uses this configuration; it applies at the next start")
             return 0
-        raise CliError(f"the file is written, but the running target did not apply it: {exc}")
+        raise CliError(
+            f"the file is written, but the running target did not apply it: {exc}") from None
     for change in answer.get("changes", []):
         print(f"running target: {change}")
     return 0

@@ -55,7 +55,7 @@ def _last_line(node: Node) -> int:
         children = list(node.value)
     else:
         children = []
-    if not children or node.flow_style:
+    if not children or (isinstance(node, (MappingNode, SequenceNode)) and node.flow_style):
         end = node.end_mark
         return end.line if end.column > 0 else end.line - 1
     return max(_last_line(c) for c in children)

@@ -2,8 +2,8 @@
 
 `load` checks the whole file before anything is created: unknown keys, bad sizes, duplicate LUN
 ids and unusable paths are reported as one `ConfigError` naming the file and the key.
-`prepare_backing_files` then creates missing sparse files; it never resizes or truncates an
-existing one.
+`assembly.prepare_backing_files` then creates missing backing files; it never resizes or
+truncates an existing one.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class LunConfig:
     thin: bool = True
     removable: bool = False
     serial: str | None = None
+    backstore: str = "file"  # the kind of backing store (backstore.KINDS)
 
 
 @dataclass
@@ -137,7 +138,8 @@ class _Reader:
     def fail(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.file, key, message)
 
-    def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    def mapping(self, value: Any, key: str, allowed: set[str],
+                required: set[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(key, "expected a mapping")
         for k in value:
@@ -417,7 +419,7 @@ def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, st
 
 def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     item = r.mapping(item, key, {"id", "path", "size", "block_size", "readonly", "thin",
-                                 "removable", "serial"}, {"id", "path"})
+                                 "removable", "serial", "backstore"}, {"id", "path"})
     lun_id = item["id"]
     if isinstance(lun_id, bool) or not isinstance(lun_id, int) or not 0 <= lun_id <= MAX_LUN:
         raise r.fail(f"{key}.id", f"expected an integer 0..{MAX_LUN}")
@@ -445,7 +447,10 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     if serial is not None and (not isinstance(serial, str) or not serial.isascii()
                                or not 0 < len(serial) <= 32):
         raise r.fail(f"{key}.serial", "expected 1-32 ASCII characters")
-    lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial)
+    backstore = item.get("backstore", "file")
+    if not isinstance(backstore, str) or not backstore:
+        raise r.fail(f"{key}.backstore", "expected the name of a kind of backing store")
+    lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore)
     _check_path(r, lun, key)
     return lun
 
@@ -457,7 +462,8 @@ def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:
         if not path.is_file() and not path.is_block_device():
             raise r.fail(f"{key}.path", f"{path} is not a regular file")
         if not os.access(path, mode):
-            raise r.fail(f"{key}.path", f"{path} is not {'readable' if lun.readonly else 'readable and writable'}")
+            wanted = "readable" if lun.readonly else "readable and writable"
+            raise r.fail(f"{key}.path", f"{path} is not {wanted}")
         if path.stat().st_size < lun.block_size and path.is_file():
             raise r.fail(f"{key}.path", f"{path} is smaller than one block")
         return
@@ -473,18 +479,3 @@ def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:
         raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not writable")
-
-
-def prepare_backing_files(config: Config) -> list[Path]:
-    """Create the sparse files that do not exist yet; returns the ones created."""
-    from .backstore.file import FileBackstore
-
-    created: list[Path] = []
-    for target in config.targets:
-        for lun in target.luns:
-            if not lun.path.exists():
-                assert lun.size is not None
-                lun.path.parent.mkdir(parents=True, exist_ok=True)
-                FileBackstore.create(str(lun.path), lun.size)
-                created.append(lun.path)
-    return created

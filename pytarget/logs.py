@@ -22,8 +22,8 @@ LEVELS = ("debug", "info", "warning", "error")
 # `extra` keys copied into JSON records, in this order.
 FIELDS = ("event", "initiator", "target", "lun", "tsih", "isid", "portal", "peer", "list_id",
           "operation", "outcome", "bytes", "reason", "changes", "uid")
-_SECRET = re.compile(r"\b(CHAP_[CRN]|[A-Za-z_]*secret|[A-Za-z_]*password)(\s*[=:]\s*)(\"[^\"]*\"|\S+)",
-                     re.IGNORECASE)
+_SECRET = re.compile(r"\b(CHAP_[CRN]|[A-Za-z_]*secret|[A-Za-z_]*password)"
+                     r"(\s*[=:]\s*)(\"[^\"]*\"|\S+)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:

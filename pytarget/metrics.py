@@ -12,15 +12,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import TYPE_CHECKING, Protocol
 
 from . import __version__
 from .core import stats
 from .core.table import Opcode
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .copy.manager import CopyManager
+    from .iscsi.target import TargetRegistry
+
+
+class Measured(Protocol):
+    """What `render` reads from the running server."""
+
+    @property
+    def registry(self) -> TargetRegistry: ...
+
+    @property
+    def copy_manager(self) -> CopyManager: ...
+
+    @property
+    def drivers(self) -> Sized: ...
+
+    @property
+    def reloads(self) -> Mapping[str, int]: ...
 
 log = logging.getLogger("pytarget.metrics")
 
@@ -74,7 +91,7 @@ class _Family:
             yield f"{self.name}{suffix}{_labels(labels)} {_number(value)}"
 
 
-def render(server: Server) -> str:
+def render(server: Measured) -> str:
     """The exposition text for everything `server` runs now."""
     families: dict[str, _Family] = {}
 

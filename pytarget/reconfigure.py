@@ -31,30 +31,79 @@ import os
 import stat
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .backstore.file import FileBackstore
-from .config import Config, LunConfig, TargetConfig
+from . import assembly
+from .config import Config, ConfigError, LunConfig, TargetConfig
 from .core.sense import Asc
-from .iscsi.target import TargetNode
+from .iscsi.bounds import Bounds
+from .iscsi.target import TargetNode, TargetRegistry
 from .scsi.pr import PrStateError
 from .status import size_text
 
 if TYPE_CHECKING:
+    from .backstore.file import FileBackstore
     from .metrics import MetricsServer
     from .scsi.device import LogicalUnit
-    from .server import Server
-    from .transport import Listener
 
 # Registry attributes that are live state, not settings: a reload never replaces them.
 _REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "ledger"})
 _NODE_STATE = frozenset({"name", "luns"})
 # A change to any of these replaces the LUN with a new logical unit.
-_IDENTITY = ("path", "block_size", "readonly", "thin", "removable", "serial")
+_IDENTITY = ("path", "block_size", "readonly", "thin", "removable", "serial", "backstore")
 
 
 class ReloadRefused(Exception):
     """The new configuration cannot be applied; nothing was changed."""
+
+
+class Portal(Protocol):
+    """A listening portal opened for the new configuration."""
+
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class Reconfigurable(Protocol):
+    """The running server as a reload sees it: what it reads, and one method per change."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def registry(self) -> TargetRegistry: ...
+
+    @property
+    def fixed_portals(self) -> bool: ...
+
+    def use_config(self, config: Config) -> None: ...
+
+    def apply_limits(self, limits: Bounds) -> None: ...
+
+    def set_poll_window(self, window: float) -> bool: ...
+
+    def open_portal(self, host: str, port: int) -> Portal: ...
+
+    def change_portals(self, removed: list[tuple[str, int]],
+                       added: list[tuple[tuple[str, int], Any]]) -> list[str]: ...
+
+    async def start_metrics(self, address: tuple[str, int]) -> MetricsServer: ...
+
+    async def replace_metrics(self, metrics: MetricsServer | None) -> None: ...
+
+    def update_management_addresses(self, config: Config) -> bool: ...
+
+    def serve_lu(self, node: TargetNode, lu: LogicalUnit) -> LogicalUnit | None: ...
+
+    def remove_lu(self, node: TargetNode, lun: int) -> None: ...
+
+    def add_target(self, node: TargetNode) -> None: ...
+
+    async def remove_target(self, node: TargetNode, reason: str) -> int: ...
+
+    def retire(self, lu: LogicalUnit) -> None: ...
 
 
 def _identity(lc: LunConfig) -> tuple[Any, ...]:
@@ -84,7 +133,7 @@ class _LunChange:
 class Reload:
     """One new configuration being applied to a running `Server` (see the module docstring)."""
 
-    def __init__(self, server: Server, new: Config) -> None:
+    def __init__(self, server: Reconfigurable, new: Config) -> None:
         self.server = server
         self.old = server.config
         self.new = new
@@ -99,7 +148,7 @@ class Reload:
         self._created: list[Path] = []
         self._opened: list[LogicalUnit] = []
         self._grown: list[tuple[FileBackstore, int]] = []
-        self._listeners: list[tuple[tuple[str, int], Listener]] = []
+        self._listeners: list[tuple[tuple[str, int], Portal]] = []
         self._metrics: MetricsServer | None = None
 
     async def apply(self) -> list[str]:
@@ -117,19 +166,19 @@ class Reload:
 
     # ------------------------------------------------------------------ 1. check
     def check(self) -> None:
-        from .server import build_node, check_pr_paths
-
         try:
-            check_pr_paths(self.new)
+            assembly.check(self.new)
         except PrStateError as exc:
             raise ReloadRefused(f"{exc.filename}: {exc.strerror}") from None
+        except ConfigError as exc:
+            raise ReloadRefused(str(exc)) from None
         live = self.server.registry.targets
         old_targets = {t.name.lower(): t for t in self.old.targets}
         new_targets = {t.name.lower(): t for t in self.new.targets}
         for key, tc in new_targets.items():
             node = live.get(key)
             if key not in old_targets or node is None:
-                self.added_targets.append((tc, build_node(tc)))
+                self.added_targets.append((tc, assembly.build_node(tc)))
             else:
                 self.kept.append((node, tc))
                 self._check_luns(node, old_targets[key], tc)
@@ -151,7 +200,8 @@ class Reload:
             if running is None or before is None:
                 self.lun_changes.append(_LunChange("add", node, new, lun, lc))
             elif _identity(before) != _identity(lc):
-                why = ", ".join(f for f, a, b in zip(_IDENTITY, _identity(before), _identity(lc))
+                why = ", ".join(f for f, a, b in zip(_IDENTITY, _identity(before), _identity(lc),
+                                                      strict=True)
                                 if a != b)
                 self.lun_changes.append(_LunChange("replace", node, new, lun, lc, running,
                                                    why=why))
@@ -181,25 +231,22 @@ class Reload:
 
     # ------------------------------------------------------------------ 2. prepare
     async def prepare(self) -> None:
-        from .server import build_lu
-        from .transport import Listener
-
         for change in self.lun_changes:
             if change.kind in ("add", "replace"):
                 assert change.tc is not None and change.lc is not None
-                self._create(change.lc)
-                change.new = build_lu(self.new, change.tc, change.lc, change.node)
+                self._create(change.tc, change.lc)
+                change.new = assembly.build_lu(self.new, change.tc, change.lc, change.node)
                 self._opened.append(change.new)
         for tc, node in self.added_targets:
             for lc in tc.luns:
-                self._create(lc)
-                lu = build_lu(self.new, tc, lc, node)
+                self._create(tc, lc)
+                lu = assembly.build_lu(self.new, tc, lc, node)
                 self._opened.append(lu)
                 node.luns[lc.id] = lu
         for host, port in self.added_portals:
-            self._listeners.append(((host, port), Listener(self.server, host, port)))
+            self._listeners.append(((host, port), self.server.open_portal(host, port)))
         if self.new.metrics != self.old.metrics and self.new.metrics is not None:
-            self._metrics = await self.server._start_metrics(self.new.metrics)
+            self._metrics = await self.server.start_metrics(self.new.metrics)
         for change in self.lun_changes:
             if change.grow_to is not None:
                 assert change.live is not None and change.live.backstore is not None
@@ -208,13 +255,9 @@ class Reload:
                 os.ftruncate(backstore.fd, change.grow_to)
                 self._grown.append((backstore, before))
 
-    def _create(self, lc: LunConfig) -> None:
-        if lc.path.exists():
-            return
-        assert lc.size is not None  # load() refuses a missing file without a size
-        lc.path.parent.mkdir(parents=True, exist_ok=True)
-        FileBackstore.create(str(lc.path), lc.size)
-        self._created.append(lc.path)
+    def _create(self, tc: TargetConfig, lc: LunConfig) -> None:
+        if assembly.create_backing(self.new, tc, lc):
+            self._created.append(lc.path)
 
     async def rollback(self) -> None:
         for lu in self._opened:
@@ -232,8 +275,6 @@ class Reload:
 
     # ------------------------------------------------------------------ 3. commit
     async def commit(self) -> None:
-        from .server import build_registry
-
         server = self.server
         registry = server.registry
         kept_nodes = {id(node) for node, _ in self.kept}
@@ -242,7 +283,7 @@ class Reload:
         seen_before = {id(s): set(s.target.visible_luns(s.nexus))  # type: ignore[union-attr,arg-type]
                        for s in sessions}
 
-        shadow = build_registry(self.new, luns=False)
+        shadow = assembly.build_registry(self.new, luns=False)
         for node, tc in self.kept:
             fresh = shadow.target(tc.name)
             assert fresh is not None
@@ -252,33 +293,21 @@ class Reload:
         for name in self._copy_settings(shadow, registry, _REGISTRY_STATE):
             self.changes.append(f"{name} changed (applies to new logins)")
         if self.new.limits != self.old.limits:
-            limits = self.new.limits
-            server.budget.total = limits.data_out_memory
-            server.budget.per_holder = limits.session_data_out_memory
-            server.connection_options.update(
-                (k, v) for k, v in limits.connection_options().items()
-                if k not in server.explicit_options)
+            server.apply_limits(self.new.limits)
             self.changes.append("limits changed (timeouts apply to new connections)")
-        if self.new.busy_poll_us != self.old.busy_poll_us and server.poller is not None:
-            server.poller.window = self.new.poll_window()
-            self.changes.append(f"busy polling window now {server.poller.window * 1e6:.0f} µs")
+        if self.new.busy_poll_us != self.old.busy_poll_us \
+                and server.set_poll_window(self.new.poll_window()):
+            self.changes.append(f"busy polling window now {self.new.poll_window() * 1e6:.0f} µs")
 
         replaced: list[LogicalUnit] = []
         for change in self.lun_changes:
             self._commit_lun(change, replaced)
-        for tc, node in self.added_targets:
-            registry.add_target(node)
-            for lu in node.luns.values():
-                server.copy_manager.attach(lu)
+        for _, node in self.added_targets:
+            server.add_target(node)
             self.changes.append(f"target {node.name} added with {len(node.luns)} LUN(s)")
         for node in self.removed_targets:
-            registry.targets.pop(node.name.lower(), None)
-            ended = [s for s in list(registry.sessions.values()) if s.target is node]
-            for session in ended:
-                await server.end_session(session, "target removed from the configuration")
-            for lu in node.luns.values():
-                server.retire(lu)
-            self.changes.append(f"target {node.name} removed ({len(ended)} session(s) ended)")
+            ended = await server.remove_target(node, "target removed from the configuration")
+            self.changes.append(f"target {node.name} removed ({ended} session(s) ended)")
 
         for session in sessions:
             target, nexus = session.target, session.nexus
@@ -294,28 +323,16 @@ class Reload:
                     lu.establish_ua(Asc.INQUIRY_DATA_HAS_CHANGED, keys=[nexus.key])
                     lu.establish_ua(Asc.CAPACITY_DATA_HAS_CHANGED, keys=[nexus.key])
 
-        for portal in self.removed_portals:
-            entry = next(e for e in server.listeners if e[0] == portal)
-            server.listeners.remove(entry)
-            entry[1].close()
-            self.changes.append("portal %s:%d removed (its connections stay)" % entry[1].address)
-        for entry in self._listeners:
-            server.listeners.append(entry)
-            self.changes.append("portal %s:%d added" % entry[1].address)
-        server._announce_portals()
+        self.changes += server.change_portals(self.removed_portals, self._listeners)
         if self.server.fixed_portals and self.new.portals != self.old.portals:
             self.changes.append("portals are given on the command line: the configuration's "
                                 "portals are not applied")
 
         if self.new.metrics != self.old.metrics:
-            old_metrics, server.metrics = server.metrics, self._metrics
-            if old_metrics is not None:
-                await old_metrics.close()
+            await server.replace_metrics(self._metrics)
             self.changes.append(f"metrics endpoint now {self._metrics.url}" if self._metrics
                                 else "metrics endpoint closed")
-        addresses = list(server.copy_manager.management_addresses)
-        server.update_management_addresses(self.new)
-        if addresses != server.copy_manager.management_addresses:
+        if server.update_management_addresses(self.new):
             for node in registry.targets.values():
                 for lu in node.luns.values():
                     lu.establish_ua(Asc.INQUIRY_DATA_HAS_CHANGED)
@@ -323,21 +340,18 @@ class Reload:
         if (self.new.control_socket, self.new.control_group) != (self.old.control_socket,
                                                                  self.old.control_group):
             self.changes.append("control_socket/control_group: take effect at the next start")
-        server.config = self.new
+        server.use_config(self.new)
 
     def _commit_lun(self, change: _LunChange, replaced: list[LogicalUnit]) -> None:
         server = self.server
         node, lun = change.node, change.lun
         name = f"target {node.name} LUN {lun}"
         if change.kind == "remove":
-            node.luns.pop(lun, None)
-            assert change.live is not None
-            server.retire(change.live)
+            server.remove_lu(node, lun)
             self.changes.append(f"{name} removed")
         elif change.kind in ("add", "replace"):
             assert change.new is not None and change.lc is not None
-            node.luns[lun] = change.new
-            server.copy_manager.attach(change.new)
+            server.serve_lu(node, change.new)
             size = size_text(change.new.nblocks * change.new.block_size)
             if change.kind == "add":
                 self.changes.append(f"{name} added: {change.lc.path} ({size})")

@@ -1,32 +1,29 @@
-"""A running pytarget: configuration turned into targets and logical units, portals listening,
-sessions tracked across connections, the control socket and metrics endpoint, live
-reconfiguration, and a clean shutdown."""
+"""A running pytarget: the targets and logical units `assembly` built from the configuration,
+portals listening, sessions tracked across connections, the control socket and metrics
+endpoint, the changes a reload applies (one method each, called by `reconfigure`), and a clean
+shutdown."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import hashlib
 import logging
 import os
 import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from . import status
-from .backstore.file import FileBackstore
-from .config import Config, ConfigError, LunConfig, TargetConfig, load, prepare_backing_files
+from .assembly import build_copy_manager, build_registry, prepare_backing_files
+from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer, socket_path
-from .copy import commands as copy_commands
-from .copy.manager import CopyManager, RegistryDomain
-from .iscsi.bounds import MemoryBudget
+from .iscsi.bounds import Bounds, MemoryBudget
 from .iscsi.session import Session
-from .iscsi.target import AclEntry, TargetNode, TargetRegistry
+from .iscsi.target import TargetNode
 from .metrics import MetricsServer, render
-from .scsi.device import LogicalUnit, LuConfig, io_threads_busy
-from .scsi.pr import PrStateError
+from .reconfigure import Reload, ReloadRefused
+from .scsi.device import LogicalUnit, io_threads_busy
 from .transport import ConnectionDriver, Listener, PollingSelector
 
 log = logging.getLogger("pytarget")
@@ -35,76 +32,9 @@ STATUS_SERVICE = 0x03  # VPD 85h SERVICE TYPE of a status service (SPC-4 7.8.9 t
 RETIRE_GRACE = 30.0  # seconds a removed LUN's commands may take before they are aborted
 
 
-def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, bytes]:
-    """A stable unit serial number and NAA 3h (locally assigned) designator for a LUN."""
-    digest = hashlib.sha256(f"{target_name.lower()}:{lun}".encode()).digest()
-    value = (0x3 << 60) | (int.from_bytes(digest[:8], "big") & ((1 << 60) - 1))
-    naa = value.to_bytes(8, "big")
-    return serial or digest[:8].hex().upper(), naa
-
-
-def pr_state_path(config: Config, lc: LunConfig) -> Path:
-    """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json"""
-    return config.base / f"{lc.path.name}.pr.json"
-
-
-def check_pr_paths(config: Config) -> None:
-    seen: set[Path] = set()
-    for tc in config.targets:
-        for lc in tc.luns:
-            path = pr_state_path(config, lc)
-            if path in seen:
-                raise PrStateError(errno.EEXIST, "two LUNs would keep persistent reservations "
-                                   "in one file (backing file names must differ)", str(path))
-            seen.add(path)
-
-
-def build_node(tc: TargetConfig) -> TargetNode:
-    """A target node's settings from its configuration, without its logical units."""
-    acl = None if tc.acl is None else [
-        AclEntry(e.initiator, None if e.luns is None else frozenset(e.luns)) for e in tc.acl]
-    return TargetNode(tc.name, tc.alias, acl=acl, auth=tc.auth, max_sessions=tc.max_sessions)
-
-
-def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) -> LogicalUnit:
-    """Open a LUN's backing file (which must exist) and make its device server."""
-    backstore = FileBackstore(str(lc.path), readonly=lc.readonly)
-    try:
-        serial, naa = lu_identity(tc.name, lc.id, lc.serial)
-        lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
-                             thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
-                             pr_state_path=str(pr_state_path(config, lc)))
-        # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
-        return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS)
-    except BaseException:
-        backstore.close()
-        raise
-
-
-def build_registry(config: Config, luns: bool = True) -> TargetRegistry:
-    """Targets (with their logical units unless `luns` is false) and registry-wide settings."""
-    registry = TargetRegistry()
-    registry.portals = list(config.portals)
-    registry.discovery_auth = config.discovery_auth
-    registry.max_sessions = config.limits.max_sessions
-    if luns:
-        check_pr_paths(config)
-    try:
-        for tc in config.targets:
-            node = build_node(tc)
-            registry.add_target(node)
-            if luns:
-                for lc in tc.luns:
-                    node.luns[lc.id] = build_lu(config, tc, lc, node)
-    except BaseException:
-        for node in registry.targets.values():
-            for lu in node.luns.values():
-                lu.close()
-        raise
-    return registry
-
-
 class Server:
+    """One pytarget instance: owns the registry, the copy manager, listeners and connections."""
+
     def __init__(self, config: Config, portals: list[tuple[str, int]] | None = None,
                  source: str | os.PathLike[str] | None = None,
                  **connection_options: Any) -> None:
@@ -117,11 +47,7 @@ class Server:
         prepare_backing_files(config)
         self.registry = build_registry(config)
         self.registry.portals = list(self.portals)
-        self.copy_manager = CopyManager(RegistryDomain(self.registry),
-                                        list(config.management_addresses))
-        for node in self.registry.targets.values():
-            for lu in node.luns.values():
-                self.copy_manager.attach(lu)
+        self.copy_manager = build_copy_manager(self.registry, config)
         limits = config.limits
         self.budget = MemoryBudget(limits.data_out_memory, limits.session_data_out_memory)
         self.connection_options = {**limits.connection_options(), "budget": self.budget,
@@ -155,7 +81,7 @@ class Server:
             log.info("listening on %s:%d", *listener.address)
         self._announce_portals()
         if self.config.metrics is not None:
-            self.metrics = await self._start_metrics(self.config.metrics)
+            self.metrics = await self.start_metrics(self.config.metrics)
         self.update_management_addresses(self.config)
         await self._start_control()
 
@@ -163,7 +89,9 @@ class Server:
         # A portal given with port 0 is reported with the port the kernel chose.
         self.registry.portals = [lst.address for _, lst in self.listeners]
 
-    async def _start_metrics(self, address: tuple[str, int]) -> MetricsServer:
+    async def start_metrics(self, address: tuple[str, int]) -> MetricsServer:
+        """A metrics endpoint serving this server, listening at `address` (not yet in use:
+        see `replace_metrics`)."""
         metrics = MetricsServer(address[0], address[1], lambda: render(self))
         await metrics.start()
         return metrics
@@ -181,14 +109,17 @@ class Server:
             return
         self.control = control
 
-    def update_management_addresses(self, config: Config) -> None:
+    def update_management_addresses(self, config: Config) -> bool:
         """VPD 85h: the configured addresses, and the metrics endpoint as the status service
-        unless one is configured (a wildcard address has no URL to give)."""
+        unless one is configured (a wildcard address has no URL to give). True when they
+        changed."""
         addresses = list(config.management_addresses)
         if self.metrics is not None and not any(k == STATUS_SERVICE for k, _ in addresses) \
                 and self.metrics.address[0] not in ("", "0.0.0.0", "::"):
             addresses.append((STATUS_SERVICE, self.metrics.url))
+        changed = addresses != self.copy_manager.management_addresses
         self.copy_manager.management_addresses[:] = addresses
+        return changed
 
     def accepted(self, sock: socket.socket) -> None:
         if self.stopping:
@@ -224,7 +155,7 @@ class Server:
     def session_started(self, session: Session, driver: ConnectionDriver) -> None:
         kind = session.params.session_type
         self.logins[session] = time.monotonic()
-        peer = "%s:%d" % driver.peer
+        peer = "{}:{}".format(*driver.peer)
         log.info("login: %s %s session TSIH %d (ISID %s) to %s from %s",
                  session.params.initiator_name, kind.lower(), session.tsih, session.isid.hex(),
                  session.params.target_name or "-", peer,
@@ -240,7 +171,7 @@ class Server:
 
     async def end_session(self, session: Session, reason: str) -> None:
         """Terminate a session's connections and tasks (reinstatement, cold reset)."""
-        for driver in list(session.connections):
+        for driver in cast("list[ConnectionDriver]", list(session.connections)):
             driver.close(reason)
             await driver.done
         if not session.closed:
@@ -274,8 +205,6 @@ class Server:
 
         A configuration that cannot be applied whole raises ControlError and changes nothing.
         """
-        from .reconfigure import Reload, ReloadRefused
-
         async with self._reload_lock:
             try:
                 try:
@@ -296,6 +225,85 @@ class Server:
             if not changes:
                 log.info("reload: no changes", extra={"event": "reload", "outcome": "applied"})
             return changes
+
+    # What a reload changes (reconfigure.Reload), each applied whole.
+    def use_config(self, config: Config) -> None:
+        """`config` is now the running configuration (what the next reload compares with)."""
+        self.config = config
+
+    def apply_limits(self, limits: Bounds) -> None:
+        """New limits: memory budgets at once, timeouts and sizes for new connections (options
+        given to the constructor stay)."""
+        self.budget.total = limits.data_out_memory
+        self.budget.per_holder = limits.session_data_out_memory
+        self.connection_options.update((k, v) for k, v in limits.connection_options().items()
+                                       if k not in self.explicit_options)
+
+    def set_poll_window(self, window: float) -> bool:
+        """The busy-polling window in seconds; False when this server does not poll."""
+        if self.poller is None:
+            return False
+        self.poller.window = window
+        return True
+
+    def open_portal(self, host: str, port: int) -> Listener:
+        """Listen on a new portal; it serves logins at once, and is announced (SendTargets,
+        copy domain) and kept by `change_portals` or closed by its caller."""
+        return Listener(self, host, port)
+
+    def change_portals(self, removed: list[tuple[str, int]],
+                       added: list[tuple[tuple[str, int], Listener]]) -> list[str]:
+        """Close the listeners of `removed` configured portals (their connections stay), keep
+        the `added` ones, announce the result; what changed, one line each."""
+        changes = []
+        for portal in removed:
+            entry = next(e for e in self.listeners if e[0] == portal)
+            self.listeners.remove(entry)
+            entry[1].close()
+            changes.append("portal {}:{} removed (its connections stay)".format(*entry[1].address))
+        for entry in added:
+            self.listeners.append(entry)
+            changes.append("portal {}:{} added".format(*entry[1].address))
+        self._announce_portals()
+        return changes
+
+    async def replace_metrics(self, metrics: MetricsServer | None) -> None:
+        """Serve metrics from `metrics` (from `start_metrics`) or nowhere; the old endpoint
+        closes."""
+        old, self.metrics = self.metrics, metrics
+        if old is not None:
+            await old.close()
+
+    def serve_lu(self, node: TargetNode, lu: LogicalUnit) -> LogicalUnit | None:
+        """Put `lu` at its LUN of `node` with its copy service; the logical unit it replaces,
+        still open (retire it)."""
+        previous = node.luns.get(lu.lun)
+        node.luns[lu.lun] = lu
+        self.copy_manager.attach(lu)
+        return previous
+
+    def remove_lu(self, node: TargetNode, lun: int) -> None:
+        """Take LUN `lun` out of `node` and retire its logical unit."""
+        lu = node.luns.pop(lun, None)
+        if lu is not None:
+            self.retire(lu)
+
+    def add_target(self, node: TargetNode) -> None:
+        """Serve a new target node with its logical units."""
+        self.registry.add_target(node)
+        for lu in node.luns.values():
+            self.copy_manager.attach(lu)
+
+    async def remove_target(self, node: TargetNode, reason: str) -> int:
+        """Stop serving a target: no new logins, its sessions end, its logical units retire.
+        The number of sessions ended."""
+        self.registry.targets.pop(node.name.lower(), None)
+        ended = [s for s in list(self.registry.sessions.values()) if s.target is node]
+        for session in ended:
+            await self.end_session(session, reason)
+        for lu in node.luns.values():
+            self.retire(lu)
+        return len(ended)
 
     def retire(self, lu: LogicalUnit) -> None:
         """A removed LUN: let its commands finish (abort them after RETIRE_GRACE), end its

@@ -12,15 +12,50 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
 from .copy.manager import CopyOperation, CopyService
 
 if TYPE_CHECKING:
+    from .config import Config
+    from .iscsi.session import Session
+    from .iscsi.target import TargetRegistry
     from .scsi.device import LogicalUnit
-    from .server import Server
+
+
+class _Located(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class _Served(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+class Running(Protocol):
+    """What `collect` reads from the running server."""
+
+    @property
+    def registry(self) -> TargetRegistry: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def logins(self) -> Mapping[Session, float]: ...
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def control(self) -> _Located | None: ...
+
+    @property
+    def metrics(self) -> _Served | None: ...
 
 
 def _address(address: Sequence[Any]) -> str:
@@ -67,7 +102,7 @@ def _copy(lu: LogicalUnit, op: CopyOperation, now: float) -> dict[str, Any]:
     }
 
 
-def collect(server: Server) -> dict[str, Any]:
+def collect(server: Running) -> dict[str, Any]:
     """Everything `pytarget status` shows, from the live objects."""
     now = time.monotonic()
     registry = server.registry
@@ -167,8 +202,9 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     text_rows = [[("-" if v is None else str(v)) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in text_rows)) if text_rows else len(h)
               for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in text_rows]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)).rstrip()
+              for r in text_rows]
     return ["  " + line for line in lines]
 
 

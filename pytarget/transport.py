@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import selectors
 import socket
@@ -613,3 +614,14 @@ class PollingSelector(selectors.EpollSelector):
                 break
         self.misses += 1
         return poll(None if timeout is None else max(0.0, timeout - (now - start)))
+
+
+def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True when `address` belongs to this host (only a local address can be bound)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import ipaddress
 import itertools
 import logging
-import socket
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -62,77 +60,6 @@ class CopyDomain(Protocol):
     def portal_urls(self) -> Iterable[str]:
         """iscsi:// URLs of the portals, for VPD 85h's copy service."""
         ...
-
-
-class RegistryDomain:
-    """A `CopyDomain` over the iSCSI target registry (duck-typed: targets, portals)."""
-
-    def __init__(self, registry: Any) -> None:
-        self.registry = registry
-
-    def accessible_units(self, nexus: Nexus) -> Iterator[LogicalUnit]:
-        for node in self.registry.targets.values():
-            if not node.allows(nexus.initiator_name):
-                continue
-            masked = node.masked_luns(nexus.initiator_name)
-            for lun, lu in node.luns.items():
-                if masked is None or lun in masked:
-                    yield lu
-
-    def portal_unit(self, nexus: Nexus, address: str, port: int, lun: int) -> LogicalUnit | None:
-        if not any(_portal_matches(host, p, address, port) for host, p in self.registry.portals):
-            return None
-        node = self.registry.target(nexus.target_name)
-        if node is None or not node.allows(nexus.initiator_name):
-            return None
-        masked = node.masked_luns(nexus.initiator_name)
-        if masked is not None and lun not in masked:
-            return None
-        lu: LogicalUnit | None = node.luns.get(lun)
-        return lu
-
-
-    def target_names(self) -> list[str]:
-        return [node.name for node in self.registry.targets.values()]
-
-    def portal_urls(self) -> list[str]:
-        urls = []
-        for host, port in self.registry.portals:
-            if host in ("", "0.0.0.0", "::"):
-                continue
-            urls.append(f"iscsi://[{host}]:{port}" if ":" in host else f"iscsi://{host}:{port}")
-        return urls
-
-
-def _portal_matches(host: str, port: int, address: str, wanted_port: int) -> bool:
-    if port != wanted_port:
-        return False
-    try:
-        want = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if host in ("", "0.0.0.0", "::"):
-        return _is_local_address(want)
-    try:
-        have = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(have, ipaddress.IPv6Address) and have.ipv4_mapped is not None:
-        have = have.ipv4_mapped
-    if isinstance(want, ipaddress.IPv6Address) and want.ipv4_mapped is not None:
-        want = want.ipv4_mapped
-    return have == want
-
-
-def _is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True when `address` belongs to this host (only a local address can be bound)."""
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((str(address), 0))
-        except OSError:
-            return False
-    return True
 
 
 class CopyStatus(IntEnum):

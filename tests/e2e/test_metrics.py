@@ -213,7 +213,7 @@ def test_metrics_count_the_traffic_sent(metrics_target: LiveTarget) -> None:
             (await ini.read(0, i * 8, 4)).check()
         miscompare = await ini.command(0, caw_cdb(0), bytes(BS) + bytes(BS))
         assert miscompare.sense_key == 0xE
-        from pytarget.server import lu_identity
+        from pytarget.assembly import lu_identity
 
         def by_naa(lun: int) -> bytes:
             naa = lu_identity(TARGET_IQN, lun, None)[1]

@@ -14,6 +14,7 @@ import signal
 import struct
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,10 @@ class IoLoop:
         try:
             while not self.stop.is_set():
                 data = os.urandom(8 * BS)
-                wrote = await self._command(lambda: self.ini.write(self.lun, lba, data))
+                wrote = await self._command(partial(self.ini.write, self.lun, lba, data))
                 if not wrote.good:
                     self.failures.append(f"WRITE at {lba}: {wrote.sense_triplet}")
-                read = await self._command(lambda: self.ini.read(self.lun, lba, 8))
+                read = await self._command(partial(self.ini.read, self.lun, lba, 8))
                 if not read.good:
                     self.failures.append(f"READ at {lba}: {read.sense_triplet}")
                 elif read.data != data:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from pytarget.assembly import lu_identity
 from pytarget.initiator import pdus
 from pytarget.initiator.chap import ChapAuthenticator
 from pytarget.initiator.client import (
@@ -33,7 +34,6 @@ from pytarget.initiator.client import (
 from pytarget.iscsi import digest as dg
 from pytarget.iscsi.auth import CHAP_MD5, CHAP_SHA256
 from pytarget.iscsi.pdu import RejectReason
-from pytarget.server import lu_identity
 
 from ..conftest import (
     INITIATOR1,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytarget.config import ConfigError, load, parse_portal, parse_size, prepare_backing_files
+from pytarget.assembly import prepare_backing_files
+from pytarget.config import ConfigError, load, parse_portal, parse_size
 
 GOOD = """\
 portals: ["127.0.0.1:3260"]

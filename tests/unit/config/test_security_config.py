@@ -63,7 +63,8 @@ limits:
   output_high_water: 8MiB
 """ + TARGET + AUTH + ACL + "    max_sessions: 3\n")
     t = config.targets[0]
-    assert t.auth is not None and t.auth.chap.user == "alice" and t.auth.chap.secret == b"alice-secret-1"
+    assert (t.auth is not None and t.auth.chap.user == "alice"
+            and t.auth.chap.secret == b"alice-secret-1")
     assert t.auth.mutual is not None and t.auth.mutual.user == "disk"
     assert [(e.initiator, e.luns) for e in t.acl or []] == [
         ("iqn.2026-11.io.example:a", [1]), ("iqn.2026-11.io.example:b", None)]

@@ -6,10 +6,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from pytarget.assembly import RegistryDomain
 from pytarget.backstore.base import Backstore
 from pytarget.backstore.file import FileBackstore
 from pytarget.copy import commands
-from pytarget.copy.manager import CopyManager, RegistryDomain
+from pytarget.copy.manager import CopyManager
 from pytarget.core.task import Nexus
 from pytarget.iscsi.target import TargetNode, TargetRegistry
 from pytarget.scsi.device import LogicalUnit, LuConfig

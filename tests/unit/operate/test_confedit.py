@@ -48,7 +48,8 @@ def test_add_lun_appends_after_the_last_one() -> None:
 def test_add_lun_to_an_empty_flow_list() -> None:
     result = confedit.add_lun(CONFIG, B, {"id": 0, "path": "b0.img", "size": "1GiB"})
     assert not result.rewritten
-    assert result.text.endswith("    luns:\n      - id: 0\n        path: b0.img\n        size: 1GiB\n")
+    assert result.text.endswith(
+        "    luns:\n      - id: 0\n        path: b0.img\n        size: 1GiB\n")
     assert "# the data disk" in result.text and "# every address" in result.text
 
 

@@ -1,0 +1,216 @@
+"""The configuration turned into live objects: backstores by their kind, logical units with their
+opcode tables, target nodes with their access lists and CHAP credentials, the target registry,
+and the copy manager with its domain over the targets. The server assembles everything here at
+start; a reload assembles the new and replaced parts here before it swaps them in.
+
+Nothing here listens, logs in or serves: the objects are handed to the server, which owns them
+from then on.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .backstore import KINDS
+from .backstore.base import Backstore
+from .config import Config, ConfigError, LunConfig, TargetConfig
+from .copy import commands as copy_commands
+from .copy.manager import CopyManager
+from .core.task import Nexus
+from .iscsi.target import AclEntry, TargetNode, TargetRegistry
+from .scsi.device import LogicalUnit, LuConfig
+from .scsi.pr import PrStateError
+from .transport import is_local_address
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def backstore_kind(config: Config, tc: TargetConfig, lc: LunConfig) -> type[Backstore]:
+    """The backstore a LUN's configuration names (ConfigError for a kind that does not exist)."""
+    kind = KINDS.get(lc.backstore)
+    if kind is None:
+        key = f"targets[{config.targets.index(tc)}].luns[{tc.luns.index(lc)}].backstore"
+        raise ConfigError(config.file, key, "one of " + ", ".join(sorted(KINDS)))
+    return kind
+
+
+def backstore_params(lc: LunConfig) -> dict[str, Any]:
+    """The parameters a LUN's backstore is opened and provisioned with."""
+    return {"path": str(lc.path)}
+
+
+def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, bytes]:
+    """A stable unit serial number and NAA 3h (locally assigned) designator for a LUN."""
+    digest = hashlib.sha256(f"{target_name.lower()}:{lun}".encode()).digest()
+    value = (0x3 << 60) | (int.from_bytes(digest[:8], "big") & ((1 << 60) - 1))
+    naa = value.to_bytes(8, "big")
+    return serial or digest[:8].hex().upper(), naa
+
+
+def pr_state_path(config: Config, lc: LunConfig) -> Path:
+    """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json"""
+    return config.base / f"{lc.path.name}.pr.json"
+
+
+def check(config: Config) -> None:
+    """What only assembly can refuse, before anything is created."""
+    check_backstores(config)
+    check_pr_paths(config)
+
+
+def check_backstores(config: Config) -> None:
+    """ConfigError when a LUN names a kind of backstore that does not exist."""
+    for tc in config.targets:
+        for lc in tc.luns:
+            backstore_kind(config, tc, lc)
+
+
+def check_pr_paths(config: Config) -> None:
+    """PrStateError when two LUNs would keep their persistent reservations in one file."""
+    seen: set[Path] = set()
+    for tc in config.targets:
+        for lc in tc.luns:
+            path = pr_state_path(config, lc)
+            if path in seen:
+                raise PrStateError(errno.EEXIST, "two LUNs would keep persistent reservations "
+                                   "in one file (backing file names must differ)", str(path))
+            seen.add(path)
+
+
+def create_backing(config: Config, tc: TargetConfig, lc: LunConfig) -> bool:
+    """Create a LUN's missing backing store (sparse, of the configured size); never touches an
+    existing one. True when it was created."""
+    kind, params = backstore_kind(config, tc, lc), backstore_params(lc)
+    if kind.exists(params):
+        return False
+    assert lc.size is not None  # load() refuses a missing medium without a size
+    kind.provision(params, lc.size)
+    return True
+
+
+def prepare_backing_files(config: Config) -> list[Path]:
+    """Create the backing stores that do not exist yet; returns the ones created."""
+    return [lc.path for tc in config.targets for lc in tc.luns if create_backing(config, tc, lc)]
+
+
+def build_node(tc: TargetConfig) -> TargetNode:
+    """A target node's settings from its configuration, without its logical units."""
+    acl = None if tc.acl is None else [
+        AclEntry(e.initiator, None if e.luns is None else frozenset(e.luns)) for e in tc.acl]
+    return TargetNode(tc.name, tc.alias, acl=acl, auth=tc.auth, max_sessions=tc.max_sessions)
+
+
+def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) -> LogicalUnit:
+    """Open a LUN's backing store (which must exist) and make its device server."""
+    backstore = backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
+    try:
+        serial, naa = lu_identity(tc.name, lc.id, lc.serial)
+        lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
+                             thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
+                             pr_state_path=str(pr_state_path(config, lc)))
+        # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
+        return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS)
+    except BaseException:
+        backstore.close()
+        raise
+
+
+def build_registry(config: Config, luns: bool = True) -> TargetRegistry:
+    """Targets (with their logical units unless `luns` is false) and registry-wide settings."""
+    registry = TargetRegistry()
+    registry.portals = list(config.portals)
+    registry.discovery_auth = config.discovery_auth
+    registry.max_sessions = config.limits.max_sessions
+    if luns:
+        check(config)
+    try:
+        for tc in config.targets:
+            node = build_node(tc)
+            registry.add_target(node)
+            if luns:
+                for lc in tc.luns:
+                    node.luns[lc.id] = build_lu(config, tc, lc, node)
+    except BaseException:
+        for node in registry.targets.values():
+            for lu in node.luns.values():
+                lu.close()
+        raise
+    return registry
+
+
+def build_copy_manager(registry: TargetRegistry, config: Config) -> CopyManager:
+    """The copy manager over every target of `registry`, serving each of their logical units."""
+    manager = CopyManager(RegistryDomain(registry), list(config.management_addresses))
+    for node in registry.targets.values():
+        for lu in node.luns.values():
+            manager.attach(lu)
+    return manager
+
+
+class RegistryDomain:
+    """The copy manager's `CopyDomain` over the iSCSI target registry: a copy reaches only the
+    logical units the initiator's access lists let it reach."""
+
+    def __init__(self, registry: TargetRegistry,
+                 is_local: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
+                 = is_local_address) -> None:
+        self.registry = registry
+        self.is_local = is_local
+
+    def accessible_units(self, nexus: Nexus) -> Iterator[LogicalUnit]:
+        for node in self.registry.targets.values():
+            if not node.allows(nexus.initiator_name):
+                continue
+            masked = node.masked_luns(nexus.initiator_name)
+            for lun, lu in node.luns.items():
+                if masked is None or lun in masked:
+                    yield lu
+
+    def portal_unit(self, nexus: Nexus, address: str, port: int, lun: int) -> LogicalUnit | None:
+        if not any(self._portal_matches(host, p, address, port)
+                   for host, p in self.registry.portals):
+            return None
+        node = self.registry.target(nexus.target_name)
+        if node is None or not node.allows(nexus.initiator_name):
+            return None
+        masked = node.masked_luns(nexus.initiator_name)
+        if masked is not None and lun not in masked:
+            return None
+        return node.luns.get(lun)
+
+    def target_names(self) -> list[str]:
+        return [node.name for node in self.registry.targets.values()]
+
+    def portal_urls(self) -> list[str]:
+        urls = []
+        for host, port in self.registry.portals:
+            if host in WILDCARD_HOSTS:
+                continue
+            urls.append(f"iscsi://[{host}]:{port}" if ":" in host else f"iscsi://{host}:{port}")
+        return urls
+
+    def _portal_matches(self, host: str, port: int, address: str, wanted_port: int) -> bool:
+        """Whether address:wanted_port is the portal host:port (a wildcard portal listens on
+        every local address)."""
+        if port != wanted_port:
+            return False
+        try:
+            want = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if host in WILDCARD_HOSTS:
+            return self.is_local(want)
+        try:
+            have = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(have, ipaddress.IPv6Address) and have.ipv4_mapped is not None:
+            have = have.ipv4_mapped
+        if isinstance(want, ipaddress.IPv6Address) and want.ipv4_mapped is not None:
+            want = want.ipv4_mapped
+        return have == want
