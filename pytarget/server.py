@@ -21,10 +21,10 @@ from .config import Config, ConfigError, LunConfig, TargetConfig, load, prepare_
 from .control import ControlError, ControlServer, socket_path
 from .copy.manager import CopyManager, RegistryDomain
 from .iscsi.bounds import MemoryBudget
-from .iscsi.session import Session
+from .iscsi.session import ConnectionLink, Session
 from .iscsi.target import AclEntry, TargetNode, TargetRegistry
 from .metrics import MetricsServer, render
-from .scsi.device import LogicalUnit, LuConfig, io_threads_busy
+from .scsi.device import LogicalUnit, LuConfig, NoLogicalUnit, io_threads_busy
 from .scsi.pr import PrStateError
 from .transport import ConnectionDriver, Listener, PollingSelector
 
@@ -81,7 +81,7 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) 
 
 def build_registry(config: Config, luns: bool = True) -> TargetRegistry:
     """Targets (with their logical units unless `luns` is false) and registry-wide settings."""
-    registry = TargetRegistry()
+    registry = TargetRegistry(absent_unit=NoLogicalUnit)
     registry.portals = list(config.portals)
     registry.discovery_auth = config.discovery_auth
     registry.max_sessions = config.limits.max_sessions
@@ -139,6 +139,18 @@ class Server:
         self.stopping = False
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- for the transport
+    @property
+    def output_high_water(self) -> int:
+        return self.config.limits.output_high_water
+
+    @property
+    def send_timeout(self) -> float:
+        return self.config.limits.send_timeout
+
+    def streaming_changed(self, delta: int) -> None:
+        self.streams += delta
 
     def use_poller(self, poller: PollingSelector) -> None:
         """`poller` is the selector of the event loop this server runs on: it may poll before
@@ -219,7 +231,7 @@ class Server:
         raise ControlError(f"unknown command {command!r} (status, reload)")
 
     # ---------------------------------------------------------------- sessions
-    def session_started(self, session: Session, driver: ConnectionDriver) -> None:
+    def session_started(self, session: Session, driver: ConnectionLink) -> None:
         kind = session.params.session_type
         self.logins[session] = time.monotonic()
         peer = "%s:%d" % driver.peer
@@ -230,7 +242,7 @@ class Server:
                         "isid": session.isid.hex(), "tsih": session.tsih,
                         "target": session.params.target_name or None, "peer": peer})
 
-    async def connection_closed(self, driver: ConnectionDriver, session: Session) -> None:
+    async def connection_closed(self, driver: ConnectionLink, session: Session) -> None:
         if driver in session.connections:
             session.connections.remove(driver)
         if not session.connections and not session.closed:
@@ -337,9 +349,7 @@ class Server:
             listener.close()
         drivers = list(self.drivers)
         for driver in drivers:
-            if driver.reading and not driver.closed:
-                driver.loop.remove_reader(driver.fd)
-                driver.reading = False
+            driver.stop_reading()
         await asyncio.gather(*(d.quiesce(grace) for d in drivers), return_exceptions=True)
         for driver in drivers:
             driver.close("target shutting down")

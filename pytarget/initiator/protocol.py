@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from ..core.task import TaskAttr
 from ..iscsi import digest as dg
 from ..iscsi import pdu, text
 from ..iscsi.errors import IscsiError
@@ -313,7 +314,7 @@ class _Command:
 
     def __init__(self, itt: int, lun_field: int, cdb: bytes, data_out: memoryview,
                  read_length: int, manual_r2t: bool, immediate_length: int | None,
-                 unsolicited: bool, immediate: bool, attr: int) -> None:
+                 unsolicited: bool, immediate: bool, attr: TaskAttr) -> None:
         self.itt = itt
         self.lun_field = lun_field
         self.cdb = cdb
@@ -754,7 +755,7 @@ class InitiatorConnection:
 
     # ------------------------------------------------------------------ requests
     def send_command(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview = b"",
-                     read_length: int = 0, *, attr: int = pdu.TaskAttr.SIMPLE,
+                     read_length: int = 0, *, attr: TaskAttr = TaskAttr.SIMPLE,
                      immediate: bool = False, manual_r2t: bool = False,
                      immediate_length: int | None = None, unsolicited: bool = True) -> int:
         """Issue a SCSI command (RFC 7143 11.3); returns its ITT.
@@ -786,7 +787,7 @@ class InitiatorConnection:
         gather its Data-In and report its completion (for negative tests and fuzzing)."""
         view = memoryview(data_out).cast("B") if len(data_out) else memoryview(b"")
         cmd = _Command(itt, pdu.encode_lun(lun), bytes(cdb), view, read_length, False, None,
-                       True, False, pdu.TaskAttr.SIMPLE)
+                       True, False, TaskAttr.SIMPLE)
         cmd.cmd_sn = cmd_sn
         self._commands[itt] = cmd
 
@@ -811,8 +812,8 @@ class InitiatorConnection:
         hdr = pdus.scsi_command(
             lun=cmd.lun_field, itt=cmd.itt, edtl=edtl, cmd_sn=cmd.cmd_sn,
             exp_stat_sn=self.exp_stat_sn, cdb=cmd.cdb, read=read, write=write,
-            final=unsolicited_end <= imm, attr=cmd.attr, dsl=imm, ahs_len=len(ahs),
-            immediate=cmd.immediate)
+            final=unsolicited_end <= imm, attr=pdu.WIRE_TASK_ATTRS[cmd.attr], dsl=imm,
+            ahs_len=len(ahs), immediate=cmd.immediate)
         self._queue(hdr, cmd.data_out[:imm], ahs)
         if unsolicited_end > imm:
             self._send_burst(cmd, RESERVED_TAG, imm, unsolicited_end - imm, cmd.lun_field)

@@ -246,7 +246,8 @@ class Connection:
                     self._ahs = bytes(self._view[at:at + bhs.total_ahs_length])
                 self._start += header_len
                 dsl = bhs.data_segment_length
-                self._need_data = dsl + pdu.pad_len(dsl) + (4 if dsl and self.params.data_digest else 0)
+                self._need_data = dsl + pdu.pad_len(dsl) + (
+                    4 if dsl and self.params.data_digest else 0)
                 if dsl > self._max_recv_segment():
                     self._reject_and_discard(bhs, RejectReason.PROTOCOL_ERROR,
                                              "data segment longer than MaxRecvDataSegmentLength")
@@ -394,7 +395,8 @@ class Connection:
                 self._close(str(exc))
         elif isinstance(exc, PduReject):
             log.info("reject %s: %s", exc.reason.name, exc)
-            if bhs is not None and bhs.opcode == Op.DATA_OUT and exc.reason == RejectReason.DATA_DIGEST_ERROR:
+            if bhs is not None and bhs.opcode == Op.DATA_OUT \
+                    and exc.reason == RejectReason.DATA_DIGEST_ERROR:
                 self._fail_task_on_digest(bhs)
             self._send_reject(exc.reason, bhs)
         elif isinstance(exc, LoginError):
@@ -545,7 +547,7 @@ class Connection:
         if bhs.total_ahs_length:
             cdb = self._extended_cdb(bhs)
         task = IscsiTask(bhs.itt, bhs.cmd_sn, bhs.immediate, bhs.lun, read, write, edtl, cdb,
-                         flags & 0x07)
+                         pdu.TASK_ATTRS[flags & 0x07])
         session.tasks[task.itt] = task
         session.active += 1
         if write and edtl:
@@ -565,8 +567,7 @@ class Connection:
                 task.unsolicited_done = dsl >= task.unsolicited_end
             task.next_r2t_offset = task.unsolicited_end
             if dsl:
-                if task.buffer is not None:
-                    memoryview(task.buffer)[0:dsl] = data
+                memoryview(task.buffer)[0:dsl] = data
                 task.received = task.unsolicited_received = dsl
         elif read and edtl and self.budget is not None:
             # the Data-In buffer the device server will fill counts against the budget too

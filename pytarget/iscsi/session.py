@@ -8,13 +8,32 @@ bound. `IscsiTask` keeps the iSCSI side of one SCSI command: its buffers and its
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..core.task import Nexus, ScsiTask
+from ..core.frontend import FrontEndUnit
+from ..core.task import Nexus, ScsiTask, TaskAttr
 from .params import ConnectionParams, SessionParams
 
 if TYPE_CHECKING:
     from .target import TargetNode
+
+
+class ConnectionLink(Protocol):
+    """A connection of a session, as the session's owner sees it (the transport's driver)."""
+
+    @property
+    def cid(self) -> int: ...
+
+    @property
+    def peer(self) -> tuple[str, int]: ...
+
+    @property
+    def done(self) -> Awaitable[None]:
+        """Resolves once the connection has closed and its tasks have ended."""
+        ...
+
+    def close(self, reason: str) -> None: ...
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -48,7 +67,7 @@ class IscsiTask:
                  "data_error", "data_failure", "done", "data_in_digests", "reserved")
 
     def __init__(self, itt: int, cmd_sn: int, immediate: bool, lun_field: int, read: bool,
-                 write: bool, edtl: int, cdb: bytes, attr: int) -> None:
+                 write: bool, edtl: int, cdb: bytes, attr: TaskAttr) -> None:
         self.itt = itt
         self.cmd_sn = cmd_sn
         self.immediate = immediate
@@ -59,7 +78,7 @@ class IscsiTask:
         self.cdb = cdb
         self.attr = attr
         self.scsi: ScsiTask | None = None
-        self.buffer: bytearray | Any | None = None  # bytearray or uninitialised numpy array
+        self.buffer: Any = None  # bytearray or uninitialised numpy array (core.buffers)
         self.received = 0
         self.unsolicited_end = 0
         self.unsolicited_received = 0
@@ -79,7 +98,8 @@ class IscsiTask:
 
 
 class Session:
-    def __init__(self, tsih: int, isid: bytes, params: SessionParams, target: TargetNode | None,
+    def __init__(self, tsih: int, isid: bytes, params: SessionParams,
+                 target: TargetNode[Any] | None,
                  nexus: Nexus | None, exp_cmd_sn: int, window: int) -> None:
         self.tsih = tsih
         self.isid = isid
@@ -92,12 +112,12 @@ class Session:
         self.tasks: dict[int, IscsiTask] = {}
         self.held: dict[int, tuple[object, ...]] = {}
         self.active = 0
-        self.connections: list[object] = []
+        self.connections: list[ConnectionLink] = []
         self.closed = False
         self.connection_params: ConnectionParams | None = None
         # LUN field -> device server, resolved once per session (an ACL change applies to
         # new logins; a reconfiguration that adds or removes LUNs clears it).
-        self.lun_cache: dict[int, Any] = {}
+        self.lun_cache: dict[int, FrontEndUnit] = {}
         self.data_out_reserved = 0  # bytes of Data-Out buffers its tasks hold (bounds.py)
 
     @property

@@ -128,7 +128,7 @@ def test_one_unfinished_text_reply_at_a_time() -> None:
 def test_discarded_data_out_itts_are_bounded() -> None:
     p = Pair(window=4, keys={"InitialR2T": False, "ImmediateData": False})
     p.login()
-    for i in range(2 * 4 + 1):
+    for _ in range(2 * 4 + 1):
         itt = p.ini.alloc_itt()
         # out of the window: dropped, and its unsolicited Data-Out (never sent) remembered
         p.ini.send_pdu(pdus.scsi_command(lun=0, itt=itt, edtl=4096, cmd_sn=p.ini.cmd_sn + 1000,

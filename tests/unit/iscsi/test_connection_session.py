@@ -439,7 +439,6 @@ def test_logout_for_recovery_is_refused_and_the_connection_carries_on() -> None:
     from pytarget.iscsi import connection as C
 
     pair = Pair()
-    pair.device.answer_logout = False
     pair.login()
     pair.ini.send_logout(pdu.LogoutReason.REMOVE_FOR_RECOVERY)
     pair.pump()
