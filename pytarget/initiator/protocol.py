@@ -22,12 +22,20 @@ from ..iscsi import digest as dg
 from ..iscsi import pdu, text
 from ..iscsi.errors import IscsiError
 from ..iscsi.params import KEYS, Rule
-from ..iscsi.pdu import BHS_LEN, RESERVED_TAG, Bhs, Op, RejectReason, TmfFunction, TmfResponse
+from ..iscsi.pdu import (
+    BHS_LEN,
+    RESERVED_TAG,
+    Bhs,
+    Op,
+    RejectReason,
+    TmfFunction,
+    TmfResponse,
+    sn_le,
+    sn_lt,
+)
 from . import pdus
 
-SECURITY = 0
-OPERATIONAL = 1
-FULL_FEATURE = 3
+SECURITY, OPERATIONAL, FULL_FEATURE = pdu.LoginStage
 DEFAULT_ISID = bytes([0x80, 0x00, 0x00, 0x00, 0x00, 0x01])  # random-qualifier format (11.12.5)
 LOGIN_PDU_LIMIT = 8192  # MaxRecvDataSegmentLength before it is negotiated (RFC 7143 13.12)
 MAX_LOGIN_ROUNDS = 32
@@ -289,15 +297,6 @@ def parse_sense(sense: bytes) -> tuple[int, int, int] | None:
     if code in (0x72, 0x73):
         return sense[1] & 0x0F, sense[2], sense[3]
     return None
-
-
-def sn_lt(a: int, b: int) -> bool:
-    """Serial number arithmetic a < b (RFC 1982, 32 bits)."""
-    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
-
-
-def sn_le(a: int, b: int) -> bool:
-    return a == b or sn_lt(a, b)
 
 
 def _key_text(value: str | int | bool) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from ..core.buffers import data_buffer
@@ -91,13 +92,45 @@ class Closed:
     reason: str
 
 
-class State:
+class State(Enum):
+    """Connection states (RFC 7143 8.1.3, from the target's side)."""
+
     LOGIN = "login"
-    LOGIN_BINDING = "login-binding"
+    LOGIN_BINDING = "login-binding"  # the final login request is being bound to a session
     LOGIN_FAILED = "login-failed"  # the failure response waits out the delay against guessing
     FULL_FEATURE = "full-feature"
-    LOGGED_OUT = "logged-out"
+    LOGGED_OUT = "logged-out"  # later PDUs are ignored until the connection closes
     CLOSED = "closed"
+
+
+class Step(Enum):
+    """What moves a connection from one state to another."""
+
+    LOGIN_ACCEPTED = "the final login request succeeded"
+    LOGIN_REFUSED = "a login failed with a delayed response"
+    BOUND = "the login was bound to its session"
+    LOGOUT = "a logout that closes the connection was requested"
+    CLOSE = "the connection closed"
+
+
+# Every allowed (state, step) and the state it leads to; anything else is a fault of the
+# caller, raised by `Connection._step`.
+TRANSITIONS: dict[tuple[State, Step], State] = {
+    (State.LOGIN, Step.LOGIN_ACCEPTED): State.LOGIN_BINDING,
+    (State.LOGIN, Step.LOGIN_REFUSED): State.LOGIN_FAILED,
+    (State.LOGIN_BINDING, Step.BOUND): State.FULL_FEATURE,
+    (State.FULL_FEATURE, Step.LOGOUT): State.LOGGED_OUT,
+    **{(state, Step.CLOSE): State.CLOSED for state in State if state is not State.CLOSED},
+}
+# Bound once: the receive path compares states with `is` against these.
+_LOGIN, _BINDING, _FULL_FEATURE, _CLOSED = (State.LOGIN, State.LOGIN_BINDING,
+                                            State.FULL_FEATURE, State.CLOSED)
+_LOGIN_PHASE = frozenset({State.LOGIN, State.LOGIN_BINDING})  # login PDUs are handled
+_LOGIN_TIMED = frozenset({State.LOGIN, State.LOGIN_BINDING, State.LOGIN_FAILED})
+
+
+class StateError(RuntimeError):
+    """A step the connection's state does not allow: the caller's error, not the peer's."""
 
 
 class Connection:
@@ -187,7 +220,7 @@ class Connection:
     def receive_data(self, data: bytes, now: float) -> None:
         """Feed bytes by copying them through get_buffer (tests and simple callers)."""
         view = memoryview(data)
-        while view and self.state != State.CLOSED:
+        while view and self.state is not _CLOSED:
             buf = self.get_buffer()
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
@@ -202,7 +235,7 @@ class Connection:
             self._end = pending
 
     def _parse(self) -> None:
-        while self.state != State.CLOSED and self._direct is None:
+        while self.state is not _CLOSED and self._direct is None:
             avail = self._end - self._start
             if self._discard:
                 n = min(self._discard, avail)
@@ -277,7 +310,7 @@ class Connection:
             self._start = self._end = 0
 
     def _max_recv_segment(self) -> int:
-        if self.state == State.FULL_FEATURE:
+        if self.state is _FULL_FEATURE:
             return self.params.target_max_recv_data_segment_length
         return max(8192, self.limits.max_recv_data_segment_length)
 
@@ -290,7 +323,7 @@ class Connection:
         self._bhs = None
         self._discard = self._need_data
         session = self.session
-        if self.state == State.FULL_FEATURE and session is not None:
+        if self.state is _FULL_FEATURE and session is not None:
             if bhs.opcode == Op.DATA_OUT:
                 task = session.tasks.get(bhs.itt)
                 if task is not None and task.write and not task.data_error:
@@ -302,7 +335,7 @@ class Connection:
     def _try_direct(self, bhs: Bhs) -> bool:
         """Receive a large Data-Out (or immediate data) payload straight into its task buffer."""
         dsl = bhs.data_segment_length
-        if dsl < DIRECT_MIN or self.state != State.FULL_FEATURE:
+        if dsl < DIRECT_MIN or self.state is not _FULL_FEATURE:
             return False
         if self._end - self._start >= self._need_data:
             return False
@@ -377,9 +410,9 @@ class Connection:
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self, bhs: Bhs, data: memoryview) -> None:
         try:
-            if self.state in (State.LOGIN, State.LOGIN_BINDING):
+            if self.state in _LOGIN_PHASE:
                 self._login_pdu(bhs, data)
-            elif self.state == State.FULL_FEATURE:
+            elif self.state is _FULL_FEATURE:
                 self._full_feature_pdu(bhs, data)
             # PDUs after logout are ignored until the connection closes.
         except IscsiError as exc:
@@ -387,8 +420,8 @@ class Connection:
 
     def _fault(self, exc: IscsiError, bhs: Bhs | None) -> None:
         """The one place protocol faults become a Reject, a login status or a closed connection."""
-        if isinstance(exc, PduReject) and self.state != State.FULL_FEATURE:
-            if self.state == State.LOGIN:
+        if isinstance(exc, PduReject) and self.state is not _FULL_FEATURE:
+            if self.state is _LOGIN:
                 self._login_failed(self.login.fail(LoginError(LoginStatus.INITIATOR_ERROR,
                                                               str(exc))))
             else:
@@ -407,14 +440,14 @@ class Connection:
 
     # ------------------------------------------------------------------ login
     def _login_pdu(self, bhs: Bhs, data: memoryview) -> None:
-        if self.state == State.LOGIN_BINDING:
+        if self.state is _BINDING:
             raise ConnectionFatal("PDU while the login is being bound")
         if bhs.opcode != Op.LOGIN_REQ:
             raise ConnectionFatal(f"opcode 0x{bhs.opcode:02x} before login completed")
         response = self.login.receive(bhs, data)
         if self.login.result is not None and response.status == 0:
             self.cid = self.login.result.cid
-            self.state = State.LOGIN_BINDING
+            self._step(Step.LOGIN_ACCEPTED)
             self.login_deadline = None
             self.events.append(LoginReady(self.login.result, response))
             return
@@ -429,7 +462,7 @@ class Connection:
         log.info("login from %s failed (status %04x): %s", self.peer_address, response.status,
                  self.login.failure)
         if response.status in _DELAYED_FAILURES and self.auth_failure_delay > 0:
-            self.state = State.LOGIN_FAILED
+            self._step(Step.LOGIN_REFUSED)
             self._held_response = response
             self.login_deadline = self._now + self.auth_failure_delay
             return
@@ -448,7 +481,7 @@ class Connection:
         params, self.params = self.params, ConnectionParams()
         self._queue(response.header, response.data)
         self.params = params
-        self.state = State.FULL_FEATURE
+        self._step(Step.BOUND)
         self._last_rx = self._now
         if self.pdu_timeout:
             self._watch_at = self._now + self.pdu_timeout
@@ -497,7 +530,7 @@ class Connection:
             if reason in (0, 1):
                 # closing: later PDUs are ignored; "remove for recovery" is refused and the
                 # connection carries on (ErrorRecoveryLevel 0, RFC 7143 11.15.1)
-                self.state = State.LOGGED_OUT
+                self._step(Step.LOGOUT)
 
     def _accept_cmd_sn(self, bhs: Bhs) -> bool:
         """Window check (RFC 7143 4.2.2.1): out-of-window commands are silently dropped."""
@@ -805,7 +838,7 @@ class Connection:
         move: Data-In produced, or Data-Out asked for (RFC 7143 11.4.5).
         """
         self.drop_task(task)
-        if self.state == State.CLOSED:
+        if self.state is _CLOSED:
             return
         session = self.session
         assert session is not None
@@ -1044,11 +1077,18 @@ class Connection:
 
     @property
     def wants_close(self) -> bool:
-        return self.state == State.CLOSED
+        return self.state is _CLOSED
+
+    def _step(self, step: Step) -> None:
+        """Take `step` from the current state, as `TRANSITIONS` allows."""
+        state = TRANSITIONS.get((self.state, step))
+        if state is None:
+            raise StateError(f"{step.name} in state {self.state.name}")
+        self.state = state
 
     def _close(self, reason: str) -> None:
-        if self.state != State.CLOSED:
-            self.state = State.CLOSED
+        if self.state is not _CLOSED:
+            self._step(Step.CLOSE)
             self.events.append(Closed(reason))
             self._release_budget()
 
@@ -1068,9 +1108,9 @@ class Connection:
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
-        if self.state in (State.LOGIN, State.LOGIN_BINDING, State.LOGIN_FAILED):
+        if self.state in _LOGIN_TIMED:
             return self.login_deadline
-        if self.state != State.FULL_FEATURE:
+        if self.state is not _FULL_FEATURE:
             return None
         watch = self._watch_at
         if not self.nop_interval:
@@ -1083,22 +1123,22 @@ class Connection:
 
     def on_timer(self, now: float) -> None:
         self._now = now
-        if self.state == State.LOGIN_FAILED:
+        if self.state is State.LOGIN_FAILED:
             if self.login_deadline is not None and now >= self.login_deadline:
                 response, self._held_response = self._held_response, None
                 assert response is not None
                 self._queue(response.header, response.data)
                 self._close("login failed")
             return
-        if self.state in (State.LOGIN, State.LOGIN_BINDING):
+        if self.state in _LOGIN_PHASE:
             if self.login_deadline is not None and now >= self.login_deadline:
                 self._close("login timed out")
             return
-        if self.state != State.FULL_FEATURE:
+        if self.state is not _FULL_FEATURE:
             return
         if self._watch_at is not None and now >= self._watch_at:
             self._watch_pdu(now)
-            if self.state == State.CLOSED:
+            if self.state is _CLOSED:
                 return
         if not self.nop_interval:
             return

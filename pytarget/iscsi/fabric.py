@@ -266,7 +266,7 @@ class Fabric:
         for old in replaced:
             log.info("session %s reinstated by a new login", old.tsih)
             await self.host.end_session(old, "reinstated")
-        if self.closed:
+        if self.closed or self.conn.wants_close:
             self.registry.remove_session(session)
             return
         self.cid = ev.result.cid

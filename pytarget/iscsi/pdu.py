@@ -108,6 +108,24 @@ class AsyncEvent(IntEnum):
     REQUEST_NEGOTIATION = 4
 
 
+class LoginStage(IntEnum):
+    """CSG and NSG of a Login PDU (RFC 7143 11.12.3); 2 is reserved."""
+
+    SECURITY = 0
+    OPERATIONAL = 1
+    FULL_FEATURE = 3
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """Serial number arithmetic a < b (RFC 1982, 32 bits; CmdSN, StatSN, DataSN: RFC 7143
+    4.2.2.1)."""
+    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def sn_le(a: int, b: int) -> bool:
+    return a == b or sn_lt(a, b)
+
+
 class WireTaskAttr(IntEnum):
     """ATTR field of the SCSI Command PDU (RFC 7143 11.3.1): iSCSI's numbering, which differs
     from SAM's (`core.task.TaskAttr`); `TASK_ATTRS` maps one onto the other."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..core.frontend import FrontEndUnit
 from ..core.task import Nexus, ScsiTask, TaskAttr
 from .params import ConnectionParams, SessionParams
+from .pdu import sn_le, sn_lt
 
 if TYPE_CHECKING:
     from .target import TargetNode
@@ -34,15 +35,6 @@ class ConnectionLink(Protocol):
         ...
 
     def close(self, reason: str) -> None: ...
-
-
-def sn_lt(a: int, b: int) -> bool:
-    """Serial number arithmetic a < b (RFC 1982, 32 bits)."""
-    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
-
-
-def sn_le(a: int, b: int) -> bool:
-    return a == b or sn_lt(a, b)
 
 
 class R2tState:
