@@ -25,6 +25,7 @@ from . import digest as dg
 from . import pdu, text
 from .bounds import MemoryBudget
 from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduReject
+from .framing import MAX_AHS, PduReader
 from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult
 from .params import ConnectionParams, TargetLimits
 from .pdu import Bhs, Op, RejectReason
@@ -32,8 +33,6 @@ from .session import IscsiTask, R2tState, Session
 
 log = logging.getLogger("pytarget.iscsi")
 
-DIRECT_MIN = 16384  # payloads at least this large are received straight into task buffers
-MAX_AHS = 1020
 MAX_DATA_OUT = 32 * 1024 * 1024  # the largest EDTL a write may announce (SBC limit + slack)
 MAX_DATA_IN = MAX_TRANSFER_BYTES  # the largest Data-In buffer a command makes
 MAX_PENDING_TEXT = 65536
@@ -133,7 +132,10 @@ class StateError(RuntimeError):
     """A step the connection's state does not allow: the caller's error, not the peer's."""
 
 
-class Connection:
+class Connection(PduReader):
+    """The target's end of one connection: framing (inherited), login, CmdSN order, commands
+    and their Data-Out, responses and Data-In, text, NOP and logout requests, timers."""
+
     def __init__(self, policy: ConnectionPolicy, limits: TargetLimits,
                  local_address: tuple[str, int], peer_address: tuple[str, int], now: float,
                  *, login_timeout: float = 30.0, nop_interval: float = 30.0,
@@ -155,22 +157,9 @@ class Connection:
         # Bytes of output queued since the connection began; the transport compares it with
         # what it has sent to know when a given PDU has left.
         self.queued_bytes = 0
-        # Receive side.
         staging = 2 * (pdu.BHS_LEN + MAX_AHS + 8 + limits.max_recv_data_segment_length + 8)
-        self._buf = bytearray(max(staging, 1 << 18))
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._bhs: Bhs | None = None
-        self._header_len = 0
-        self._ahs = b""  # the current PDU's Additional Header Segments
-        self._need_data = 0  # payload + padding + digest of the current PDU
-        self._direct: memoryview | None = None
-        self._direct_filled = 0
-        self._direct_task: IscsiTask | None = None
-        self._direct_offset = 0
-        self._tail: tuple[Bhs, IscsiTask, int, int] | None = None
-        self._discard = 0
+        PduReader.__init__(self, max(staging, 1 << 18),
+                           max(8192, limits.max_recv_data_segment_length))
         self._dropped_itts: set[int] = set()
         # Timers.
         self._now = now
@@ -183,9 +172,8 @@ class Connection:
         self.auth_failure_delay = auth_failure_delay
         self._held_response: LoginResponse | None = None
         # A PDU must arrive whole within pdu_timeout once it has begun: a watchdog compares
-        # what is pending at each check with the previous one (`_headers` counts PDUs parsed).
+        # what is pending at each check with the previous one (`headers` counts PDUs parsed).
         self.pdu_timeout = pdu_timeout
-        self._headers = 0
         self._watch_at: float | None = None
         self._watch_mark: tuple[int, str] | None = None
         self.rx_paused = False  # set by the driver while it does not read
@@ -196,24 +184,12 @@ class Connection:
         self._next_ttt = 1
 
     # ------------------------------------------------------------------ receive path
-    def get_buffer(self) -> memoryview:
-        if self._direct is not None:
-            return self._direct[self._direct_filled:]
-        if self._end == len(self._buf):
-            self._compact()
-        return self._view[self._end:]
-
     def buffer_updated(self, nbytes: int, now: float) -> None:
+        """`nbytes` arrived in the buffer `get_buffer` gave (framing: iscsi/framing.py)."""
         self._now = now
         self._last_rx = now
-        if self._direct is not None:
-            self._direct_filled += nbytes
-            if self._direct_filled == len(self._direct):
-                self._direct_complete()
-        else:
-            self._end += nbytes
         try:
-            self._parse()
+            self._received(nbytes)
         except ConnectionFatal as exc:
             self._fault(exc, None)
 
@@ -227,101 +203,12 @@ class Connection:
             view = view[n:]
             self.buffer_updated(n, now)
 
-    def _compact(self) -> None:
-        pending = self._end - self._start
-        if self._start:
-            self._buf[0:pending] = self._buf[self._start:self._end]
-            self._start = 0
-            self._end = pending
-
-    def _parse(self) -> None:
-        while self.state is not _CLOSED and self._direct is None:
-            avail = self._end - self._start
-            if self._discard:
-                n = min(self._discard, avail)
-                self._discard -= n
-                self._start += n
-                if self._discard:
-                    break
-                continue
-            if self._tail is not None:
-                if avail < self._need_data:
-                    break
-                bhs, task, offset, dsl = self._tail
-                self._tail = None
-                at = self._start + pdu.pad_len(dsl)
-                digest_raw = self._view[at:at + 4] if self.params.data_digest else None
-                self._start += self._need_data
-                self._direct_done(bhs, task, offset, dsl, digest_raw)
-                continue
-            if self._bhs is None:
-                if avail < pdu.BHS_LEN:
-                    break
-                raw = self._view[self._start:self._start + pdu.BHS_LEN]
-                bhs = Bhs(raw)
-                header_len = pdu.BHS_LEN + bhs.total_ahs_length
-                if bhs.total_ahs_length > MAX_AHS:
-                    raise ConnectionFatal("AHS too long")
-                if self.params.header_digest:
-                    header_len += 4
-                if avail < header_len:
-                    break
-                if self.params.header_digest:
-                    end = self._start + header_len - 4
-                    want = dg.digest_value(self._view[end:end + 4])
-                    if dg.crc32c(self._view[self._start:end]) != want:
-                        raise ConnectionFatal("header digest error")
-                self._bhs = bhs
-                self._header_len = header_len
-                self._headers += 1
-                if bhs.total_ahs_length:
-                    at = self._start + pdu.BHS_LEN
-                    self._ahs = bytes(self._view[at:at + bhs.total_ahs_length])
-                self._start += header_len
-                dsl = bhs.data_segment_length
-                self._need_data = dsl + pdu.pad_len(dsl) + (
-                    4 if dsl and self.params.data_digest else 0)
-                if dsl > self._max_recv_segment():
-                    self._reject_and_discard(bhs, RejectReason.PROTOCOL_ERROR,
-                                             "data segment longer than MaxRecvDataSegmentLength")
-                    continue
-                if self._try_direct(bhs):
-                    continue
-                avail = self._end - self._start
-            bhs = self._bhs
-            if avail < self._need_data:
-                if self._need_data > len(self._buf) - self._start:
-                    self._compact()
-                break
-            dsl = bhs.data_segment_length
-            data = self._view[self._start:self._start + dsl]
-            if dsl and self.params.data_digest:
-                at = self._start + dsl + pdu.pad_len(dsl)
-                if dg.crc32c(self._view[self._start:at]) != dg.digest_value(self._view[at:at + 4]):
-                    self._start += self._need_data
-                    self._bhs = None
-                    self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"),
-                                bhs)
-                    continue
-            self._start += self._need_data
-            self._bhs = None
-            self._dispatch(bhs, data)
-        if self._start == self._end:
-            self._start = self._end = 0
-
-    def _max_recv_segment(self) -> int:
-        if self.state is _FULL_FEATURE:
-            return self.params.target_max_recv_data_segment_length
-        return max(8192, self.limits.max_recv_data_segment_length)
-
-    def _reject_and_discard(self, bhs: Bhs, reason: RejectReason, message: str) -> None:
-        """Reject a PDU whose header is sound and skip its data segment.
+    def _segment_too_long(self, bhs: Bhs) -> None:
+        """Reject a PDU whose header is sound; its data segment is skipped.
 
         A rejected request still uses up its CmdSN, as when it is rejected after dispatch;
         a rejected Data-Out ends its command like any other Data-Out fault.
         """
-        self._bhs = None
-        self._discard = self._need_data
         session = self.session
         if self.state is _FULL_FEATURE and session is not None:
             if bhs.opcode == Op.DATA_OUT:
@@ -330,85 +217,40 @@ class Connection:
                     self._fail_task_data(task, "sequence", bhs)
             elif bhs.opcode in _NUMBERED and not self._accept_cmd_sn(bhs):
                 return
-        self._fault(PduReject(reason, message), bhs)
+        self._fault(PduReject(RejectReason.PROTOCOL_ERROR,
+                              "data segment longer than MaxRecvDataSegmentLength"), bhs)
 
-    def _try_direct(self, bhs: Bhs) -> bool:
-        """Receive a large Data-Out (or immediate data) payload straight into its task buffer."""
-        dsl = bhs.data_segment_length
-        if dsl < DIRECT_MIN or self.state is not _FULL_FEATURE:
-            return False
-        if self._end - self._start >= self._need_data:
-            return False
-        target = self._data_target(bhs)
-        if target is None:
-            return False
-        task, offset = target
-        assert task.buffer is not None
-        have = min(self._end - self._start, dsl)
-        dest = memoryview(task.buffer)[offset:offset + dsl]
-        dest[:have] = self._view[self._start:self._start + have]
-        self._start += have
-        if self._start == self._end:
-            self._start = self._end = 0
-        self._direct = dest
-        self._direct_filled = have
-        self._direct_task = task
-        self._direct_offset = offset
-        if have == dsl:
-            self._direct_complete()
-        return True
+    def _data_digest_error(self, bhs: Bhs) -> None:
+        self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"), bhs)
 
-    def _direct_complete(self) -> None:
-        """A direct payload is in: padding and digest, if any, follow through staging."""
-        bhs, task = self._bhs, self._direct_task
-        assert bhs is not None and task is not None
-        dsl = bhs.data_segment_length
-        self._direct = None
-        self._direct_task = None
-        self._bhs = None
-        tail = self._need_data - dsl
-        if tail:
-            self._tail = (bhs, task, self._direct_offset, dsl)
-            self._need_data = tail
-        else:
-            self._direct_done(bhs, task, self._direct_offset, dsl, None)
-
-    def _direct_done(self, bhs: Bhs, task: IscsiTask, offset: int, dsl: int,
-                     digest_raw: memoryview | None) -> None:
-        if digest_raw is not None:
-            assert task.buffer is not None
-            region = memoryview(task.buffer)[offset:offset + dsl]
-            value = dg.crc32c(region)
-            pad = pdu.pad_len(dsl)
-            if pad:
-                value = dg.crc32c(bytes(pad), value)
-            if value != dg.digest_value(digest_raw):
-                self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"), bhs)
-                return
+    def _placement(self, bhs: Bhs) -> memoryview | None:
+        """A large Data-Out payload is received straight into its task's buffer."""
+        session = self.session
+        if self.state is not _FULL_FEATURE or session is None or bhs.opcode != Op.DATA_OUT:
+            return None
+        task = session.tasks.get(bhs.itt)
+        if task is None or not task.write or task.buffer is None or task.data_error \
+                or task.data_failure:
+            return None
         try:
-            self._data_out_landed(bhs, task, dsl)
+            self._check_data_out(bhs, task)
+        except PduReject:
+            return None
+        offset = bhs.buffer_offset
+        return memoryview(task.buffer)[offset:offset + bhs.data_segment_length]
+
+    def _placed(self, bhs: Bhs) -> None:
+        session = self.session
+        task = session.tasks.get(bhs.itt) if session is not None else None
+        if task is None:
+            return
+        try:
+            self._data_out_landed(bhs, task, bhs.data_segment_length)
         except IscsiError as exc:
             self._fault(exc, bhs)
 
-    def _data_target(self, bhs: Bhs) -> tuple[IscsiTask, int] | None:
-        """(task, buffer offset) for a payload that belongs in a task buffer, or None."""
-        session = self.session
-        if session is None:
-            return None
-        if bhs.opcode == Op.DATA_OUT:
-            task = session.tasks.get(bhs.itt)
-            if task is None or not task.write or task.buffer is None or task.data_error \
-                    or task.data_failure:
-                return None
-            try:
-                self._check_data_out(bhs, task)
-            except PduReject:
-                return None
-            return task, bhs.buffer_offset
-        return None
-
     # ------------------------------------------------------------------ dispatch
-    def _dispatch(self, bhs: Bhs, data: memoryview) -> None:
+    def _pdu(self, bhs: Bhs, data: memoryview) -> None:
         try:
             if self.state in _LOGIN_PHASE:
                 self._login_pdu(bhs, data)
@@ -481,6 +323,9 @@ class Connection:
         params, self.params = self.params, ConnectionParams()
         self._queue(response.header, response.data)
         self.params = params
+        self.header_digest = params.header_digest
+        self.data_digest = params.data_digest
+        self.max_segment = params.target_max_recv_data_segment_length
         self._step(Step.BOUND)
         self._last_rx = self._now
         if self.pdu_timeout:
@@ -627,7 +472,7 @@ class Connection:
 
     def _extended_cdb(self, bhs: Bhs) -> bytes:
         """CDB longer than 16 bytes from an Extended CDB AHS (RFC 7143 11.3.3/11.2.1.3)."""
-        ahs = self._ahs
+        ahs = self.ahs
         cdb = bhs.cdb
         pos = 0
         while pos + 4 <= len(ahs):
@@ -1085,6 +930,8 @@ class Connection:
         if state is None:
             raise StateError(f"{step.name} in state {self.state.name}")
         self.state = state
+        if state is _CLOSED:
+            self.rx_open = False
 
     def _close(self, reason: str) -> None:
         if self.state is not _CLOSED:
@@ -1156,20 +1003,11 @@ class Connection:
                              session.refresh_max_cmd_sn())
             self._queue(hdr)
 
-    def partial_pdu(self) -> str | None:
-        """What of a PDU has arrived without the rest: "data", "header", or None between PDUs."""
-        if self._bhs is not None or self._direct is not None or self._tail is not None \
-                or self._discard:
-            return "data"
-        if self._end > self._start:
-            return "header"
-        return None
-
     def _watch_pdu(self, now: float) -> None:
         """Drop a peer that left one PDU incomplete for a whole pdu_timeout period (not
         while the driver has stopped reading: then the delay is ours)."""
         part = None if self.rx_paused else self.partial_pdu()
-        mark = None if part is None else (self._headers, part)
+        mark = None if part is None else (self.headers, part)
         if mark is not None and mark == self._watch_mark:
             log.warning("connection %s dropped: a PDU took more than %.0f s to arrive",
                         self.peer_address, self.pdu_timeout)
