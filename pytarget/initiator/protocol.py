@@ -403,10 +403,10 @@ class InitiatorConnection(PduReader):
         self._stat_sn_known = False
         # Login.
         self._login_itt = 0
-        self._stage = OPERATIONAL
+        self._stage: int = OPERATIONAL
         self._offered: dict[str, str] = {}
         self._login_chunks: deque[bytes] = deque()
-        self._login_transit = (False, OPERATIONAL)
+        self._login_transit: tuple[bool, int] = (False, OPERATIONAL)
         self._login_in = bytearray()
         self._login_rounds = 0
         self._target_keys: list[tuple[str, str]] = []
