@@ -24,12 +24,13 @@ from ..core.limits import MAX_TRANSFER_BYTES
 from . import digest as dg
 from . import pdu, text
 from .bounds import MemoryBudget
+from .dataout import SHORT, DataOutSequence
 from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduReject
 from .framing import MAX_AHS, PduReader
 from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult
 from .params import ConnectionParams, TargetLimits
 from .pdu import Bhs, Op, RejectReason
-from .session import IscsiTask, R2tState, Session
+from .session import IscsiTask, Session
 
 log = logging.getLogger("pytarget.iscsi")
 
@@ -213,7 +214,7 @@ class Connection(PduReader):
         if self.state is _FULL_FEATURE and session is not None:
             if bhs.opcode == Op.DATA_OUT:
                 task = session.tasks.get(bhs.itt)
-                if task is not None and task.write and not task.data_error:
+                if task is not None and task.data_out is not None and not task.data_out.error:
                     self._fail_task_data(task, "sequence", bhs)
             elif bhs.opcode in _NUMBERED and not self._accept_cmd_sn(bhs):
                 return
@@ -229,15 +230,15 @@ class Connection(PduReader):
         if self.state is not _FULL_FEATURE or session is None or bhs.opcode != Op.DATA_OUT:
             return None
         task = session.tasks.get(bhs.itt)
-        if task is None or not task.write or task.buffer is None or task.data_error \
-                or task.data_failure:
+        seq = task.data_out if task is not None else None
+        if seq is None or seq.error or seq.failure:
             return None
         try:
-            self._check_data_out(bhs, task)
+            seq.check(bhs)
         except PduReject:
             return None
         offset = bhs.buffer_offset
-        return memoryview(task.buffer)[offset:offset + bhs.data_segment_length]
+        return memoryview(seq.buffer)[offset:offset + bhs.data_segment_length]
 
     def _placed(self, bhs: Bhs) -> None:
         session = self.session
@@ -435,18 +436,13 @@ class Connection(PduReader):
                     self._refuse(task, bhs)
                     return
                 task.reserved = size
-            task.buffer = data_buffer(size)
             # F=1: no unsolicited Data-Out follows the command (RFC 7143 11.3.1).
             if session.params.initial_r2t or flags & pdu.F_FINAL:
-                task.unsolicited_end = min(dsl, edtl)
-                task.unsolicited_done = True
+                task.data_out = DataOutSequence(data_buffer(size), edtl, data, min(dsl, edtl),
+                                                True)
             else:
-                task.unsolicited_end = min(edtl, session.params.first_burst_length)
-                task.unsolicited_done = dsl >= task.unsolicited_end
-            task.next_r2t_offset = task.unsolicited_end
-            if dsl:
-                memoryview(task.buffer)[0:dsl] = data
-                task.received = task.unsolicited_received = dsl
+                end = min(edtl, session.params.first_burst_length)
+                task.data_out = DataOutSequence(data_buffer(size), edtl, data, end, dsl >= end)
         elif read and edtl and self.budget is not None:
             # the Data-In buffer the device server will fill counts against the budget too
             size = min(edtl, MAX_DATA_IN)
@@ -485,38 +481,12 @@ class Connection(PduReader):
         return cdb
 
     # ------------------------------------------------------------------ Data-Out
-    def _check_data_out(self, bhs: Bhs, task: IscsiTask) -> R2tState | None:
-        """Validate a Data-Out against its burst; returns the R2T it answers (None: unsolicited).
-
-        DataPDUInOrder=Yes is always negotiated, so each PDU must start where the previous one
-        of its sequence ended (RFC 7143 13.19).
-        """
-        dsl = bhs.data_segment_length
-        offset = bhs.buffer_offset
-        if task.buffer is None or offset + dsl > len(task.buffer):
-            raise PduReject(RejectReason.PROTOCOL_ERROR, "Data-Out beyond the expected length")
-        if bhs.ttt == pdu.RESERVED_TAG:
-            if task.unsolicited_done:
-                raise PduReject(RejectReason.PROTOCOL_ERROR, "unsolicited data after the burst")
-            if offset != task.unsolicited_received or offset + dsl > task.unsolicited_end:
-                raise PduReject(RejectReason.PROTOCOL_ERROR, "unsolicited data out of place")
-            if bhs.data_sn != task.unsolicited_next_sn:
-                raise PduReject(RejectReason.PROTOCOL_ERROR, "unexpected DataSN")
-            return None
-        r2t = task.r2ts.get(bhs.ttt)
-        if r2t is None:
-            raise PduReject(RejectReason.INVALID_PDU_FIELD, "unknown Target Transfer Tag")
-        if offset != r2t.offset + r2t.received or offset + dsl > r2t.offset + r2t.length:
-            raise PduReject(RejectReason.PROTOCOL_ERROR, "Data-Out outside its R2T")
-        if bhs.data_sn != r2t.next_data_sn:
-            raise PduReject(RejectReason.PROTOCOL_ERROR, "unexpected DataSN")
-        return r2t
-
     def _data_out(self, bhs: Bhs, data: memoryview) -> None:
         session = self.session
         assert session is not None
         task = session.tasks.get(bhs.itt)
-        if task is None or not task.write or task.data_error:
+        seq = task.data_out if task is not None else None
+        if seq is None or seq.error:
             if bhs.itt in self._dropped_itts:
                 if bhs.final:
                     self._dropped_itts.discard(bhs.itt)
@@ -524,11 +494,13 @@ class Connection(PduReader):
             # Data for a task that already ended or failed: consumed quietly.
             log.debug("discarding Data-Out for ITT 0x%08x", bhs.itt)
             return
-        if task.data_failure:
-            self._drain(bhs, task)
+        assert task is not None
+        if seq.failure:
+            if seq.drain(bhs):
+                self._data_out_failed(task)
             return
         try:
-            self._check_data_out(bhs, task)
+            seq.check(bhs)
         except PduReject as exc:
             # ErrorRecoveryLevel 0 cannot recover a data sequence: the command ends with
             # CHECK CONDITION and the rest of its Data-Out is discarded.
@@ -536,127 +508,63 @@ class Connection(PduReader):
             self._fail_task_data(task, "sequence", bhs)
             return
         dsl = bhs.data_segment_length
-        assert task.buffer is not None
-        memoryview(task.buffer)[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
+        memoryview(seq.buffer)[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
         self._data_out_landed(bhs, task, dsl)
 
     def _data_out_landed(self, bhs: Bhs, task: IscsiTask, dsl: int) -> None:
-        task.received += dsl
-        if bhs.ttt == pdu.RESERVED_TAG:
-            task.unsolicited_received += dsl
-            task.unsolicited_next_sn += 1
-            if bhs.final or task.unsolicited_received >= task.unsolicited_end:
-                self._end_unsolicited(task)
-        else:
-            r2t = task.r2ts[bhs.ttt]
-            r2t.received += dsl
-            r2t.next_data_sn += 1
-            if bhs.final or r2t.received >= r2t.length:
-                del task.r2ts[bhs.ttt]
-                if r2t.received < r2t.length:
-                    log.info("ITT 0x%08x: R2T burst ended short; ending the command", bhs.itt)
-                    self._fail_task_data(task, "sequence")
-                    return
-                self._issue_r2ts(task)
-        self._maybe_data_complete(task)
-
-    def _end_unsolicited(self, task: IscsiTask) -> None:
-        """The unsolicited burst is over; what it left out must be solicited (RFC 7143 11.7.1).
-
-        R2Ts wait for this moment, so none has been issued yet for the range it covered.
-        """
-        task.unsolicited_done = True
-        if task.unsolicited_received < task.unsolicited_end:
-            task.unsolicited_end = task.unsolicited_received
-            task.next_r2t_offset = task.unsolicited_received
-        self._issue_r2ts(task)
-
-    def _maybe_data_complete(self, task: IscsiTask) -> None:
-        if task.wanted and task.waiter is not None and self._data_done(task):
+        seq = task.data_out
+        assert seq is not None
+        outcome = seq.landed(bhs, dsl)
+        if outcome == SHORT:
+            log.info("ITT 0x%08x: R2T burst ended short; ending the command", bhs.itt)
+            self._fail_task_data(task, "sequence")
+            return
+        if outcome:
+            self._issue_r2ts(task)
+        if seq.wanted and seq.waiter is not None and seq.complete():
             self.events.append(DataOutReady(task))
-
-    @staticmethod
-    def _data_done(task: IscsiTask) -> bool:
-        return task.received >= task.wanted and not task.r2ts and (
-            task.unsolicited_done or task.unsolicited_received >= min(task.wanted,
-                                                                       task.unsolicited_end))
 
     def request_data_out(self, task: IscsiTask, length: int, waiter: object) -> bool:
         """The device server wants `length` bytes of Data-Out: solicit what is missing.
 
-        Returns True when the data is already complete (or has failed: see `data_error`);
-        otherwise a DataOutReady event follows.
+        Returns True when the data is already complete (or has failed: see
+        `DataOutSequence.error`); otherwise a DataOutReady event follows.
         """
-        task.wanted = min(length, task.edtl)
-        task.waiter = waiter
-        if task.data_error:
-            return True
-        if task.data_failure:
-            return False
-        if self._data_done(task):
+        seq = task.data_out
+        if seq is None or seq.request(length, waiter):
             return True
         self._issue_r2ts(task)
         return False
 
     def _issue_r2ts(self, task: IscsiTask) -> None:
-        """R2Ts for what is wanted and not yet asked for, once the unsolicited burst is over."""
         session = self.session
-        assert session is not None
-        if task.data_failure or not task.unsolicited_done:
-            return
-        limit = session.params.max_outstanding_r2t
-        burst = session.params.max_burst_length
-        while len(task.r2ts) < limit and task.next_r2t_offset < task.wanted:
-            offset = task.next_r2t_offset
-            length = min(burst, task.wanted - offset)
-            ttt = self._next_ttt
-            self._next_ttt = (self._next_ttt + 1) & 0x7FFFFFFF or 1
-            state = R2tState(ttt, task.r2t_sn, offset, length)
-            task.r2ts[ttt] = state
-            task.r2t_sn += 1
-            task.next_r2t_offset = offset + length
-            hdr = pdu.r2t(task.itt, ttt, task.lun_field, self.stat_sn, session.exp_cmd_sn,
-                          session.refresh_max_cmd_sn(), state.r2t_sn, offset, length)
+        assert session is not None and task.data_out is not None
+        params = session.params
+        for state in task.data_out.solicit(params.max_outstanding_r2t, params.max_burst_length,
+                                           self._alloc_ttt):
+            hdr = pdu.r2t(task.itt, state.ttt, task.lun_field, self.stat_sn, session.exp_cmd_sn,
+                          session.refresh_max_cmd_sn(), state.r2t_sn, state.offset,
+                          state.length)
             self._queue(hdr)
 
     def _fail_task_on_digest(self, bhs: Bhs) -> None:
         """ErrorRecoveryLevel 0: the command whose data was corrupted is ended (RFC 7143 7.8)."""
         session = self.session
         task = session.tasks.get(bhs.itt) if session else None
-        if task is not None and task.write and not task.data_error:
+        if task is not None and task.data_out is not None and not task.data_out.error:
             self._fail_task_data(task, "digest", bhs)
 
     def _fail_task_data(self, task: IscsiTask, reason: str, bhs: Bhs | None = None) -> None:
         """End a command whose Data-Out cannot be accepted, once every Data-Out still
         outstanding for it has arrived (RFC 7143 7.8): `bhs` is the offending PDU, counted
         towards that as discarded."""
-        if not task.data_failure:
-            task.data_failure = reason
-        if bhs is not None:
-            self._drain(bhs, task)
-        else:
-            self._drained(task)
+        assert task.data_out is not None
+        if task.data_out.fail(reason, bhs):
+            self._data_out_failed(task)
 
-    def _drain(self, bhs: Bhs, task: IscsiTask) -> None:
-        """Count a discarded Data-Out of a failing command against its open sequences."""
-        dsl = bhs.data_segment_length
-        if bhs.ttt == pdu.RESERVED_TAG:
-            task.unsolicited_received += dsl
-            if bhs.final or task.unsolicited_received >= task.unsolicited_end:
-                task.unsolicited_done = True
-        else:
-            r2t = task.r2ts.get(bhs.ttt)
-            if r2t is not None:
-                r2t.received += dsl
-                if bhs.final or r2t.received >= r2t.length:
-                    del task.r2ts[bhs.ttt]
-        self._drained(task)
-
-    def _drained(self, task: IscsiTask) -> None:
-        if task.r2ts or not task.unsolicited_done or task.data_error:
-            return
-        task.data_error = task.data_failure
-        if task.waiter is not None:
+    def _data_out_failed(self, task: IscsiTask) -> None:
+        assert task.data_out is not None
+        if task.data_out.waiter is not None:
             self.events.append(DataOutReady(task))
 
     # ------------------------------------------------------------------ responses

@@ -27,6 +27,7 @@ from ..core.sense import Asc
 from ..core.task import ScsiTask
 from . import connection as C
 from .connection import Connection
+from .dataout import DataOutSequence
 from .errors import LoginError
 from .pdu import LogoutReason, LogoutResponse, TmfFunction, TmfResponse, decode_lun
 from .session import ConnectionLink, IscsiTask, Session
@@ -181,25 +182,33 @@ class Fabric:
     def fetch_data_out(self, task: ScsiTask, length: int) -> asyncio.Future[memoryview]:
         """DataSource for the device server: R2T for what has not arrived yet."""
         itask: IscsiTask = task.handle  # type: ignore[assignment]
+        seq = itask.data_out
         fut: asyncio.Future[memoryview] = self.loop.create_future()
-        if itask.data_error or self.closed:
-            fut.set_exception(_data_error(itask))
+        if self.closed or (seq is not None and seq.error):
+            fut.set_exception(_data_error(seq))
             return fut
         if self.conn.request_data_out(itask, length, fut):
-            fut.set_result(_data_view(itask))
+            if seq is None:
+                fut.set_result(memoryview(b""))
+            elif seq.error:
+                fut.set_exception(_data_error(seq))
+            else:
+                fut.set_result(seq.view())
         else:
             self.wire.send()
         return fut
 
     def _data_ready(self, itask: IscsiTask) -> None:
-        fut = itask.waiter
-        itask.waiter = None
+        seq = itask.data_out
+        assert seq is not None
+        fut = seq.waiter
+        seq.waiter = None
         if not isinstance(fut, asyncio.Future) or fut.done():
             return
-        if itask.data_error:
-            fut.set_exception(_data_error(itask))
+        if seq.error:
+            fut.set_exception(_data_error(seq))
         else:
-            fut.set_result(_data_view(itask))
+            fut.set_result(seq.view())
 
     # ---------------------------------------------------------------- task management
     async def _task_management(self, ev: C.TaskManagement) -> None:
@@ -331,13 +340,7 @@ class Fabric:
             self.done.set_result(None)
 
 
-def _data_view(itask: IscsiTask) -> memoryview:
-    if itask.buffer is None:
-        return memoryview(b"")
-    return memoryview(itask.buffer)[:min(itask.wanted, itask.edtl)]
-
-
-def _data_error(itask: IscsiTask) -> S.SenseError:
-    if itask.data_error == "digest":
+def _data_error(seq: DataOutSequence | None) -> S.SenseError:
+    if seq is not None and seq.error == "digest":
         return S.aborted_command(Asc.PROTOCOL_SERVICE_CRC_ERROR)
     return S.aborted_command(Asc.DATA_PHASE_ERROR)
