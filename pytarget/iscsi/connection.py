@@ -21,8 +21,8 @@ from typing import Protocol
 
 from ..core.buffers import data_buffer
 from ..core.limits import MAX_TRANSFER_BYTES
+from . import datain, pdu, text
 from . import digest as dg
-from . import pdu, text
 from .bounds import MemoryBudget
 from .dataout import SHORT, DataOutSequence
 from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduReject
@@ -624,9 +624,11 @@ class Connection(PduReader):
             digests = None
             if task.data_in_digests is not None and task.data_in_digests[0] == data_len:
                 digests = task.data_in_digests[1]
-            self._send_data_in(task, data, data_len, status, residual_flags, residual, collapse,
-                               digests)
-            if collapse:
+            if datain.send(self._queue, task, data, data_len,
+                           self.params.initiator_max_recv_data_segment_length,
+                           session.params.max_burst_length, status, residual_flags, residual,
+                           collapse, digests, self.stat_sn, exp_cmd_sn, max_cmd_sn):
+                self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
                 return
         payload = b""
         if sense:
@@ -635,71 +637,16 @@ class Connection(PduReader):
                                 residual_flags, residual, len(payload), task.data_sn)
         self._queue(hdr, payload)
 
-    def data_in_segments(self, length: int) -> list[int]:
-        """Sizes of the Data-In PDUs for `length` bytes: at most the initiator's
-        MaxRecvDataSegmentLength each, sequences ending at MaxBurstLength (RFC 7143 13.13)."""
-        session = self.session
-        assert session is not None
-        seg_max = self.params.initiator_max_recv_data_segment_length
-        burst = session.params.max_burst_length
-        if length <= seg_max and length <= burst:
-            return [length]
-        sizes = []
-        offset = in_burst = 0
-        while offset < length:
-            n = min(seg_max, length - offset, burst - in_burst)
-            sizes.append(n)
-            offset += n
-            in_burst = 0 if in_burst + n == burst else in_burst + n
-        return sizes
-
     def data_in_digests(self, data: memoryview, length: int) -> list[bytes]:
         """The data digests of the Data-In PDUs for `data`, computed ahead of sending.
 
         Pure: safe to call on an I/O thread (crc32c releases the GIL for large buffers).
         """
-        digests = []
-        offset = 0
-        for n in self.data_in_segments(length):
-            pad = pdu.pad_len(n)
-            parts = (data[offset:offset + n], _PADDING[pad]) if pad else (data[offset:offset + n],)
-            digests.append(dg.digest(parts))
-            offset += n
-        return digests
-
-    def _send_data_in(self, task: IscsiTask, data: bytes | bytearray | memoryview,
-                      length: int, status: int, residual_flags: int, residual: int,
-                      collapse: bool, digests: list[bytes] | None = None) -> None:
         session = self.session
         assert session is not None
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        sizes = self.data_in_segments(length)
-        if digests is not None and len(digests) != len(sizes):
-            digests = None
-        burst = session.params.max_burst_length
-        offset = 0
-        in_burst = 0
-        exp_cmd_sn = session.exp_cmd_sn
-        max_cmd_sn = session.max_cmd_sn
-        for i, n in enumerate(sizes):
-            last = offset + n == length
-            in_burst += n
-            flags = 0
-            if last or in_burst == burst:
-                flags = pdu.F_FINAL
-                in_burst = 0
-            stat_sn = self.stat_sn
-            if last and collapse:
-                flags |= pdu.F_DATAIN_STATUS | residual_flags
-                stat_sn = self._next_stat_sn()
-            hdr = pdu.data_in(task.itt, flags, status, n, task.lun_field, stat_sn, exp_cmd_sn,
-                              max_cmd_sn, task.data_sn, offset,
-                              residual if flags & pdu.F_DATAIN_STATUS else 0)
-            task.data_sn += 1
-            self._queue(hdr, view[offset:offset + n], digests[i] if digests else None)
-            offset += n
+        return datain.digests(data, datain.segments(
+            length, self.params.initiator_max_recv_data_segment_length,
+            session.params.max_burst_length))
 
     def send_tmf_response(self, itt: int, response: int) -> None:
         session = self.session
