@@ -352,7 +352,7 @@ class Pair:
                  target_name: str | None = TARGET, split: Chunker = whole,
                  rsplit: Chunker = whole, pdu_timeout: float = 0.0,
                  auth_failure_delay: float = 0.0, budget: MemoryBudget | None = None,
-                 **ini_kwargs: Any) -> None:
+                 initiator: str = INITIATOR, **ini_kwargs: Any) -> None:
         self.limits = limits or TargetLimits()
         self.registry = registry or make_registry(self.limits, window)
         self.now = now
@@ -368,7 +368,7 @@ class Pair:
         self.unread = bytearray()  # what arrived after the target stopped reading
         self.received: list[tuple[Bhs, bytes]] = []
         ini_kwargs.setdefault("trace", lambda bhs, data: self.received.append((bhs, data)))
-        self.ini = InitiatorConnection(INITIATOR, target_name=target_name, **ini_kwargs)
+        self.ini = InitiatorConnection(initiator, target_name=target_name, **ini_kwargs)
         self.split = split
         self.rsplit = rsplit
         self.events: list[Any] = []
