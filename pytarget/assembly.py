@@ -22,8 +22,9 @@ from .config import Config, ConfigError, LunConfig, TargetConfig
 from .copy import commands as copy_commands
 from .copy.manager import CopyManager
 from .core.task import Nexus
-from .iscsi.target import AclEntry, TargetNode, TargetRegistry
-from .scsi.device import LogicalUnit, LuConfig
+from .iscsi.node import AclEntry, TargetNode
+from .iscsi.target import TargetRegistry
+from .scsi.device import LogicalUnit, LuConfig, NoLogicalUnit
 from .scsi.pr import PrStateError
 from .transport import is_local_address
 
@@ -122,7 +123,7 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) 
 
 def build_registry(config: Config, luns: bool = True) -> TargetRegistry:
     """Targets (with their logical units unless `luns` is false) and registry-wide settings."""
-    registry = TargetRegistry()
+    registry = TargetRegistry(absent_unit=NoLogicalUnit)
     registry.portals = list(config.portals)
     registry.discovery_auth = config.discovery_auth
     registry.max_sessions = config.limits.max_sessions

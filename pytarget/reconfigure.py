@@ -37,7 +37,8 @@ from . import assembly
 from .config import Config, ConfigError, LunConfig, TargetConfig
 from .core.sense import Asc
 from .iscsi.bounds import Bounds
-from .iscsi.target import TargetNode, TargetRegistry
+from .iscsi.node import TargetNode
+from .iscsi.target import TargetRegistry
 from .scsi.pr import PrStateError
 from .status import size_text
 

@@ -19,8 +19,8 @@ from .assembly import build_copy_manager, build_registry, prepare_backing_files
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer, socket_path
 from .iscsi.bounds import Bounds, MemoryBudget
-from .iscsi.session import Session
-from .iscsi.target import TargetNode
+from .iscsi.node import TargetNode
+from .iscsi.session import ConnectionLink, Session
 from .metrics import MetricsServer, render
 from .reconfigure import Reload, ReloadRefused
 from .scsi.device import LogicalUnit, io_threads_busy
@@ -67,6 +67,18 @@ class Server:
         self.stopping = False
         self.stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- for the transport
+    @property
+    def output_high_water(self) -> int:
+        return self.config.limits.output_high_water
+
+    @property
+    def send_timeout(self) -> float:
+        return self.config.limits.send_timeout
+
+    def streaming_changed(self, delta: int) -> None:
+        self.streams += delta
 
     def use_poller(self, poller: PollingSelector) -> None:
         """`poller` is the selector of the event loop this server runs on: it may poll before
@@ -152,7 +164,7 @@ class Server:
         raise ControlError(f"unknown command {command!r} (status, reload)")
 
     # ---------------------------------------------------------------- sessions
-    def session_started(self, session: Session, driver: ConnectionDriver) -> None:
+    def session_started(self, session: Session, driver: ConnectionLink) -> None:
         kind = session.params.session_type
         self.logins[session] = time.monotonic()
         peer = "{}:{}".format(*driver.peer)
@@ -163,7 +175,7 @@ class Server:
                         "isid": session.isid.hex(), "tsih": session.tsih,
                         "target": session.params.target_name or None, "peer": peer})
 
-    async def connection_closed(self, driver: ConnectionDriver, session: Session) -> None:
+    async def connection_closed(self, driver: ConnectionLink, session: Session) -> None:
         if driver in session.connections:
             session.connections.remove(driver)
         if not session.connections and not session.closed:
@@ -347,9 +359,7 @@ class Server:
             listener.close()
         drivers = list(self.drivers)
         for driver in drivers:
-            if driver.reading and not driver.closed:
-                driver.loop.remove_reader(driver.fd)
-                driver.reading = False
+            driver.stop_reading()
         await asyncio.gather(*(d.quiesce(grace) for d in drivers), return_exceptions=True)
         for driver in drivers:
             driver.close("target shutting down")

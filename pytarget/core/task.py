@@ -15,6 +15,8 @@ from .sense import Status
 
 
 class TaskAttr(IntEnum):
+    """Task attribute (SAM-5 8.6); front ends map their own encodings onto it."""
+
     SIMPLE = 0
     ORDERED = 1
     HEAD_OF_QUEUE = 2

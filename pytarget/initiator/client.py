@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.table import Opcode
-from ..iscsi.pdu import RESERVED_TAG, LogoutReason, TaskAttr
+from ..core.task import TaskAttr
+from ..iscsi.pdu import RESERVED_TAG, LogoutReason
 from .protocol import (
     AsyncMessage,
     Authenticator,
@@ -340,7 +341,7 @@ class Initiator:
 
     async def command(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview = b"",
                       read_length: int = 0, *, timeout: float | None = None,
-                      attr: int = TaskAttr.SIMPLE, **options: Any) -> CommandResult:
+                      attr: TaskAttr = TaskAttr.SIMPLE, **options: Any) -> CommandResult:
         _, fut = self.submit(lun, cdb, data_out, read_length, attr=attr, **options)
         result: CommandResult = await self._wait(fut, timeout)
         return result

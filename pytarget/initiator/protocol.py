@@ -17,20 +17,31 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from ..core.task import TaskAttr
 from ..iscsi import digest as dg
 from ..iscsi import pdu, text
-from ..iscsi.errors import IscsiError
+from ..iscsi.errors import ConnectionFatal, IscsiError
+from ..iscsi.framing import PduReader
 from ..iscsi.params import KEYS, Rule
-from ..iscsi.pdu import BHS_LEN, RESERVED_TAG, Bhs, Op, RejectReason, TmfFunction, TmfResponse
+from ..iscsi.pdu import (
+    BHS_LEN,
+    RESERVED_TAG,
+    Bhs,
+    Op,
+    RejectReason,
+    TmfFunction,
+    TmfResponse,
+    sn_le,
+    sn_lt,
+)
 from . import pdus
 
-SECURITY = 0
-OPERATIONAL = 1
-FULL_FEATURE = 3
+SECURITY, OPERATIONAL, FULL_FEATURE = pdu.LoginStage
 DEFAULT_ISID = bytes([0x80, 0x00, 0x00, 0x00, 0x00, 0x01])  # random-qualifier format (11.12.5)
 LOGIN_PDU_LIMIT = 8192  # MaxRecvDataSegmentLength before it is negotiated (RFC 7143 13.12)
 MAX_LOGIN_ROUNDS = 32
 MAX_TEXT = 1 << 20
+RECEIVE_STAGING = 1 << 18  # grows for a PDU that does not fit
 
 NAME_KEYS = ("InitiatorName", "InitiatorAlias", "SessionType", "TargetName")
 NO_ANSWER = frozenset({"NotUnderstood", "Irrelevant", "Reject"})
@@ -290,15 +301,6 @@ def parse_sense(sense: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def sn_lt(a: int, b: int) -> bool:
-    """Serial number arithmetic a < b (RFC 1982, 32 bits)."""
-    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
-
-
-def sn_le(a: int, b: int) -> bool:
-    return a == b or sn_lt(a, b)
-
-
 def _key_text(value: str | int | bool) -> str:
     if isinstance(value, bool):
         return "Yes" if value else "No"
@@ -313,7 +315,7 @@ class _Command:
 
     def __init__(self, itt: int, lun_field: int, cdb: bytes, data_out: memoryview,
                  read_length: int, manual_r2t: bool, immediate_length: int | None,
-                 unsolicited: bool, immediate: bool, attr: int) -> None:
+                 unsolicited: bool, immediate: bool, attr: TaskAttr) -> None:
         self.itt = itt
         self.lun_field = lun_field
         self.cdb = cdb
@@ -348,7 +350,7 @@ class _Tmf:
     referenced_itt: int
 
 
-class InitiatorConnection:
+class InitiatorConnection(PduReader):
     """One initiator connection: login, then full feature phase, then logout."""
 
     def __init__(self, initiator_name: str, *, target_name: str | None = None,
@@ -401,10 +403,10 @@ class InitiatorConnection:
         self._stat_sn_known = False
         # Login.
         self._login_itt = 0
-        self._stage = OPERATIONAL
+        self._stage: int = OPERATIONAL
         self._offered: dict[str, str] = {}
         self._login_chunks: deque[bytes] = deque()
-        self._login_transit = (False, OPERATIONAL)
+        self._login_transit: tuple[bool, int] = (False, OPERATIONAL)
         self._login_in = bytearray()
         self._login_rounds = 0
         self._target_keys: list[tuple[str, str]] = []
@@ -416,12 +418,9 @@ class InitiatorConnection:
         self._nops: set[int] = set()
         self._logouts: set[int] = set()
         self._waiting: deque[Callable[[], None]] = deque()
-        # Framing.
-        self._rx = bytearray()
-        self._rx_pos = 0
+        # Framing (the receive side is the shared PduReader).
+        PduReader.__init__(self, RECEIVE_STAGING, pdu.MAX_DATA_SEGMENT)
         self._out: list[bytes | bytearray | memoryview] = []
-        self._hd = False
-        self._dd = False
         self._events: deque[Event] = deque()
 
     # ------------------------------------------------------------------ public I/O
@@ -447,48 +446,30 @@ class InitiatorConnection:
         """Feed bytes read from the socket; complete PDUs are handled at once."""
         if self.state is State.FAILED:
             return
-        self._rx += data
+        view = memoryview(data).cast("B")
         try:
-            self._parse()
+            while view and self.rx_open:
+                buf = self.get_buffer()
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                view = view[n:]
+                self._received(n)
+        except ConnectionFatal as exc:
+            self.state = State.FAILED
+            self.rx_open = False
+            raise ProtocolError(str(exc)) from None
         except ProtocolError:
             self.state = State.FAILED
+            self.rx_open = False
             raise
 
-    def _parse(self) -> None:
-        rx = self._rx
-        while True:
-            pos = self._rx_pos
-            avail = len(rx) - pos
-            if avail < BHS_LEN:
-                break
-            view = memoryview(rx)
-            bhs = Bhs(view[pos:pos + BHS_LEN])
-            header_len = BHS_LEN + bhs.total_ahs_length + (4 if self._hd else 0)
-            dsl = bhs.data_segment_length
-            data_len = dsl + pdu.pad_len(dsl) + (4 if dsl and self._dd else 0)
-            if avail < header_len + data_len:
-                view.release()
-                break
-            if self._hd:
-                end = pos + header_len - 4
-                if dg.crc32c(view[pos:end]) != dg.digest_value(view[end:end + 4]):
-                    view.release()
-                    raise ProtocolError("header digest error")
-            start = pos + header_len
-            if dsl and self._dd:
-                at = start + dsl + pdu.pad_len(dsl)
-                if dg.crc32c(view[start:at]) != dg.digest_value(view[at:at + 4]):
-                    view.release()
-                    raise ProtocolError("data digest error")
-            data = bytes(view[start:start + dsl])
-            view.release()
-            self._rx_pos = pos + header_len + data_len
-            self._handle(bhs, data)
-            if self.state is State.FAILED:
-                return
-        if self._rx_pos and self._rx_pos * 2 >= len(rx):
-            del rx[:self._rx_pos]
-            self._rx_pos = 0
+    def _pdu(self, bhs: Bhs, data: memoryview) -> None:
+        self._handle(bhs, bytes(data))
+        if self.state is State.FAILED:
+            self.rx_open = False
+
+    def _data_digest_error(self, bhs: Bhs) -> None:
+        raise ProtocolError("data digest error")
 
     # ------------------------------------------------------------------ output
     def _queue(self, hdr: bytes | bytearray, data: bytes | bytearray | memoryview = b"",
@@ -497,7 +478,7 @@ class InitiatorConnection:
         out.append(hdr)
         if ahs:
             out.append(ahs)
-        if self._hd:
+        if self.header_digest:
             out.append(dg.digest((hdr, ahs)))
         n = len(data)
         if n:
@@ -505,7 +486,7 @@ class InitiatorConnection:
             pad = bytes(pdu.pad_len(n))
             if pad:
                 out.append(pad)
-            if self._dd:
+            if self.data_digest:
                 out.append(dg.digest((data, pad)))
 
     def send_pdu(self, header: bytes | bytearray, data: bytes | bytearray = b"",
@@ -747,14 +728,14 @@ class InitiatorConnection:
         self.state = State.FULL_FEATURE
         self.tsih = bhs.tsih
         # Digests start with the first PDU after the final Login Response (RFC 7143 13.1).
-        self._hd, self._dd = p.header_digest, p.data_digest
+        self.header_digest, self.data_digest = p.header_digest, p.data_digest
         unanswered = tuple(k for k in self._offered
                            if k not in NAME_KEYS and k != "MaxRecvDataSegmentLength")
         self._events.append(LoginComplete(self.tsih, p, tuple(self._target_keys), unanswered))
 
     # ------------------------------------------------------------------ requests
     def send_command(self, lun: int, cdb: bytes, data_out: bytes | bytearray | memoryview = b"",
-                     read_length: int = 0, *, attr: int = pdu.TaskAttr.SIMPLE,
+                     read_length: int = 0, *, attr: TaskAttr = TaskAttr.SIMPLE,
                      immediate: bool = False, manual_r2t: bool = False,
                      immediate_length: int | None = None, unsolicited: bool = True) -> int:
         """Issue a SCSI command (RFC 7143 11.3); returns its ITT.
@@ -786,7 +767,7 @@ class InitiatorConnection:
         gather its Data-In and report its completion (for negative tests and fuzzing)."""
         view = memoryview(data_out).cast("B") if len(data_out) else memoryview(b"")
         cmd = _Command(itt, pdu.encode_lun(lun), bytes(cdb), view, read_length, False, None,
-                       True, False, pdu.TaskAttr.SIMPLE)
+                       True, False, TaskAttr.SIMPLE)
         cmd.cmd_sn = cmd_sn
         self._commands[itt] = cmd
 
@@ -811,8 +792,8 @@ class InitiatorConnection:
         hdr = pdus.scsi_command(
             lun=cmd.lun_field, itt=cmd.itt, edtl=edtl, cmd_sn=cmd.cmd_sn,
             exp_stat_sn=self.exp_stat_sn, cdb=cmd.cdb, read=read, write=write,
-            final=unsolicited_end <= imm, attr=cmd.attr, dsl=imm, ahs_len=len(ahs),
-            immediate=cmd.immediate)
+            final=unsolicited_end <= imm, attr=pdu.WIRE_TASK_ATTRS[cmd.attr], dsl=imm,
+            ahs_len=len(ahs), immediate=cmd.immediate)
         self._queue(hdr, cmd.data_out[:imm], ahs)
         if unsolicited_end > imm:
             self._send_burst(cmd, RESERVED_TAG, imm, unsolicited_end - imm, cmd.lun_field)

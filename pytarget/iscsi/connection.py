@@ -16,23 +16,24 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from ..core.buffers import data_buffer
 from ..core.limits import MAX_TRANSFER_BYTES
+from . import datain, pdu, text
 from . import digest as dg
-from . import pdu, text
 from .bounds import MemoryBudget
+from .dataout import SHORT, DataOutSequence
 from .errors import ConnectionFatal, IscsiError, LoginError, LoginStatus, PduReject
+from .framing import MAX_AHS, PduReader
 from .login import LoginMachine, LoginPolicy, LoginResponse, LoginResult
 from .params import ConnectionParams, TargetLimits
 from .pdu import Bhs, Op, RejectReason
-from .session import IscsiTask, R2tState, Session
+from .session import IscsiTask, Session
 
 log = logging.getLogger("pytarget.iscsi")
 
-DIRECT_MIN = 16384  # payloads at least this large are received straight into task buffers
-MAX_AHS = 1020
 MAX_DATA_OUT = 32 * 1024 * 1024  # the largest EDTL a write may announce (SBC limit + slack)
 MAX_DATA_IN = MAX_TRANSFER_BYTES  # the largest Data-In buffer a command makes
 MAX_PENDING_TEXT = 65536
@@ -91,16 +92,51 @@ class Closed:
     reason: str
 
 
-class State:
+class State(Enum):
+    """Connection states (RFC 7143 8.1.3, from the target's side)."""
+
     LOGIN = "login"
-    LOGIN_BINDING = "login-binding"
+    LOGIN_BINDING = "login-binding"  # the final login request is being bound to a session
     LOGIN_FAILED = "login-failed"  # the failure response waits out the delay against guessing
     FULL_FEATURE = "full-feature"
-    LOGGED_OUT = "logged-out"
+    LOGGED_OUT = "logged-out"  # later PDUs are ignored until the connection closes
     CLOSED = "closed"
 
 
-class Connection:
+class Step(Enum):
+    """What moves a connection from one state to another."""
+
+    LOGIN_ACCEPTED = "the final login request succeeded"
+    LOGIN_REFUSED = "a login failed with a delayed response"
+    BOUND = "the login was bound to its session"
+    LOGOUT = "a logout that closes the connection was requested"
+    CLOSE = "the connection closed"
+
+
+# Every allowed (state, step) and the state it leads to; anything else is a fault of the
+# caller, raised by `Connection._step`.
+TRANSITIONS: dict[tuple[State, Step], State] = {
+    (State.LOGIN, Step.LOGIN_ACCEPTED): State.LOGIN_BINDING,
+    (State.LOGIN, Step.LOGIN_REFUSED): State.LOGIN_FAILED,
+    (State.LOGIN_BINDING, Step.BOUND): State.FULL_FEATURE,
+    (State.FULL_FEATURE, Step.LOGOUT): State.LOGGED_OUT,
+    **{(state, Step.CLOSE): State.CLOSED for state in State if state is not State.CLOSED},
+}
+# Bound once: the receive path compares states with `is` against these.
+_LOGIN, _BINDING, _FULL_FEATURE, _CLOSED = (State.LOGIN, State.LOGIN_BINDING,
+                                            State.FULL_FEATURE, State.CLOSED)
+_LOGIN_PHASE = frozenset({State.LOGIN, State.LOGIN_BINDING})  # login PDUs are handled
+_LOGIN_TIMED = frozenset({State.LOGIN, State.LOGIN_BINDING, State.LOGIN_FAILED})
+
+
+class StateError(RuntimeError):
+    """A step the connection's state does not allow: the caller's error, not the peer's."""
+
+
+class Connection(PduReader):
+    """The target's end of one connection: framing (inherited), login, CmdSN order, commands
+    and their Data-Out, responses and Data-In, text, NOP and logout requests, timers."""
+
     def __init__(self, policy: ConnectionPolicy, limits: TargetLimits,
                  local_address: tuple[str, int], peer_address: tuple[str, int], now: float,
                  *, login_timeout: float = 30.0, nop_interval: float = 30.0,
@@ -122,22 +158,9 @@ class Connection:
         # Bytes of output queued since the connection began; the transport compares it with
         # what it has sent to know when a given PDU has left.
         self.queued_bytes = 0
-        # Receive side.
         staging = 2 * (pdu.BHS_LEN + MAX_AHS + 8 + limits.max_recv_data_segment_length + 8)
-        self._buf = bytearray(max(staging, 1 << 18))
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._bhs: Bhs | None = None
-        self._header_len = 0
-        self._ahs = b""  # the current PDU's Additional Header Segments
-        self._need_data = 0  # payload + padding + digest of the current PDU
-        self._direct: memoryview | None = None
-        self._direct_filled = 0
-        self._direct_task: IscsiTask | None = None
-        self._direct_offset = 0
-        self._tail: tuple[Bhs, IscsiTask, int, int] | None = None
-        self._discard = 0
+        PduReader.__init__(self, max(staging, 1 << 18),
+                           max(8192, limits.max_recv_data_segment_length))
         self._dropped_itts: set[int] = set()
         # Timers.
         self._now = now
@@ -150,9 +173,8 @@ class Connection:
         self.auth_failure_delay = auth_failure_delay
         self._held_response: LoginResponse | None = None
         # A PDU must arrive whole within pdu_timeout once it has begun: a watchdog compares
-        # what is pending at each check with the previous one (`_headers` counts PDUs parsed).
+        # what is pending at each check with the previous one (`headers` counts PDUs parsed).
         self.pdu_timeout = pdu_timeout
-        self._headers = 0
         self._watch_at: float | None = None
         self._watch_mark: tuple[int, str] | None = None
         self.rx_paused = False  # set by the driver while it does not read
@@ -163,222 +185,77 @@ class Connection:
         self._next_ttt = 1
 
     # ------------------------------------------------------------------ receive path
-    def get_buffer(self) -> memoryview:
-        if self._direct is not None:
-            return self._direct[self._direct_filled:]
-        if self._end == len(self._buf):
-            self._compact()
-        return self._view[self._end:]
-
     def buffer_updated(self, nbytes: int, now: float) -> None:
+        """`nbytes` arrived in the buffer `get_buffer` gave (framing: iscsi/framing.py)."""
         self._now = now
         self._last_rx = now
-        if self._direct is not None:
-            self._direct_filled += nbytes
-            if self._direct_filled == len(self._direct):
-                self._direct_complete()
-        else:
-            self._end += nbytes
         try:
-            self._parse()
+            self._received(nbytes)
         except ConnectionFatal as exc:
             self._fault(exc, None)
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Feed bytes by copying them through get_buffer (tests and simple callers)."""
         view = memoryview(data)
-        while view and self.state != State.CLOSED:
+        while view and self.state is not _CLOSED:
             buf = self.get_buffer()
             n = min(len(buf), len(view))
             buf[:n] = view[:n]
             view = view[n:]
             self.buffer_updated(n, now)
 
-    def _compact(self) -> None:
-        pending = self._end - self._start
-        if self._start:
-            self._buf[0:pending] = self._buf[self._start:self._end]
-            self._start = 0
-            self._end = pending
-
-    def _parse(self) -> None:
-        while self.state != State.CLOSED and self._direct is None:
-            avail = self._end - self._start
-            if self._discard:
-                n = min(self._discard, avail)
-                self._discard -= n
-                self._start += n
-                if self._discard:
-                    break
-                continue
-            if self._tail is not None:
-                if avail < self._need_data:
-                    break
-                bhs, task, offset, dsl = self._tail
-                self._tail = None
-                at = self._start + pdu.pad_len(dsl)
-                digest_raw = self._view[at:at + 4] if self.params.data_digest else None
-                self._start += self._need_data
-                self._direct_done(bhs, task, offset, dsl, digest_raw)
-                continue
-            if self._bhs is None:
-                if avail < pdu.BHS_LEN:
-                    break
-                raw = self._view[self._start:self._start + pdu.BHS_LEN]
-                bhs = Bhs(raw)
-                header_len = pdu.BHS_LEN + bhs.total_ahs_length
-                if bhs.total_ahs_length > MAX_AHS:
-                    raise ConnectionFatal("AHS too long")
-                if self.params.header_digest:
-                    header_len += 4
-                if avail < header_len:
-                    break
-                if self.params.header_digest:
-                    end = self._start + header_len - 4
-                    want = dg.digest_value(self._view[end:end + 4])
-                    if dg.crc32c(self._view[self._start:end]) != want:
-                        raise ConnectionFatal("header digest error")
-                self._bhs = bhs
-                self._header_len = header_len
-                self._headers += 1
-                if bhs.total_ahs_length:
-                    at = self._start + pdu.BHS_LEN
-                    self._ahs = bytes(self._view[at:at + bhs.total_ahs_length])
-                self._start += header_len
-                dsl = bhs.data_segment_length
-                self._need_data = dsl + pdu.pad_len(dsl) + (4 if dsl and self.params.data_digest else 0)
-                if dsl > self._max_recv_segment():
-                    self._reject_and_discard(bhs, RejectReason.PROTOCOL_ERROR,
-                                             "data segment longer than MaxRecvDataSegmentLength")
-                    continue
-                if self._try_direct(bhs):
-                    continue
-                avail = self._end - self._start
-            bhs = self._bhs
-            if avail < self._need_data:
-                if self._need_data > len(self._buf) - self._start:
-                    self._compact()
-                break
-            dsl = bhs.data_segment_length
-            data = self._view[self._start:self._start + dsl]
-            if dsl and self.params.data_digest:
-                at = self._start + dsl + pdu.pad_len(dsl)
-                if dg.crc32c(self._view[self._start:at]) != dg.digest_value(self._view[at:at + 4]):
-                    self._start += self._need_data
-                    self._bhs = None
-                    self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"),
-                                bhs)
-                    continue
-            self._start += self._need_data
-            self._bhs = None
-            self._dispatch(bhs, data)
-        if self._start == self._end:
-            self._start = self._end = 0
-
-    def _max_recv_segment(self) -> int:
-        if self.state == State.FULL_FEATURE:
-            return self.params.target_max_recv_data_segment_length
-        return max(8192, self.limits.max_recv_data_segment_length)
-
-    def _reject_and_discard(self, bhs: Bhs, reason: RejectReason, message: str) -> None:
-        """Reject a PDU whose header is sound and skip its data segment.
+    def _segment_too_long(self, bhs: Bhs) -> None:
+        """Reject a PDU whose header is sound; its data segment is skipped.
 
         A rejected request still uses up its CmdSN, as when it is rejected after dispatch;
         a rejected Data-Out ends its command like any other Data-Out fault.
         """
-        self._bhs = None
-        self._discard = self._need_data
         session = self.session
-        if self.state == State.FULL_FEATURE and session is not None:
+        if self.state is _FULL_FEATURE and session is not None:
             if bhs.opcode == Op.DATA_OUT:
                 task = session.tasks.get(bhs.itt)
-                if task is not None and task.write and not task.data_error:
+                if task is not None and task.data_out is not None and not task.data_out.error:
                     self._fail_task_data(task, "sequence", bhs)
             elif bhs.opcode in _NUMBERED and not self._accept_cmd_sn(bhs):
                 return
-        self._fault(PduReject(reason, message), bhs)
+        self._fault(PduReject(RejectReason.PROTOCOL_ERROR,
+                              "data segment longer than MaxRecvDataSegmentLength"), bhs)
 
-    def _try_direct(self, bhs: Bhs) -> bool:
-        """Receive a large Data-Out (or immediate data) payload straight into its task buffer."""
-        dsl = bhs.data_segment_length
-        if dsl < DIRECT_MIN or self.state != State.FULL_FEATURE:
-            return False
-        if self._end - self._start >= self._need_data:
-            return False
-        target = self._data_target(bhs)
-        if target is None:
-            return False
-        task, offset = target
-        assert task.buffer is not None
-        have = min(self._end - self._start, dsl)
-        dest = memoryview(task.buffer)[offset:offset + dsl]
-        dest[:have] = self._view[self._start:self._start + have]
-        self._start += have
-        if self._start == self._end:
-            self._start = self._end = 0
-        self._direct = dest
-        self._direct_filled = have
-        self._direct_task = task
-        self._direct_offset = offset
-        if have == dsl:
-            self._direct_complete()
-        return True
+    def _data_digest_error(self, bhs: Bhs) -> None:
+        self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"), bhs)
 
-    def _direct_complete(self) -> None:
-        """A direct payload is in: padding and digest, if any, follow through staging."""
-        bhs, task = self._bhs, self._direct_task
-        assert bhs is not None and task is not None
-        dsl = bhs.data_segment_length
-        self._direct = None
-        self._direct_task = None
-        self._bhs = None
-        tail = self._need_data - dsl
-        if tail:
-            self._tail = (bhs, task, self._direct_offset, dsl)
-            self._need_data = tail
-        else:
-            self._direct_done(bhs, task, self._direct_offset, dsl, None)
-
-    def _direct_done(self, bhs: Bhs, task: IscsiTask, offset: int, dsl: int,
-                     digest_raw: memoryview | None) -> None:
-        if digest_raw is not None:
-            assert task.buffer is not None
-            region = memoryview(task.buffer)[offset:offset + dsl]
-            value = dg.crc32c(region)
-            pad = pdu.pad_len(dsl)
-            if pad:
-                value = dg.crc32c(bytes(pad), value)
-            if value != dg.digest_value(digest_raw):
-                self._fault(PduReject(RejectReason.DATA_DIGEST_ERROR, "data digest error"), bhs)
-                return
+    def _placement(self, bhs: Bhs) -> memoryview | None:
+        """A large Data-Out payload is received straight into its task's buffer."""
+        session = self.session
+        if self.state is not _FULL_FEATURE or session is None or bhs.opcode != Op.DATA_OUT:
+            return None
+        task = session.tasks.get(bhs.itt)
+        seq = task.data_out if task is not None else None
+        if seq is None or seq.error or seq.failure:
+            return None
         try:
-            self._data_out_landed(bhs, task, dsl)
+            seq.check(bhs)
+        except PduReject:
+            return None
+        offset = bhs.buffer_offset
+        return memoryview(seq.buffer)[offset:offset + bhs.data_segment_length]
+
+    def _placed(self, bhs: Bhs) -> None:
+        session = self.session
+        task = session.tasks.get(bhs.itt) if session is not None else None
+        if task is None:
+            return
+        try:
+            self._data_out_landed(bhs, task, bhs.data_segment_length)
         except IscsiError as exc:
             self._fault(exc, bhs)
 
-    def _data_target(self, bhs: Bhs) -> tuple[IscsiTask, int] | None:
-        """(task, buffer offset) for a payload that belongs in a task buffer, or None."""
-        session = self.session
-        if session is None:
-            return None
-        if bhs.opcode == Op.DATA_OUT:
-            task = session.tasks.get(bhs.itt)
-            if task is None or not task.write or task.buffer is None or task.data_error \
-                    or task.data_failure:
-                return None
-            try:
-                self._check_data_out(bhs, task)
-            except PduReject:
-                return None
-            return task, bhs.buffer_offset
-        return None
-
     # ------------------------------------------------------------------ dispatch
-    def _dispatch(self, bhs: Bhs, data: memoryview) -> None:
+    def _pdu(self, bhs: Bhs, data: memoryview) -> None:
         try:
-            if self.state in (State.LOGIN, State.LOGIN_BINDING):
+            if self.state in _LOGIN_PHASE:
                 self._login_pdu(bhs, data)
-            elif self.state == State.FULL_FEATURE:
+            elif self.state is _FULL_FEATURE:
                 self._full_feature_pdu(bhs, data)
             # PDUs after logout are ignored until the connection closes.
         except IscsiError as exc:
@@ -386,15 +263,16 @@ class Connection:
 
     def _fault(self, exc: IscsiError, bhs: Bhs | None) -> None:
         """The one place protocol faults become a Reject, a login status or a closed connection."""
-        if isinstance(exc, PduReject) and self.state != State.FULL_FEATURE:
-            if self.state == State.LOGIN:
+        if isinstance(exc, PduReject) and self.state is not _FULL_FEATURE:
+            if self.state is _LOGIN:
                 self._login_failed(self.login.fail(LoginError(LoginStatus.INITIATOR_ERROR,
                                                               str(exc))))
             else:
                 self._close(str(exc))
         elif isinstance(exc, PduReject):
             log.info("reject %s: %s", exc.reason.name, exc)
-            if bhs is not None and bhs.opcode == Op.DATA_OUT and exc.reason == RejectReason.DATA_DIGEST_ERROR:
+            if bhs is not None and bhs.opcode == Op.DATA_OUT \
+                    and exc.reason == RejectReason.DATA_DIGEST_ERROR:
                 self._fail_task_on_digest(bhs)
             self._send_reject(exc.reason, bhs)
         elif isinstance(exc, LoginError):
@@ -405,14 +283,14 @@ class Connection:
 
     # ------------------------------------------------------------------ login
     def _login_pdu(self, bhs: Bhs, data: memoryview) -> None:
-        if self.state == State.LOGIN_BINDING:
+        if self.state is _BINDING:
             raise ConnectionFatal("PDU while the login is being bound")
         if bhs.opcode != Op.LOGIN_REQ:
             raise ConnectionFatal(f"opcode 0x{bhs.opcode:02x} before login completed")
         response = self.login.receive(bhs, data)
         if self.login.result is not None and response.status == 0:
             self.cid = self.login.result.cid
-            self.state = State.LOGIN_BINDING
+            self._step(Step.LOGIN_ACCEPTED)
             self.login_deadline = None
             self.events.append(LoginReady(self.login.result, response))
             return
@@ -427,7 +305,7 @@ class Connection:
         log.info("login from %s failed (status %04x): %s", self.peer_address, response.status,
                  self.login.failure)
         if response.status in _DELAYED_FAILURES and self.auth_failure_delay > 0:
-            self.state = State.LOGIN_FAILED
+            self._step(Step.LOGIN_REFUSED)
             self._held_response = response
             self.login_deadline = self._now + self.auth_failure_delay
             return
@@ -446,7 +324,10 @@ class Connection:
         params, self.params = self.params, ConnectionParams()
         self._queue(response.header, response.data)
         self.params = params
-        self.state = State.FULL_FEATURE
+        self.header_digest = params.header_digest
+        self.data_digest = params.data_digest
+        self.max_segment = params.target_max_recv_data_segment_length
+        self._step(Step.BOUND)
         self._last_rx = self._now
         if self.pdu_timeout:
             self._watch_at = self._now + self.pdu_timeout
@@ -495,7 +376,7 @@ class Connection:
             if reason in (0, 1):
                 # closing: later PDUs are ignored; "remove for recovery" is refused and the
                 # connection carries on (ErrorRecoveryLevel 0, RFC 7143 11.15.1)
-                self.state = State.LOGGED_OUT
+                self._step(Step.LOGOUT)
 
     def _accept_cmd_sn(self, bhs: Bhs) -> bool:
         """Window check (RFC 7143 4.2.2.1): out-of-window commands are silently dropped."""
@@ -545,7 +426,7 @@ class Connection:
         if bhs.total_ahs_length:
             cdb = self._extended_cdb(bhs)
         task = IscsiTask(bhs.itt, bhs.cmd_sn, bhs.immediate, bhs.lun, read, write, edtl, cdb,
-                         flags & 0x07)
+                         pdu.TASK_ATTRS[flags & 0x07])
         session.tasks[task.itt] = task
         session.active += 1
         if write and edtl:
@@ -555,19 +436,13 @@ class Connection:
                     self._refuse(task, bhs)
                     return
                 task.reserved = size
-            task.buffer = data_buffer(size)
             # F=1: no unsolicited Data-Out follows the command (RFC 7143 11.3.1).
             if session.params.initial_r2t or flags & pdu.F_FINAL:
-                task.unsolicited_end = min(dsl, edtl)
-                task.unsolicited_done = True
+                task.data_out = DataOutSequence(data_buffer(size), edtl, data, min(dsl, edtl),
+                                                True)
             else:
-                task.unsolicited_end = min(edtl, session.params.first_burst_length)
-                task.unsolicited_done = dsl >= task.unsolicited_end
-            task.next_r2t_offset = task.unsolicited_end
-            if dsl:
-                if task.buffer is not None:
-                    memoryview(task.buffer)[0:dsl] = data
-                task.received = task.unsolicited_received = dsl
+                end = min(edtl, session.params.first_burst_length)
+                task.data_out = DataOutSequence(data_buffer(size), edtl, data, end, dsl >= end)
         elif read and edtl and self.budget is not None:
             # the Data-In buffer the device server will fill counts against the budget too
             size = min(edtl, MAX_DATA_IN)
@@ -593,7 +468,7 @@ class Connection:
 
     def _extended_cdb(self, bhs: Bhs) -> bytes:
         """CDB longer than 16 bytes from an Extended CDB AHS (RFC 7143 11.3.3/11.2.1.3)."""
-        ahs = self._ahs
+        ahs = self.ahs
         cdb = bhs.cdb
         pos = 0
         while pos + 4 <= len(ahs):
@@ -606,38 +481,12 @@ class Connection:
         return cdb
 
     # ------------------------------------------------------------------ Data-Out
-    def _check_data_out(self, bhs: Bhs, task: IscsiTask) -> R2tState | None:
-        """Validate a Data-Out against its burst; returns the R2T it answers (None: unsolicited).
-
-        DataPDUInOrder=Yes is always negotiated, so each PDU must start where the previous one
-        of its sequence ended (RFC 7143 13.19).
-        """
-        dsl = bhs.data_segment_length
-        offset = bhs.buffer_offset
-        if task.buffer is None or offset + dsl > len(task.buffer):
-            raise PduReject(RejectReason.PROTOCOL_ERROR, "Data-Out beyond the expected length")
-        if bhs.ttt == pdu.RESERVED_TAG:
-            if task.unsolicited_done:
-                raise PduReject(RejectReason.PROTOCOL_ERROR, "unsolicited data after the burst")
-            if offset != task.unsolicited_received or offset + dsl > task.unsolicited_end:
-                raise PduReject(RejectReason.PROTOCOL_ERROR, "unsolicited data out of place")
-            if bhs.data_sn != task.unsolicited_next_sn:
-                raise PduReject(RejectReason.PROTOCOL_ERROR, "unexpected DataSN")
-            return None
-        r2t = task.r2ts.get(bhs.ttt)
-        if r2t is None:
-            raise PduReject(RejectReason.INVALID_PDU_FIELD, "unknown Target Transfer Tag")
-        if offset != r2t.offset + r2t.received or offset + dsl > r2t.offset + r2t.length:
-            raise PduReject(RejectReason.PROTOCOL_ERROR, "Data-Out outside its R2T")
-        if bhs.data_sn != r2t.next_data_sn:
-            raise PduReject(RejectReason.PROTOCOL_ERROR, "unexpected DataSN")
-        return r2t
-
     def _data_out(self, bhs: Bhs, data: memoryview) -> None:
         session = self.session
         assert session is not None
         task = session.tasks.get(bhs.itt)
-        if task is None or not task.write or task.data_error:
+        seq = task.data_out if task is not None else None
+        if seq is None or seq.error:
             if bhs.itt in self._dropped_itts:
                 if bhs.final:
                     self._dropped_itts.discard(bhs.itt)
@@ -645,11 +494,13 @@ class Connection:
             # Data for a task that already ended or failed: consumed quietly.
             log.debug("discarding Data-Out for ITT 0x%08x", bhs.itt)
             return
-        if task.data_failure:
-            self._drain(bhs, task)
+        assert task is not None
+        if seq.failure:
+            if seq.drain(bhs):
+                self._data_out_failed(task)
             return
         try:
-            self._check_data_out(bhs, task)
+            seq.check(bhs)
         except PduReject as exc:
             # ErrorRecoveryLevel 0 cannot recover a data sequence: the command ends with
             # CHECK CONDITION and the rest of its Data-Out is discarded.
@@ -657,127 +508,63 @@ class Connection:
             self._fail_task_data(task, "sequence", bhs)
             return
         dsl = bhs.data_segment_length
-        assert task.buffer is not None
-        memoryview(task.buffer)[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
+        memoryview(seq.buffer)[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
         self._data_out_landed(bhs, task, dsl)
 
     def _data_out_landed(self, bhs: Bhs, task: IscsiTask, dsl: int) -> None:
-        task.received += dsl
-        if bhs.ttt == pdu.RESERVED_TAG:
-            task.unsolicited_received += dsl
-            task.unsolicited_next_sn += 1
-            if bhs.final or task.unsolicited_received >= task.unsolicited_end:
-                self._end_unsolicited(task)
-        else:
-            r2t = task.r2ts[bhs.ttt]
-            r2t.received += dsl
-            r2t.next_data_sn += 1
-            if bhs.final or r2t.received >= r2t.length:
-                del task.r2ts[bhs.ttt]
-                if r2t.received < r2t.length:
-                    log.info("ITT 0x%08x: R2T burst ended short; ending the command", bhs.itt)
-                    self._fail_task_data(task, "sequence")
-                    return
-                self._issue_r2ts(task)
-        self._maybe_data_complete(task)
-
-    def _end_unsolicited(self, task: IscsiTask) -> None:
-        """The unsolicited burst is over; what it left out must be solicited (RFC 7143 11.7.1).
-
-        R2Ts wait for this moment, so none has been issued yet for the range it covered.
-        """
-        task.unsolicited_done = True
-        if task.unsolicited_received < task.unsolicited_end:
-            task.unsolicited_end = task.unsolicited_received
-            task.next_r2t_offset = task.unsolicited_received
-        self._issue_r2ts(task)
-
-    def _maybe_data_complete(self, task: IscsiTask) -> None:
-        if task.wanted and task.waiter is not None and self._data_done(task):
+        seq = task.data_out
+        assert seq is not None
+        outcome = seq.landed(bhs, dsl)
+        if outcome == SHORT:
+            log.info("ITT 0x%08x: R2T burst ended short; ending the command", bhs.itt)
+            self._fail_task_data(task, "sequence")
+            return
+        if outcome:
+            self._issue_r2ts(task)
+        if seq.wanted and seq.waiter is not None and seq.complete():
             self.events.append(DataOutReady(task))
-
-    @staticmethod
-    def _data_done(task: IscsiTask) -> bool:
-        return task.received >= task.wanted and not task.r2ts and (
-            task.unsolicited_done or task.unsolicited_received >= min(task.wanted,
-                                                                       task.unsolicited_end))
 
     def request_data_out(self, task: IscsiTask, length: int, waiter: object) -> bool:
         """The device server wants `length` bytes of Data-Out: solicit what is missing.
 
-        Returns True when the data is already complete (or has failed: see `data_error`);
-        otherwise a DataOutReady event follows.
+        Returns True when the data is already complete (or has failed: see
+        `DataOutSequence.error`); otherwise a DataOutReady event follows.
         """
-        task.wanted = min(length, task.edtl)
-        task.waiter = waiter
-        if task.data_error:
-            return True
-        if task.data_failure:
-            return False
-        if self._data_done(task):
+        seq = task.data_out
+        if seq is None or seq.request(length, waiter):
             return True
         self._issue_r2ts(task)
         return False
 
     def _issue_r2ts(self, task: IscsiTask) -> None:
-        """R2Ts for what is wanted and not yet asked for, once the unsolicited burst is over."""
         session = self.session
-        assert session is not None
-        if task.data_failure or not task.unsolicited_done:
-            return
-        limit = session.params.max_outstanding_r2t
-        burst = session.params.max_burst_length
-        while len(task.r2ts) < limit and task.next_r2t_offset < task.wanted:
-            offset = task.next_r2t_offset
-            length = min(burst, task.wanted - offset)
-            ttt = self._next_ttt
-            self._next_ttt = (self._next_ttt + 1) & 0x7FFFFFFF or 1
-            state = R2tState(ttt, task.r2t_sn, offset, length)
-            task.r2ts[ttt] = state
-            task.r2t_sn += 1
-            task.next_r2t_offset = offset + length
-            hdr = pdu.r2t(task.itt, ttt, task.lun_field, self.stat_sn, session.exp_cmd_sn,
-                          session.refresh_max_cmd_sn(), state.r2t_sn, offset, length)
+        assert session is not None and task.data_out is not None
+        params = session.params
+        for state in task.data_out.solicit(params.max_outstanding_r2t, params.max_burst_length,
+                                           self._alloc_ttt):
+            hdr = pdu.r2t(task.itt, state.ttt, task.lun_field, self.stat_sn, session.exp_cmd_sn,
+                          session.refresh_max_cmd_sn(), state.r2t_sn, state.offset,
+                          state.length)
             self._queue(hdr)
 
     def _fail_task_on_digest(self, bhs: Bhs) -> None:
         """ErrorRecoveryLevel 0: the command whose data was corrupted is ended (RFC 7143 7.8)."""
         session = self.session
         task = session.tasks.get(bhs.itt) if session else None
-        if task is not None and task.write and not task.data_error:
+        if task is not None and task.data_out is not None and not task.data_out.error:
             self._fail_task_data(task, "digest", bhs)
 
     def _fail_task_data(self, task: IscsiTask, reason: str, bhs: Bhs | None = None) -> None:
         """End a command whose Data-Out cannot be accepted, once every Data-Out still
         outstanding for it has arrived (RFC 7143 7.8): `bhs` is the offending PDU, counted
         towards that as discarded."""
-        if not task.data_failure:
-            task.data_failure = reason
-        if bhs is not None:
-            self._drain(bhs, task)
-        else:
-            self._drained(task)
+        assert task.data_out is not None
+        if task.data_out.fail(reason, bhs):
+            self._data_out_failed(task)
 
-    def _drain(self, bhs: Bhs, task: IscsiTask) -> None:
-        """Count a discarded Data-Out of a failing command against its open sequences."""
-        dsl = bhs.data_segment_length
-        if bhs.ttt == pdu.RESERVED_TAG:
-            task.unsolicited_received += dsl
-            if bhs.final or task.unsolicited_received >= task.unsolicited_end:
-                task.unsolicited_done = True
-        else:
-            r2t = task.r2ts.get(bhs.ttt)
-            if r2t is not None:
-                r2t.received += dsl
-                if bhs.final or r2t.received >= r2t.length:
-                    del task.r2ts[bhs.ttt]
-        self._drained(task)
-
-    def _drained(self, task: IscsiTask) -> None:
-        if task.r2ts or not task.unsolicited_done or task.data_error:
-            return
-        task.data_error = task.data_failure
-        if task.waiter is not None:
+    def _data_out_failed(self, task: IscsiTask) -> None:
+        assert task.data_out is not None
+        if task.data_out.waiter is not None:
             self.events.append(DataOutReady(task))
 
     # ------------------------------------------------------------------ responses
@@ -804,7 +591,7 @@ class Connection:
         move: Data-In produced, or Data-Out asked for (RFC 7143 11.4.5).
         """
         self.drop_task(task)
-        if self.state == State.CLOSED:
+        if self.state is _CLOSED:
             return
         session = self.session
         assert session is not None
@@ -837,9 +624,11 @@ class Connection:
             digests = None
             if task.data_in_digests is not None and task.data_in_digests[0] == data_len:
                 digests = task.data_in_digests[1]
-            self._send_data_in(task, data, data_len, status, residual_flags, residual, collapse,
-                               digests)
-            if collapse:
+            if datain.send(self._queue, task, data, data_len,
+                           self.params.initiator_max_recv_data_segment_length,
+                           session.params.max_burst_length, status, residual_flags, residual,
+                           collapse, digests, self.stat_sn, exp_cmd_sn, max_cmd_sn):
+                self.stat_sn = (self.stat_sn + 1) & 0xFFFFFFFF
                 return
         payload = b""
         if sense:
@@ -848,71 +637,16 @@ class Connection:
                                 residual_flags, residual, len(payload), task.data_sn)
         self._queue(hdr, payload)
 
-    def data_in_segments(self, length: int) -> list[int]:
-        """Sizes of the Data-In PDUs for `length` bytes: at most the initiator's
-        MaxRecvDataSegmentLength each, sequences ending at MaxBurstLength (RFC 7143 13.13)."""
-        session = self.session
-        assert session is not None
-        seg_max = self.params.initiator_max_recv_data_segment_length
-        burst = session.params.max_burst_length
-        if length <= seg_max and length <= burst:
-            return [length]
-        sizes = []
-        offset = in_burst = 0
-        while offset < length:
-            n = min(seg_max, length - offset, burst - in_burst)
-            sizes.append(n)
-            offset += n
-            in_burst = 0 if in_burst + n == burst else in_burst + n
-        return sizes
-
     def data_in_digests(self, data: memoryview, length: int) -> list[bytes]:
         """The data digests of the Data-In PDUs for `data`, computed ahead of sending.
 
         Pure: safe to call on an I/O thread (crc32c releases the GIL for large buffers).
         """
-        digests = []
-        offset = 0
-        for n in self.data_in_segments(length):
-            pad = pdu.pad_len(n)
-            parts = (data[offset:offset + n], _PADDING[pad]) if pad else (data[offset:offset + n],)
-            digests.append(dg.digest(parts))
-            offset += n
-        return digests
-
-    def _send_data_in(self, task: IscsiTask, data: bytes | bytearray | memoryview,
-                      length: int, status: int, residual_flags: int, residual: int,
-                      collapse: bool, digests: list[bytes] | None = None) -> None:
         session = self.session
         assert session is not None
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        sizes = self.data_in_segments(length)
-        if digests is not None and len(digests) != len(sizes):
-            digests = None
-        burst = session.params.max_burst_length
-        offset = 0
-        in_burst = 0
-        exp_cmd_sn = session.exp_cmd_sn
-        max_cmd_sn = session.max_cmd_sn
-        for i, n in enumerate(sizes):
-            last = offset + n == length
-            in_burst += n
-            flags = 0
-            if last or in_burst == burst:
-                flags = pdu.F_FINAL
-                in_burst = 0
-            stat_sn = self.stat_sn
-            if last and collapse:
-                flags |= pdu.F_DATAIN_STATUS | residual_flags
-                stat_sn = self._next_stat_sn()
-            hdr = pdu.data_in(task.itt, flags, status, n, task.lun_field, stat_sn, exp_cmd_sn,
-                              max_cmd_sn, task.data_sn, offset,
-                              residual if flags & pdu.F_DATAIN_STATUS else 0)
-            task.data_sn += 1
-            self._queue(hdr, view[offset:offset + n], digests[i] if digests else None)
-            offset += n
+        return datain.digests(data, datain.segments(
+            length, self.params.initiator_max_recv_data_segment_length,
+            session.params.max_burst_length))
 
     def send_tmf_response(self, itt: int, response: int) -> None:
         session = self.session
@@ -1043,11 +777,20 @@ class Connection:
 
     @property
     def wants_close(self) -> bool:
-        return self.state == State.CLOSED
+        return self.state is _CLOSED
+
+    def _step(self, step: Step) -> None:
+        """Take `step` from the current state, as `TRANSITIONS` allows."""
+        state = TRANSITIONS.get((self.state, step))
+        if state is None:
+            raise StateError(f"{step.name} in state {self.state.name}")
+        self.state = state
+        if state is _CLOSED:
+            self.rx_open = False
 
     def _close(self, reason: str) -> None:
-        if self.state != State.CLOSED:
-            self.state = State.CLOSED
+        if self.state is not _CLOSED:
+            self._step(Step.CLOSE)
             self.events.append(Closed(reason))
             self._release_budget()
 
@@ -1067,9 +810,9 @@ class Connection:
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
-        if self.state in (State.LOGIN, State.LOGIN_BINDING, State.LOGIN_FAILED):
+        if self.state in _LOGIN_TIMED:
             return self.login_deadline
-        if self.state != State.FULL_FEATURE:
+        if self.state is not _FULL_FEATURE:
             return None
         watch = self._watch_at
         if not self.nop_interval:
@@ -1082,22 +825,22 @@ class Connection:
 
     def on_timer(self, now: float) -> None:
         self._now = now
-        if self.state == State.LOGIN_FAILED:
+        if self.state is State.LOGIN_FAILED:
             if self.login_deadline is not None and now >= self.login_deadline:
                 response, self._held_response = self._held_response, None
                 assert response is not None
                 self._queue(response.header, response.data)
                 self._close("login failed")
             return
-        if self.state in (State.LOGIN, State.LOGIN_BINDING):
+        if self.state in _LOGIN_PHASE:
             if self.login_deadline is not None and now >= self.login_deadline:
                 self._close("login timed out")
             return
-        if self.state != State.FULL_FEATURE:
+        if self.state is not _FULL_FEATURE:
             return
         if self._watch_at is not None and now >= self._watch_at:
             self._watch_pdu(now)
-            if self.state == State.CLOSED:
+            if self.state is _CLOSED:
                 return
         if not self.nop_interval:
             return
@@ -1115,20 +858,11 @@ class Connection:
                              session.refresh_max_cmd_sn())
             self._queue(hdr)
 
-    def partial_pdu(self) -> str | None:
-        """What of a PDU has arrived without the rest: "data", "header", or None between PDUs."""
-        if self._bhs is not None or self._direct is not None or self._tail is not None \
-                or self._discard:
-            return "data"
-        if self._end > self._start:
-            return "header"
-        return None
-
     def _watch_pdu(self, now: float) -> None:
         """Drop a peer that left one PDU incomplete for a whole pdu_timeout period (not
         while the driver has stopped reading: then the delay is ours)."""
         part = None if self.rx_paused else self.partial_pdu()
-        mark = None if part is None else (self._headers, part)
+        mark = None if part is None else (self.headers, part)
         if mark is not None and mark == self._watch_mark:
             log.warning("connection %s dropped: a PDU took more than %.0f s to arrive",
                         self.peer_address, self.pdu_timeout)

@@ -26,9 +26,7 @@ from .params import (
     TargetLimits,
 )
 
-SECURITY = 0
-OPERATIONAL = 1
-FULL_FEATURE = 3
+SECURITY, OPERATIONAL, FULL_FEATURE = pdu.LoginStage
 VERSION = 0x00
 MAX_LOGIN_PDUS = 64
 # Login Responses carry at most the default MaxRecvDataSegmentLength (RFC 7143 13.12);

@@ -212,8 +212,8 @@ class Negotiator:
             raise ValueError(value)
         if key.rule is Rule.DECLARE:
             return str(number)
-        mine = _number(self._ours(key))
-        return str(min(number, mine) if key.rule is Rule.MIN else max(number, mine))
+        limit = _number(self._ours(key))
+        return str(min(number, limit) if key.rule is Rule.MIN else max(number, limit))
 
     def _store(self, key: Key, result: str) -> None:
         s, c = self.session, self.connection

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
+from ..core.task import TaskAttr
+
 BHS_LEN = 48
 RESERVED_TAG = 0xFFFFFFFF
 MAX_DATA_SEGMENT = (1 << 24) - 1
@@ -106,14 +108,44 @@ class AsyncEvent(IntEnum):
     REQUEST_NEGOTIATION = 4
 
 
-class TaskAttr(IntEnum):
-    """ATTR field of the SCSI Command PDU (RFC 7143 11.3.1)."""
+class LoginStage(IntEnum):
+    """CSG and NSG of a Login PDU (RFC 7143 11.12.3); 2 is reserved."""
+
+    SECURITY = 0
+    OPERATIONAL = 1
+    FULL_FEATURE = 3
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """Serial number arithmetic a < b (RFC 1982, 32 bits; CmdSN, StatSN, DataSN: RFC 7143
+    4.2.2.1)."""
+    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def sn_le(a: int, b: int) -> bool:
+    return a == b or sn_lt(a, b)
+
+
+class WireTaskAttr(IntEnum):
+    """ATTR field of the SCSI Command PDU (RFC 7143 11.3.1): iSCSI's numbering, which differs
+    from SAM's (`core.task.TaskAttr`); `TASK_ATTRS` maps one onto the other."""
 
     UNTAGGED = 0
     SIMPLE = 1
     ORDERED = 2
     HEAD_OF_QUEUE = 3
     ACA = 4
+
+
+# ATTR on the wire -> the SAM-5 task attribute (8.6); an untagged task is a simple one
+# (RFC 7143 11.3.1), as are the values 5-7 the RFC reserves.
+TASK_ATTRS = {WireTaskAttr.UNTAGGED: TaskAttr.SIMPLE, WireTaskAttr.SIMPLE: TaskAttr.SIMPLE,
+              WireTaskAttr.ORDERED: TaskAttr.ORDERED,
+              WireTaskAttr.HEAD_OF_QUEUE: TaskAttr.HEAD_OF_QUEUE, WireTaskAttr.ACA: TaskAttr.ACA,
+              5: TaskAttr.SIMPLE, 6: TaskAttr.SIMPLE, 7: TaskAttr.SIMPLE}
+WIRE_TASK_ATTRS = {TaskAttr.SIMPLE: WireTaskAttr.SIMPLE, TaskAttr.ORDERED: WireTaskAttr.ORDERED,
+                   TaskAttr.HEAD_OF_QUEUE: WireTaskAttr.HEAD_OF_QUEUE,
+                   TaskAttr.ACA: WireTaskAttr.ACA}
 
 
 # Flags of byte 1.

@@ -3,17 +3,20 @@
 A `TargetNode` is one IQN with its logical units and its access list; the `TargetRegistry`
 holds every node, answers the login's questions (which targets exist, who may log in, which
 authentication applies), assigns TSIHs, and binds logins to sessions, reporting the sessions a
-reinstatement replaces. Nothing here performs I/O.
+reinstatement replaces. Nothing here performs I/O. Logical units are reached through the
+front-end interface (`core.frontend`): a node is the `UnitDirectory` of its target port, and the
+unit that answers for an absent LUN comes from the device server's `AbsentUnitFactory`, given
+to the registry.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from typing import Any
 
+from ..core.frontend import AbsentUnitFactory
 from ..core.task import Nexus
-from ..scsi.device import LogicalUnit, NoLogicalUnit
 from .auth import (
     Authenticator,
     ChallengeLedger,
@@ -23,61 +26,20 @@ from .auth import (
 )
 from .errors import LoginError, LoginStatus
 from .login import LoginResult
+from .node import DEFAULT_TPGT, RELATIVE_PORT, TargetNode
 from .params import TargetLimits
 from .session import Session
-
-DEFAULT_TPGT = 1
-RELATIVE_PORT = 1
-
-
-@dataclass
-class AclEntry:
-    initiator: str
-    luns: frozenset[int] | None  # None: every LUN
-
-
-@dataclass
-class TargetNode:
-    name: str
-    alias: str = ""
-    tpgt: int = DEFAULT_TPGT
-    luns: dict[int, LogicalUnit] = field(default_factory=dict)
-    acl: list[AclEntry] | None = None  # None: any initiator, all LUNs
-    auth: ChapCredentials | None = None  # None: no authentication
-    max_sessions: int = 0  # 0: only the registry's global limit
-
-    def allows(self, initiator: str) -> bool:
-        return self.acl is None or any(e.initiator.lower() == initiator.lower() for e in self.acl)
-
-    def masked_luns(self, initiator: str) -> frozenset[int] | None:
-        if self.acl is None:
-            return None
-        for entry in self.acl:
-            if entry.initiator.lower() == initiator.lower():
-                return entry.luns
-        return frozenset()
-
-    def visible_luns(self, nexus: Nexus) -> list[int]:
-        allowed = self.masked_luns(nexus.initiator_name)
-        return [n for n in self.luns if allowed is None or n in allowed]
-
-    def lookup(self, lun: int | None, nexus: Nexus) -> LogicalUnit:
-        """The device server for a LUN as this initiator sees it (masked LUNs do not exist)."""
-        if lun is not None:
-            lu = self.luns.get(lun)
-            allowed = self.masked_luns(nexus.initiator_name)
-            if lu is not None and (allowed is None or lun in allowed):
-                return lu
-        return NoLogicalUnit(lun if lun is not None else 0, self)
 
 
 class TargetRegistry:
     """Targets, portals and live sessions of one pytarget instance."""
 
-    def __init__(self, limits: TargetLimits | None = None, window: int = 128) -> None:
+    def __init__(self, limits: TargetLimits | None = None, window: int = 128,
+                 absent_unit: AbsentUnitFactory | None = None) -> None:
         self.limits = limits or TargetLimits()
+        self.absent_unit = absent_unit
         self.window = window
-        self.targets: dict[str, TargetNode] = {}
+        self.targets: dict[str, TargetNode[Any]] = {}
         self.portals: list[tuple[str, int]] = []
         self.sessions: dict[int, Session] = {}
         self._next_tsih = 1
@@ -85,10 +47,12 @@ class TargetRegistry:
         self.max_sessions = 0  # every session, discovery included (0: no limit)
         self.ledger = ChallengeLedger()
 
-    def add_target(self, node: TargetNode) -> None:
+    def add_target(self, node: TargetNode[Any]) -> None:
+        if node.absent_unit is None:
+            node.absent_unit = self.absent_unit
         self.targets[node.name.lower()] = node
 
-    def target(self, name: str) -> TargetNode | None:
+    def target(self, name: str) -> TargetNode[Any] | None:
         return self.targets.get(name.lower())
 
     # ---------------------------------------------------------------- login policy
@@ -114,7 +78,7 @@ class TargetRegistry:
                              f"{initiator_name} may not log into {target_name}")
         return node.alias
 
-    def _check_room(self, node: TargetNode | None, replaced: Iterable[Session]) -> None:
+    def _check_room(self, node: TargetNode[Any] | None, replaced: Iterable[Session]) -> None:
         """OUT OF RESOURCES when a new session would pass the global or the target's limit
         (the sessions a reinstatement replaces do not count)."""
         gone = {id(s) for s in replaced}
@@ -132,7 +96,7 @@ class TargetRegistry:
         if session is None or session.isid != isid or (
                 session.params.initiator_name.lower() != initiator_name.lower()):
             raise LoginError(LoginStatus.SESSION_DOES_NOT_EXIST, f"no session with TSIH {tsih}")
-        if not any(getattr(c, "cid", None) == cid for c in session.connections):
+        if not any(c.cid == cid for c in session.connections):
             raise LoginError(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections is 1")
 
     # ---------------------------------------------------------------- discovery
@@ -142,7 +106,7 @@ class TargetRegistry:
         if value == "All":
             if not session.discovery:
                 return [("SendTargets", "Reject")]
-            nodes: Iterable[TargetNode] = self.targets.values()
+            nodes: Iterable[TargetNode[Any]] = self.targets.values()
         elif value == "":
             nodes = [session.target] if session.target is not None else []
         else:
@@ -173,7 +137,7 @@ class TargetRegistry:
         return out
 
     # ---------------------------------------------------------------- sessions
-    def bind_session(self, result: LoginResult, connection: object) -> tuple[Session, list[Session]]:
+    def bind_session(self, result: LoginResult) -> tuple[Session, list[Session]]:
         """A Session for a completed login, and the sessions it replaces (RFC 7143 6.3.5)."""
         params = result.session
         replaced: list[Session] = []

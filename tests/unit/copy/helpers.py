@@ -12,7 +12,8 @@ from pytarget.backstore.file import FileBackstore
 from pytarget.copy import commands
 from pytarget.copy.manager import CopyManager
 from pytarget.core.task import Nexus
-from pytarget.iscsi.target import TargetNode, TargetRegistry
+from pytarget.iscsi.node import TargetNode
+from pytarget.iscsi.target import TargetRegistry
 from pytarget.scsi.device import LogicalUnit, LuConfig
 
 TARGET = "iqn.2026-11.io.pytarget:unit"

@@ -15,7 +15,7 @@ import pytest
 from pytarget.core import limits
 from pytarget.core.sense import Asc, SenseKey, Status
 from pytarget.core.task import ScsiTask
-from pytarget.iscsi.target import AclEntry
+from pytarget.iscsi.node import AclEntry
 
 from ..scsi.harness import MemorySource, Result, run, run_async
 from .helpers import (

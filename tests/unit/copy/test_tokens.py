@@ -11,7 +11,7 @@ import pytest
 
 from pytarget.core import limits
 from pytarget.core.sense import Asc, SenseKey
-from pytarget.iscsi.target import AclEntry
+from pytarget.iscsi.node import AclEntry
 
 from ..scsi.harness import Result, run
 from .helpers import (

@@ -12,8 +12,9 @@ from pytarget.iscsi import pdu
 from pytarget.iscsi.bounds import MemoryBudget
 from pytarget.iscsi.errors import LoginStatus
 from pytarget.iscsi.login import MAX_RESPONSE_TEXT
+from pytarget.iscsi.node import AclEntry, TargetNode
 from pytarget.iscsi.pdu import Op, RejectReason
-from pytarget.iscsi.target import AclEntry, TargetNode, TargetRegistry
+from pytarget.iscsi.target import TargetRegistry
 
 from .harness import (
     HOLD,
@@ -128,7 +129,7 @@ def test_one_unfinished_text_reply_at_a_time() -> None:
 def test_discarded_data_out_itts_are_bounded() -> None:
     p = Pair(window=4, keys={"InitialR2T": False, "ImmediateData": False})
     p.login()
-    for i in range(2 * 4 + 1):
+    for _ in range(2 * 4 + 1):
         itt = p.ini.alloc_itt()
         # out of the window: dropped, and its unsolicited Data-Out (never sent) remembered
         p.ini.send_pdu(pdus.scsi_command(lun=0, itt=itt, edtl=4096, cmd_sn=p.ini.cmd_sn + 1000,

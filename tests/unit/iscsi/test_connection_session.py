@@ -17,9 +17,9 @@ from pytarget.initiator.protocol import (
     sn_le,
 )
 from pytarget.iscsi import pdu
+from pytarget.iscsi.node import TargetNode
 from pytarget.iscsi.params import TargetLimits
 from pytarget.iscsi.pdu import RESERVED_TAG, Op, RejectReason, TmfFunction, TmfResponse
-from pytarget.iscsi.target import TargetNode
 
 from .harness import HOLD, TARGET, TUR, Pair, frame, read10, split_pdus
 
@@ -439,7 +439,6 @@ def test_logout_for_recovery_is_refused_and_the_connection_carries_on() -> None:
     from pytarget.iscsi import connection as C
 
     pair = Pair()
-    pair.device.answer_logout = False
     pair.login()
     pair.ini.send_logout(pdu.LogoutReason.REMOVE_FOR_RECOVERY)
     pair.pump()

@@ -12,7 +12,7 @@ import pytest
 from pytarget import assembly
 from pytarget.config import Config, parse
 from pytarget.iscsi.bounds import Bounds
-from pytarget.iscsi.target import TargetNode
+from pytarget.iscsi.node import TargetNode
 from pytarget.metrics import MetricsServer
 from pytarget.reconfigure import Reload, ReloadRefused
 from pytarget.scsi.device import LogicalUnit
