@@ -8,7 +8,9 @@ a pseudo-terminal here, so each line arrives as it is printed (a pipe would hold
 stdio's buffer), and the target's CPU time (utime + stime of its process and descendants,
 every thread counted) is read from /proc when the first line arrives and again when the
 last one does. Start-up, login, READ CAPACITY, the final flush and logout fall outside both
-the initiator's time and the CPU interval.
+the initiator's time and the CPU interval. The scheduler's statistics of the target's main
+thread (/proc/PID/schedstat) tell how long it waited for a CPU: the sign of a machine busy
+with other work.
 """
 
 from __future__ import annotations
@@ -62,15 +64,47 @@ def _stat_ticks(pid: int, reaped: bool) -> int:
     return ticks
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, its live descendants and the children it has reaped."""
+def _schedstat(pid: int) -> tuple[int, int]:
+    """Nanoseconds the process's main thread (the event loop, in both targets) spent on a
+    CPU and waiting for one (runnable, not running). Worker threads are left out: they queue
+    behind each other by design."""
+    try:
+        fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except OSError:
+        return 0, 0
+    return int(fields[0]), int(fields[1])
+
+
+@dataclass(frozen=True)
+class Times:
+    """CPU accounting of a target's process tree at one moment, or between two."""
+
+    cpu: float  # utime + stime, seconds: what the target cost
+    on_cpu: float  # main threads' time on a CPU, seconds (the scheduler's clock)
+    waiting: float  # main threads' time runnable but waiting for a CPU, seconds
+
+    def __sub__(self, other: Times) -> Times:
+        return Times(self.cpu - other.cpu, self.on_cpu - other.on_cpu,
+                     self.waiting - other.waiting)
+
+
+ZERO = Times(0.0, 0.0, 0.0)
+
+
+def process_times(pid: int) -> Times:
+    """utime + stime of a process, its live descendants and the children it has reaped, and
+    how long their main threads ran and waited for a CPU."""
     ticks = _stat_ticks(pid, True)
+    running, waiting = _schedstat(pid)
     pending = _children(pid)
     while pending:
         child = pending.pop()
         ticks += _stat_ticks(child, False)
+        r, w = _schedstat(child)
+        running += r
+        waiting += w
         pending += _children(child)
-    return ticks / CLOCK_TICKS
+    return Times(ticks / CLOCK_TICKS, running / 1e9, waiting / 1e9)
 
 
 @dataclass(frozen=True)
@@ -80,8 +114,12 @@ class Sample:
     rate: float  # commands per second, the initiator's own figure
     seconds: float  # the initiator's timed interval
     commands: float  # commands completed in that interval
-    cpu_seconds: float  # target CPU time over the same interval
+    times: Times  # the target's CPU accounting over the same interval
     observed: float  # the same interval on this process's clock, between the two lines
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.times.cpu
 
     @property
     def cpu_us_per_command(self) -> float:
@@ -90,6 +128,14 @@ class Sample:
     @property
     def cores(self) -> float:
         return self.cpu_seconds / self.observed if self.observed else float("nan")
+
+    @property
+    def waited(self) -> float:
+        """Share of the time the target's main threads were runnable that they spent
+        waiting for a CPU: low when the initiator, the target and the kernel have the CPUs
+        to themselves; high when other work takes them."""
+        runnable = self.times.on_cpu + self.times.waiting
+        return self.times.waiting / runnable if runnable > 0 else 0.0
 
 
 @dataclass
@@ -114,12 +160,12 @@ class Timed:
 
 
 def run_timed(commands: Sequence[tuple[Sequence[str], re.Pattern[str], re.Pattern[str]]],
-              cpu: Callable[[], float], timeout: float) -> tuple[list[Timed], float, float]:
+              cpu: Callable[[], Times], timeout: float) -> tuple[list[Timed], Times, float]:
     """Run initiators side by side, each on its own pseudo-terminal. Returns each one's
-    output and the moments its start and end lines arrived, and the target CPU seconds and
+    output and the moments its start and end lines arrived, and the target's CPU accounting and
     wall seconds from the first start line to the last end line."""
     runs: list[_Timed] = []
-    cpu0 = cpu1 = 0.0
+    cpu0 = cpu1 = ZERO
     try:
         for argv, start, end in commands:
             master, slave = pty.openpty()
@@ -195,19 +241,19 @@ def qemu_bench_argv(url: str, size: int, depth: int, scattered: bool, count: int
 
 
 def iscsi_perf(url: str, size: int, depth: int, random: bool, seconds: int,
-               cpu: Callable[[], float]) -> Sample:
+               cpu: Callable[[], Times]) -> Sample:
     """READs for `seconds` by libiscsi's iscsi-perf: its own average rate; the commands are
     that rate over the interval between its start and final lines."""
     argv = iscsi_perf_argv(url, size, depth, random, seconds)
-    (run,), cpu_s, wall = run_timed([(argv, PERF_START, PERF_END)], cpu, seconds + 60)
+    (run,), times, wall = run_timed([(argv, PERF_START, PERF_END)], cpu, seconds + 60)
     rate = float(run.end.group(1))
-    return Sample(rate, wall, rate * wall, cpu_s, wall)
+    return Sample(rate, wall, rate * wall, times, wall)
 
 
 def qemu_bench(url: str, size: int, depth: int, scattered: bool, count: int,
-               cpu: Callable[[], float]) -> Sample:
+               cpu: Callable[[], Times]) -> Sample:
     """`count` WRITEs by QEMU's iSCSI driver: the time qemu-img bench reports for them."""
     argv = qemu_bench_argv(url, size, depth, scattered, count)
-    (run,), cpu_s, wall = run_timed([(argv, QEMU_START, QEMU_END)], cpu, 900)
+    (run,), times, wall = run_timed([(argv, QEMU_START, QEMU_END)], cpu, 900)
     seconds = float(run.end.group(1))
-    return Sample(count / seconds, seconds, float(count), cpu_s, wall)
+    return Sample(count / seconds, seconds, float(count), times, wall)
