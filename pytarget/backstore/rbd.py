@@ -12,7 +12,8 @@ librbd runs on its own thread; the callback only hands the return value to the e
 `rbd_diff_iterate2` are synchronous in librbd and run on a worker thread (ctypes releases the
 GIL around every C call). Failures are raised as OSError with librbd's errno, except the two
 outcomes of COMPARE AND WRITE that the device server turns into their own sense data: a
-miscompare is a returned offset, a range across an object boundary is CrossesObjectBoundary.
+miscompare is a returned offset, a range librbd cannot handle atomically (more than one
+512-byte sector, see CAW_SECTOR) is CompareAndWriteRefused.
 """
 
 from __future__ import annotations
@@ -56,16 +57,21 @@ class _SnapInfo(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint64), ("size", ctypes.c_uint64), ("name", ctypes.c_char_p)]
 
 
-class CrossesObjectBoundary(ValueError):
-    """COMPARE AND WRITE over a range that spans two RADOS objects: librbd refuses it
-    (EINVAL) because it can only compare and write atomically inside one object."""
+# librbd 16.2 compares and writes atomically only inside one 512-byte sector of one stripe
+# unit (ImageCompareAndWriteRequest::prune_object_extents); anything else is EINVAL.
+CAW_SECTOR = 512
 
-    def __init__(self, offset: int, length: int, object_size: int) -> None:
-        super().__init__(f"compare-and-write of {length} bytes at {offset} crosses a "
-                         f"{object_size}-byte object boundary")
+
+class CompareAndWriteRefused(ValueError):
+    """COMPARE AND WRITE over a range librbd cannot compare and write atomically: one that
+    leaves a CAW_SECTOR-aligned sector, a stripe unit or an object."""
+
+    def __init__(self, offset: int, length: int, unit: int) -> None:
+        super().__init__(f"compare-and-write of {length} bytes at {offset} leaves its "
+                         f"{unit}-byte atomic unit")
         self.offset = offset
         self.length = length
-        self.object_size = object_size
+        self.unit = unit
 
 
 def _errno_error(ret: int, what: str) -> OSError:
@@ -108,6 +114,7 @@ class _Lib:
             (rbd, "rbd_stat", i, [vp, ctypes.POINTER(_ImageInfo), sz]),
             (rbd, "rbd_get_size", i, [vp, ctypes.POINTER(u64)]),
             (rbd, "rbd_get_features", i, [vp, ctypes.POINTER(u64)]),
+            (rbd, "rbd_get_stripe_unit", i, [vp, ctypes.POINTER(u64)]),
             (rbd, "rbd_aio_create_completion", i, [vp, _completion_cb, ctypes.POINTER(vp)]),
             (rbd, "rbd_aio_get_return_value", ctypes.c_ssize_t, [vp]),
             (rbd, "rbd_aio_release", None, [vp]),
@@ -240,14 +247,16 @@ class RbdImage:
         _check(lib.rbd_stat(image, ctypes.byref(info), ctypes.sizeof(info)), "rbd_stat")
         features = ctypes.c_uint64()
         _check(lib.rbd_get_features(image, ctypes.byref(features)), "rbd_get_features")
+        stripe_unit = ctypes.c_uint64()
+        _check(lib.rbd_get_stripe_unit(image, ctypes.byref(stripe_unit)), "rbd_get_stripe_unit")
         granularity = _conf_int(lib, cluster, "rbd_discard_granularity_bytes")
         caps = {
             "object_size": int(info.obj_size),
             "discard_granularity": granularity,
             "skip_partial_discard": _conf_get(lib, cluster, "rbd_skip_partial_discard")
             == "true",
-            "caw_atomic_max": int(info.obj_size),
-            "caw_within_object": True,
+            "stripe_unit": int(stripe_unit.value),
+            "caw_atomic_max": min(CAW_SECTOR, int(stripe_unit.value) or CAW_SECTOR),
             "features": int(features.value),
         }
         return cls(pool, name, int(info.size), caps, lib, cluster, ioctx, image)
@@ -286,11 +295,13 @@ class RbdImage:
             f"read of {length} at {offset}", keep)
 
     async def write(self, data: Any, offset: int) -> int:
+        """Write the buffer `data` at `offset`; returns the byte count."""
         address, keep = _address(data)
         length = len(keep)
-        return await self._run(
+        await self._run(
             lambda c: self._lib.rbd_aio_write(self._image, offset, length, address, c),
             f"write of {length} at {offset}", keep)
+        return length
 
     async def flush(self) -> None:
         await self._run(lambda c: self._lib.rbd_aio_flush(self._image, c), "flush")
@@ -320,9 +331,10 @@ class RbdImage:
             f"write-same of {length} at {offset}", keep)
 
     async def compare_and_write(self, offset: int, expected: Any, data: Any) -> int | None:
-        """Atomically write `data` at `offset` if the image holds `expected` there. Returns
-        None when written, else the offset of the first differing byte relative to `offset`.
-        Raises CrossesObjectBoundary for a range over two objects."""
+        """Atomically write `data` at `offset` if the image holds `expected` there, across
+        every client of the image. Returns None when written, else the offset of the first
+        differing byte relative to `offset`. The range must lie inside one aligned
+        caps["caw_atomic_max"]-byte unit, or CompareAndWriteRefused is raised."""
         cmp_address, cmp_keep = _address(expected)
         address, keep = _address(data)
         length = len(cmp_keep)
@@ -336,17 +348,33 @@ class RbdImage:
                 ctypes.byref(mismatch), 0),
             f"compare-and-write of {length} at {offset}", cmp_keep, keep, mismatch)
         if ret == -errno.EILSEQ:
-            return int(mismatch.value) - offset
-        object_size = self.caps["object_size"]
-        if ret == -errno.EINVAL and offset // object_size != (offset + length - 1) // object_size:
-            raise CrossesObjectBoundary(offset, length, object_size)
+            return self._miscompare_index(int(mismatch.value), offset, length)
+        unit = self.caps["caw_atomic_max"]
+        if ret == -errno.EINVAL and (length == 0
+                                     or offset // unit != (offset + length - 1) // unit):
+            raise CompareAndWriteRefused(offset, length, unit)
         _check(ret, f"compare-and-write of {length} at {offset}")
         return None
 
+    def _miscompare_index(self, reported: int, offset: int, length: int) -> int:
+        """librbd 16.2 maps the OSD's index into the compared buffer back to the image as if
+        it were an offset inside the object: it reports the object's first byte plus the
+        index, not `offset` plus the index (measured; see docs/ceph.md). A librbd that
+        reports `offset` plus the index is recognised too."""
+        object_start = offset - offset % self.caps["object_size"]
+        index = reported - object_start
+        if 0 <= index < length:
+            return index
+        return reported - offset
+
     async def extents(self, offset: int = 0, length: int | None = None
                       ) -> list[tuple[int, int]]:
-        """Allocated (offset, length) ranges inside the range, exact to the byte, sorted and
-        merged (`rbd_diff_iterate2` from the beginning of time, not whole objects)."""
+        """Ranges that may hold data inside the range, sorted and merged; everything else
+        reads as zeroes. From `rbd_diff_iterate2` since the beginning of time, not whole
+        objects: librbd reports each existing object from its start to its length, so a
+        hole inside an object (never written, or discarded short of the object's end) counts
+        as allocated; objects never written, removed, or truncated by a discard are holes.
+        Never a hole where there is data: what GET LBA STATUS may call mapped or unknown."""
         if length is None:
             length = self.size - offset
         return await asyncio.to_thread(self._extents_sync, offset, length)

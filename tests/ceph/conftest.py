@@ -6,13 +6,12 @@ to start is an error of every test that needs it, not a skip.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.ceph_cluster import CephCluster, missing, running
+from ..ceph_cluster import CephCluster, missing, running
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +25,5 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
 
 @pytest.fixture
 def image_name() -> str:
+    """A fresh image name: tests share the session's cluster and pool."""
     return f"img-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def event_loop_run() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as runner:
-        yield runner
