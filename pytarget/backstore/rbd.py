@@ -166,7 +166,8 @@ def _settle(future: asyncio.Future[int], ret: int) -> None:
 
 def _on_complete(completion: int | None, arg: int | None) -> None:
     """librbd's completion callback, on a librbd thread: hand the result to the loop."""
-    lib = _Lib.get()
+    lib = _Lib._instance
+    assert lib is not None
     ret = int(lib.rbd_aio_get_return_value(completion))
     lib.rbd_aio_release(completion)
     pending = _pending.pop(arg or 0, None)

@@ -197,8 +197,9 @@ def test_two_gateways_see_each_others_writes(ceph_cluster: CephCluster,
 
 def test_compare_and_write_counter_across_two_gateways(ceph_cluster: CephCluster,
                                                        image_name: str) -> None:
-    """Each gateway increments a counter block with read + COMPARE AND WRITE; no increment
-    is lost and no block is torn, while the exclusive lock moves between them."""
+    """Two counters per gateway increment a counter sector with read + COMPARE AND WRITE
+    while a plain writer per gateway rewrites the next sector of the same object: no
+    increment is lost and no sector is torn, while the exclusive lock moves between them."""
     increments = 15
 
     async def count(image: RbdImage, done: list[int]) -> None:
@@ -210,13 +211,21 @@ def test_compare_and_write_counter_across_two_gateways(ceph_cluster: CephCluster
             if await image.compare_and_write(0, current, new) is None:
                 done[0] += 1
 
+    async def overwrite(image: RbdImage, fill: bytes, counters: list[asyncio.Task[None]]
+                        ) -> None:
+        while not all(task.done() for task in counters):
+            await image.write(fill * 512, 512)
+            block = await read(image, 512, 512)
+            assert block in (b"x" * 512, b"y" * 512)
+
     async def body(first: RbdImage) -> None:
         await first.write(bytes(512), 0)
         second = await opened(ceph_cluster, image_name)
         try:
-            done = [[0], [0], [0], [0]]
-            await asyncio.gather(count(first, done[0]), count(second, done[1]),
-                                 count(first, done[2]), count(second, done[3]))
+            counters = [asyncio.ensure_future(count(image, [0]))
+                        for image in (first, second, first, second)]
+            writers = [overwrite(first, b"x", counters), overwrite(second, b"y", counters)]
+            await asyncio.gather(*counters, *writers)
             final = await read(second, 0, 512)
             assert final == (4 * increments).to_bytes(8, "little") * 64
         finally:
