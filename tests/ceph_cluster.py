@@ -147,8 +147,9 @@ class CephCluster:
     def _run(self, *argv: str, input: bytes | None = None) -> str:
         result = subprocess.run(argv, input=input, capture_output=True, timeout=START_TIMEOUT)
         if result.returncode != 0:
-            raise ClusterError(f"{' '.join(argv)} failed ({result.returncode}): "
-                               f"{result.stderr.decode(errors='replace').strip()}")
+            stderr = result.stderr.decode(errors="replace").strip()
+            raise ClusterError(f"{' '.join(argv)} failed ({result.returncode}):\n"
+                               f"{stderr[-2000:]}")
         return result.stdout.decode()
 
     def _spawn(self, name: str, *argv: str) -> Daemon:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ..ceph_cluster import CephCluster, running
+from ..ceph_cluster import CephCluster, ClusterError, running
 
 pytestmark = pytest.mark.ceph
 
@@ -43,3 +43,26 @@ def test_stop_ends_only_its_own_daemons(tmp_path: Path, ceph_cluster: CephCluste
             str(cluster.conf).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert not directory.exists()
     assert all(ceph_cluster._ours(pid) for pid in others)
+
+
+def processes_naming(directory: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(directory).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_cluster_that_cannot_start_fails_and_leaves_nothing(
+        tmp_path: Path, ceph_cluster: CephCluster) -> None:
+    """An OSD block file too small for BlueStore: the monitor has started, the OSD's mkfs
+    fails; the error names the failing step and the monitor is stopped."""
+    directory = tmp_path / "broken"
+    with pytest.raises(ClusterError, match="ceph-osd"):
+        with running(directory, osd_block_size=1 << 20):
+            pass
+    assert not directory.exists()
+    assert processes_naming(directory) == []
