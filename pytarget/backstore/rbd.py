@@ -222,6 +222,7 @@ class RbdImage:
         cluster = ctypes.c_void_p()
         _check(lib.rados_create(ctypes.byref(cluster), client_id.encode()), "rados_create")
         ioctx = ctypes.c_void_p()
+        image = ctypes.c_void_p()
         try:
             _check(lib.rados_conf_read_file(cluster, conf.encode()), f"reading {conf}")
             for key, value in settings.items():
@@ -230,7 +231,6 @@ class RbdImage:
             _check(lib.rados_connect(cluster), f"connecting to the cluster of {conf}")
             _check(lib.rados_ioctx_create(cluster, pool.encode(), ctypes.byref(ioctx)),
                    f"opening pool {pool}")
-            image = ctypes.c_void_p()
             ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
             if ret == -errno.ENOENT and size is not None:
                 order = ctypes.c_int(0)
@@ -239,27 +239,29 @@ class RbdImage:
                     _check(ret, f"creating image {pool}/{name}")
                 ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
             _check(ret, f"opening image {pool}/{name}")
+            info = _ImageInfo()
+            _check(lib.rbd_stat(image, ctypes.byref(info), ctypes.sizeof(info)), "rbd_stat")
+            features = ctypes.c_uint64()
+            _check(lib.rbd_get_features(image, ctypes.byref(features)), "rbd_get_features")
+            stripe_unit = ctypes.c_uint64()
+            _check(lib.rbd_get_stripe_unit(image, ctypes.byref(stripe_unit)),
+                   "rbd_get_stripe_unit")
+            caps = {
+                "object_size": int(info.obj_size),
+                "discard_granularity": _conf_int(lib, cluster, "rbd_discard_granularity_bytes"),
+                "skip_partial_discard": _conf_get(lib, cluster, "rbd_skip_partial_discard")
+                == "true",
+                "stripe_unit": int(stripe_unit.value),
+                "caw_atomic_max": min(CAW_SECTOR, int(stripe_unit.value) or CAW_SECTOR),
+                "features": int(features.value),
+            }
         except BaseException:
+            if image:
+                lib.rbd_close(image)
             if ioctx:
                 lib.rados_ioctx_destroy(ioctx)
             lib.rados_shutdown(cluster)
             raise
-        info = _ImageInfo()
-        _check(lib.rbd_stat(image, ctypes.byref(info), ctypes.sizeof(info)), "rbd_stat")
-        features = ctypes.c_uint64()
-        _check(lib.rbd_get_features(image, ctypes.byref(features)), "rbd_get_features")
-        stripe_unit = ctypes.c_uint64()
-        _check(lib.rbd_get_stripe_unit(image, ctypes.byref(stripe_unit)), "rbd_get_stripe_unit")
-        granularity = _conf_int(lib, cluster, "rbd_discard_granularity_bytes")
-        caps = {
-            "object_size": int(info.obj_size),
-            "discard_granularity": granularity,
-            "skip_partial_discard": _conf_get(lib, cluster, "rbd_skip_partial_discard")
-            == "true",
-            "stripe_unit": int(stripe_unit.value),
-            "caw_atomic_max": min(CAW_SECTOR, int(stripe_unit.value) or CAW_SECTOR),
-            "features": int(features.value),
-        }
         return cls(pool, name, int(info.size), caps, lib, cluster, ioctx, image)
 
     def _submit(self, start: Callable[[ctypes.c_void_p], int], what: str,
