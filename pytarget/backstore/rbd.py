@@ -8,12 +8,14 @@ lock move at every write. The C API also reads straight into the caller's buffer
 
 I/O is asynchronous: each call submits an `rbd_aio_*` request with a completion whose callback
 librbd runs on its own thread; the callback only hands the return value to the event loop
-(`call_soon_threadsafe`), which resolves the caller's future. Opening, closing, snapshots and
-`rbd_diff_iterate2` are synchronous in librbd and run on a worker thread (ctypes releases the
-GIL around every C call). Failures are raised as OSError with librbd's errno, except the two
-outcomes of COMPARE AND WRITE that the device server turns into their own sense data: a
-miscompare is a returned offset, a range librbd cannot handle atomically (more than one
-512-byte sector, see CAW_SECTOR) is CompareAndWriteRefused.
+(`call_soon_threadsafe`), which resolves the request's future. A caller that is cancelled
+stops waiting, but the request's future, its buffers and `close` still wait for librbd.
+Opening, closing, snapshots and `rbd_diff_iterate2` are synchronous in librbd and run on a
+worker thread (ctypes releases the GIL around every C call). Failures are raised as OSError
+with librbd's errno, except the two outcomes of COMPARE AND WRITE that the device server
+turns into their own sense data: a miscompare is a returned offset, a range librbd cannot
+compare and write atomically (more than one 512-byte sector, see CAW_SECTOR) is
+CompareAndWriteRefused.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ class RbdImage:
 
     async def _run(self, start: Callable[[ctypes.c_void_p], int], what: str,
                    *keep: Any) -> int:
-        return _check(await self._submit(start, what, *keep), what)
+        return _check(await asyncio.shield(self._submit(start, what, *keep)), what)
 
     async def read(self, buf: Any, offset: int) -> int:
         """Fill the writable buffer `buf` from `offset`; returns the byte count."""
@@ -345,11 +347,11 @@ class RbdImage:
             raise ValueError(f"compare-and-write buffers differ in length: {length} "
                              f"and {len(keep)}")
         mismatch = ctypes.c_uint64(0)
-        ret = await self._submit(
+        ret = await asyncio.shield(self._submit(
             lambda c: self._lib.rbd_aio_compare_and_write(
                 self._image, offset, length, cmp_address, address, c,
                 ctypes.byref(mismatch), 0),
-            f"compare-and-write of {length} at {offset}", cmp_keep, keep, mismatch)
+            f"compare-and-write of {length} at {offset}", cmp_keep, keep, mismatch))
         if ret == -errno.EILSEQ:
             return self._miscompare_index(int(mismatch.value), offset, length)
         unit = self.caps["caw_atomic_max"]

@@ -165,6 +165,21 @@ def test_write_same(ceph_cluster: CephCluster, image_name: str) -> None:
     with_image(ceph_cluster, image_name, body)
 
 
+def test_cancelled_read_completes_before_close(ceph_cluster: CephCluster,
+                                              image_name: str) -> None:
+    async def body(image: RbdImage) -> None:
+        await image.write(b"\x5a" * 4 * MiB, 0)
+        buf = bytearray(4 * MiB)
+        reading = asyncio.ensure_future(image.read(buf, 0))
+        await asyncio.sleep(0)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await image.close()
+        assert buf == b"\x5a" * 4 * MiB
+    with_image(ceph_cluster, image_name, body)
+
+
 def test_snapshots(ceph_cluster: CephCluster, image_name: str) -> None:
     async def body(image: RbdImage) -> None:
         await image.write(b"v1" * 2048, 0)
