@@ -99,14 +99,15 @@ def prepare_backing_files(config: Config) -> list[Path]:
     return [lc.path for tc in config.targets for lc in tc.luns if create_backing(config, tc, lc)]
 
 
-def build_node(tc: TargetConfig) -> TargetNode:
+def build_node(tc: TargetConfig) -> TargetNode[LogicalUnit]:
     """A target node's settings from its configuration, without its logical units."""
     acl = None if tc.acl is None else [
         AclEntry(e.initiator, None if e.luns is None else frozenset(e.luns)) for e in tc.acl]
     return TargetNode(tc.name, tc.alias, acl=acl, auth=tc.auth, max_sessions=tc.max_sessions)
 
 
-def build_lu(config: Config, tc: TargetConfig, lc: LunConfig, node: TargetNode) -> LogicalUnit:
+def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
+             node: TargetNode[LogicalUnit]) -> LogicalUnit:
     """Open a LUN's backing store (which must exist) and make its device server."""
     backstore = backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
     try:

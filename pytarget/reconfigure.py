@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import stat
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,7 +41,7 @@ from .scsi.pr import PrStateError
 from .status import size_text
 
 if TYPE_CHECKING:
-    from .backstore.file import FileBackstore
+    from .backstore.base import Backstore
     from .metrics import MetricsServer
     from .scsi.device import LogicalUnit
 
@@ -96,13 +94,13 @@ class Reconfigurable(Protocol):
 
     def update_management_addresses(self, config: Config) -> bool: ...
 
-    def serve_lu(self, node: TargetNode, lu: LogicalUnit) -> LogicalUnit | None: ...
+    def serve_lu(self, node: TargetNode[LogicalUnit], lu: LogicalUnit) -> LogicalUnit | None: ...
 
-    def remove_lu(self, node: TargetNode, lun: int) -> None: ...
+    def remove_lu(self, node: TargetNode[LogicalUnit], lun: int) -> None: ...
 
-    def add_target(self, node: TargetNode) -> None: ...
+    def add_target(self, node: TargetNode[LogicalUnit]) -> None: ...
 
-    async def remove_target(self, node: TargetNode, reason: str) -> int: ...
+    async def remove_target(self, node: TargetNode[LogicalUnit], reason: str) -> int: ...
 
     def retire(self, lu: LogicalUnit) -> None: ...
 
@@ -111,17 +109,10 @@ def _identity(lc: LunConfig) -> tuple[Any, ...]:
     return tuple(lc.path.resolve() if f == "path" else getattr(lc, f) for f in _IDENTITY)
 
 
-def _file_size(backstore: FileBackstore) -> int:
-    st = os.fstat(backstore.fd)
-    if stat.S_ISREG(st.st_mode):
-        return st.st_size
-    return os.lseek(backstore.fd, 0, os.SEEK_END)
-
-
 @dataclasses.dataclass
 class _LunChange:
     kind: str  # "add", "remove", "replace", "resize"
-    node: TargetNode
+    node: TargetNode[LogicalUnit]
     tc: TargetConfig | None
     lun: int
     lc: LunConfig | None = None  # the new configuration (add, replace)
@@ -140,15 +131,15 @@ class Reload:
         self.new = new
         self.changes: list[str] = []
         self.lun_changes: list[_LunChange] = []
-        self.added_targets: list[tuple[TargetConfig, TargetNode]] = []
-        self.removed_targets: list[TargetNode] = []
-        self.kept: list[tuple[TargetNode, TargetConfig]] = []
+        self.added_targets: list[tuple[TargetConfig, TargetNode[LogicalUnit]]] = []
+        self.removed_targets: list[TargetNode[LogicalUnit]] = []
+        self.kept: list[tuple[TargetNode[LogicalUnit], TargetConfig]] = []
         self.added_portals: list[tuple[str, int]] = []
         self.removed_portals: list[tuple[str, int]] = []
         # What prepare() did, for rollback.
         self._created: list[Path] = []
         self._opened: list[LogicalUnit] = []
-        self._grown: list[tuple[FileBackstore, int]] = []
+        self._grown: list[tuple[Backstore, int]] = []
         self._listeners: list[tuple[tuple[str, int], Portal]] = []
         self._metrics: MetricsServer | None = None
 
@@ -189,7 +180,8 @@ class Reload:
             self.added_portals = list((new - old).elements())
             self.removed_portals = list((old - new).elements())
 
-    def _check_luns(self, node: TargetNode, old: TargetConfig, new: TargetConfig) -> None:
+    def _check_luns(self, node: TargetNode[LogicalUnit], old: TargetConfig,
+                    new: TargetConfig) -> None:
         olds = {lc.id: lc for lc in old.luns}
         news = {lc.id: lc for lc in new.luns}
         for lun, lu in sorted(node.luns.items()):
@@ -209,12 +201,12 @@ class Reload:
             else:
                 self._check_size(node, new, lun, before, lc, running)
 
-    def _check_size(self, node: TargetNode, tc: TargetConfig, lun: int, before: LunConfig,
-                    lc: LunConfig, lu: LogicalUnit) -> None:
+    def _check_size(self, node: TargetNode[LogicalUnit], tc: TargetConfig, lun: int,
+                    before: LunConfig, lc: LunConfig, lu: LogicalUnit) -> None:
         """Grow the file only when the configured size changed and is larger (a size that did
         not change is never acted on, as at start); a file grown by other means is picked up."""
         assert lu.backstore is not None
-        current = _file_size(lu.backstore)
+        current = lu.backstore.medium_size()
         grow_to = None
         if lc.size is not None and lc.size != before.size and lc.size != current:
             where = f"{self.new.file}: target {tc.name} LUN {lun}: size"
@@ -252,8 +244,8 @@ class Reload:
             if change.grow_to is not None:
                 assert change.live is not None and change.live.backstore is not None
                 backstore = change.live.backstore
-                before = _file_size(backstore)
-                os.ftruncate(backstore.fd, change.grow_to)
+                before = backstore.medium_size()
+                backstore.resize(change.grow_to)
                 self._grown.append((backstore, before))
 
     def _create(self, tc: TargetConfig, lc: LunConfig) -> None:
@@ -268,7 +260,7 @@ class Reload:
                 path.unlink()
         for backstore, size in self._grown:
             with contextlib.suppress(OSError):
-                os.ftruncate(backstore.fd, size)
+                backstore.resize(size)
         for _, listener in self._listeners:
             listener.close()
         if self._metrics is not None:
@@ -366,7 +358,7 @@ class Reload:
             lu = change.live
             assert lu is not None and lu.backstore is not None
             before = lu.nblocks * lu.block_size
-            lu.backstore.size = _file_size(lu.backstore)
+            lu.backstore.size = lu.backstore.medium_size()
             lu.nblocks = lu.backstore.size // lu.block_size
             lu.establish_ua(Asc.CAPACITY_DATA_HAS_CHANGED)
             how = "grown" if change.grow_to is not None else "resized (the backing file changed)"

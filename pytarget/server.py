@@ -286,7 +286,7 @@ class Server:
         if old is not None:
             await old.close()
 
-    def serve_lu(self, node: TargetNode, lu: LogicalUnit) -> LogicalUnit | None:
+    def serve_lu(self, node: TargetNode[LogicalUnit], lu: LogicalUnit) -> LogicalUnit | None:
         """Put `lu` at its LUN of `node` with its copy service; the logical unit it replaces,
         still open (retire it)."""
         previous = node.luns.get(lu.lun)
@@ -294,19 +294,19 @@ class Server:
         self.copy_manager.attach(lu)
         return previous
 
-    def remove_lu(self, node: TargetNode, lun: int) -> None:
+    def remove_lu(self, node: TargetNode[LogicalUnit], lun: int) -> None:
         """Take LUN `lun` out of `node` and retire its logical unit."""
         lu = node.luns.pop(lun, None)
         if lu is not None:
             self.retire(lu)
 
-    def add_target(self, node: TargetNode) -> None:
+    def add_target(self, node: TargetNode[LogicalUnit]) -> None:
         """Serve a new target node with its logical units."""
         self.registry.add_target(node)
         for lu in node.luns.values():
             self.copy_manager.attach(lu)
 
-    async def remove_target(self, node: TargetNode, reason: str) -> int:
+    async def remove_target(self, node: TargetNode[LogicalUnit], reason: str) -> int:
         """Stop serving a target: no new logins, its sessions end, its logical units retire.
         The number of sessions ended."""
         self.registry.targets.pop(node.name.lower(), None)

@@ -159,7 +159,7 @@ def collect(server: Running) -> dict[str, Any]:
             conn = driver.conn  # type: ignore[attr-defined]
             cp = conn.params
             entry["connections"].append({
-                "cid": driver.cid,  # type: ignore[attr-defined]
+                "cid": driver.cid,
                 "portal": _address(conn.local_address),
                 "peer": _address(conn.peer_address),
                 "header_digest": "CRC32C" if cp.header_digest else "None",

@@ -112,7 +112,8 @@ def main() -> int:
                                          args.sessions, args.loops, args.writers))
             finally:
                 target.stop()
-    print("| sessions | writers | CAWs | p50 ms | p99 ms | max ms | miscompare % | CAW/s | counter |")
+    print("| sessions | writers | CAWs | p50 ms | p99 ms | max ms | miscompare % | CAW/s "
+          "| counter |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.sessions} | {args.writers} | {result['caws']} | {result['p50_ms']:.2f} | "
           f"{result['p99_ms']:.2f} | {result['max_ms']:.2f} | {result['miscompare_pct']:.1f} | "

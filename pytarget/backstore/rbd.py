@@ -142,6 +142,10 @@ class _Lib:
             setattr(self, name, function)
         self.on_complete = _completion_cb(_on_complete)
 
+    def __getattr__(self, name: str) -> Any:
+        """The C functions set in __init__, by name (declared here for the type checker)."""
+        raise AttributeError(name)
+
     @classmethod
     def get(cls) -> _Lib:
         with cls._lock:
@@ -258,9 +262,9 @@ class RbdImage:
                 "features": int(features.value),
             }
         except BaseException:
-            if image:
+            if image.value:
                 lib.rbd_close(image)
-            if ioctx:
+            if ioctx.value:
                 lib.rados_ioctx_destroy(ioctx)
             lib.rados_shutdown(cluster)
             raise
@@ -481,7 +485,7 @@ async def remove_image(pool: str, name: str, *, conf: str = DEFAULT_CONF,
                    f"opening pool {pool}")
             _check(lib.rbd_remove(ioctx, name.encode()), f"removing image {pool}/{name}")
         finally:
-            if ioctx:
+            if ioctx.value:
                 lib.rados_ioctx_destroy(ioctx)
             lib.rados_shutdown(cluster)
     await asyncio.to_thread(remove)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ..core import limits
@@ -75,7 +76,7 @@ async def _parameter_list(task: ScsiTask, length: int) -> bytes:
 
 
 async def _run(service: CopyService, op: CopyOperation, work: asyncio.Future[None] | None,
-               coro_factory) -> None:  # type: ignore[no-untyped-def]
+               coro_factory: Callable[[], Awaitable[None]]) -> None:
     """Run an operation's work as its own task, so COPY OPERATION ABORT can stop it; record the
     outcome; re-raise the failure for the command's status."""
     runner = asyncio.ensure_future(coro_factory())

@@ -13,8 +13,17 @@ import numpy as np
 UNINITIALISED_MIN = 16384  # below this bytearray is as cheap
 
 
-def data_buffer(nbytes: int) -> bytearray | np.ndarray:
+DataBuffer = bytearray | np.ndarray
+
+
+def data_buffer(nbytes: int) -> DataBuffer:
     """A writable buffer of nbytes whose contents are undefined until filled."""
     if nbytes < UNINITIALISED_MIN:
         return bytearray(nbytes)
     return np.empty(nbytes, dtype=np.uint8)
+
+
+def view(buf: bytes | DataBuffer | memoryview) -> memoryview:
+    """A memoryview of a buffer (numpy's type information declares the buffer protocol of its
+    arrays only from Python 3.12 on)."""
+    return memoryview(buf)  # type: ignore[arg-type]

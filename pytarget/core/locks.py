@@ -24,7 +24,8 @@ class _Request:
         self.future: asyncio.Future[None] | None = None
 
     def conflicts(self, other: _Request) -> bool:
-        return (self.exclusive or other.exclusive) and self.start < other.end and other.start < self.end
+        return ((self.exclusive or other.exclusive)
+                and self.start < other.end and other.start < self.end)
 
 
 class RangeLock:

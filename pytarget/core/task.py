@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Protocol
 
+from .buffers import DataBuffer
 from .sense import Status
 
 
@@ -82,7 +83,7 @@ class ScsiTask:
         self.source = source
         self.status: int = Status.GOOD
         self.sense: bytes | None = None
-        self.data_in: bytes | bytearray | memoryview | None = None
+        self.data_in: bytes | DataBuffer | memoryview | None = None
         self.data_in_len = 0
         self.data_out_len = 0
         self.aborted = False
@@ -109,6 +110,7 @@ class ScsiTask:
             raise RuntimeError("task has no data source")
         return await self.source.fetch_data_out(self, length)
 
-    def set_data_in(self, data: bytes | bytearray | memoryview, length: int | None = None) -> None:
+    def set_data_in(self, data: bytes | DataBuffer | memoryview,
+                    length: int | None = None) -> None:
         self.data_in = data
         self.data_in_len = len(data) if length is None else length

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from ..core.buffers import data_buffer
+from ..core.buffers import DataBuffer, data_buffer, view
 from ..core.limits import MAX_TRANSFER_BYTES
 from . import datain, pdu, text
 from . import digest as dg
@@ -238,7 +238,7 @@ class Connection(PduReader):
         except PduReject:
             return None
         offset = bhs.buffer_offset
-        return memoryview(seq.buffer)[offset:offset + bhs.data_segment_length]
+        return view(seq.buffer)[offset:offset + bhs.data_segment_length]
 
     def _placed(self, bhs: Bhs) -> None:
         session = self.session
@@ -508,7 +508,7 @@ class Connection(PduReader):
             self._fail_task_data(task, "sequence", bhs)
             return
         dsl = bhs.data_segment_length
-        memoryview(seq.buffer)[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
+        view(seq.buffer)[bhs.buffer_offset:bhs.buffer_offset + dsl] = data
         self._data_out_landed(bhs, task, dsl)
 
     def _data_out_landed(self, bhs: Bhs, task: IscsiTask, dsl: int) -> None:
@@ -583,7 +583,7 @@ class Connection(PduReader):
             task.reserved = 0
 
     def send_scsi_result(self, task: IscsiTask, status: int, sense: bytes | None,
-                         data: bytes | bytearray | memoryview | None, data_len: int,
+                         data: bytes | DataBuffer | memoryview | None, data_len: int,
                          data_out_len: int) -> None:
         """Data-In (phase-collapsed where possible) and/or SCSI Response for a finished task.
 
@@ -606,7 +606,7 @@ class Connection(PduReader):
                 data_len = task.edtl
                 if data is not None and produced - data_len > PIN_SLACK:
                     # queue a copy, not a slice that would pin the whole buffer
-                    data = bytes(memoryview(data).cast("B")[:data_len])
+                    data = bytes(view(data).cast("B")[:data_len])
             elif produced < task.edtl:
                 residual_flags, residual = pdu.F_UNDERFLOW, task.edtl - produced
         elif task.write:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from ..core.buffers import DataBuffer
+from ..core.buffers import view as as_view
 from . import digest as dg
 from . import pdu
 
@@ -54,13 +56,13 @@ def digests(data: memoryview, sizes: list[int]) -> list[bytes]:
     return out
 
 
-def send(queue: Queue, task: DataInTask, data: bytes | bytearray | memoryview, length: int,
+def send(queue: Queue, task: DataInTask, data: bytes | DataBuffer | memoryview, length: int,
          seg_max: int, burst: int, status: int, residual_flags: int, residual: int,
          collapse: bool, precomputed: list[bytes] | None, stat_sn: int, exp_cmd_sn: int,
          max_cmd_sn: int) -> bool:
     """Queue the Data-In PDUs of `length` bytes of `data`; True when the status went with
     the last of them (`collapse`), which then took StatSN `stat_sn`."""
-    view = memoryview(data)
+    view = as_view(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     sizes = segments(length, seg_max, burst)

@@ -11,8 +11,8 @@ previous one of its sequence ended (RFC 7143 13.19).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from ..core.buffers import DataBuffer, view
 from . import pdu
 from .errors import PduReject
 from .pdu import Bhs, RejectReason
@@ -42,13 +42,14 @@ class DataOutSequence:
                  "unsolicited_done", "unsolicited_next_sn", "wanted", "next_r2t_offset",
                  "r2ts", "r2t_sn", "waiter", "error", "failure")
 
-    def __init__(self, buffer: Any, edtl: int, immediate: memoryview, unsolicited_end: int,
+    def __init__(self, buffer: DataBuffer, edtl: int, immediate: memoryview,
+                 unsolicited_end: int,
                  unsolicited_done: bool) -> None:
-        self.buffer = buffer  # bytearray or uninitialised numpy array (core.buffers)
+        self.buffer = buffer  # core.buffers.data_buffer
         self.edtl = edtl
         dsl = len(immediate)
         if dsl:
-            memoryview(buffer)[0:dsl] = immediate
+            view(buffer)[0:dsl] = immediate
         self.received = dsl
         self.unsolicited_end = unsolicited_end
         self.unsolicited_received = dsl
@@ -64,7 +65,7 @@ class DataOutSequence:
 
     def view(self) -> memoryview:
         """What the device server asked for, as it arrived."""
-        return memoryview(self.buffer)[:min(self.wanted, self.edtl)]
+        return view(self.buffer)[:min(self.wanted, self.edtl)]
 
     def check(self, bhs: Bhs) -> None:
         """Validate a Data-Out PDU against its burst (raises PduReject)."""

@@ -18,7 +18,7 @@ try:
 
     IMPLEMENTATION = "crc32c"
 except ImportError:  # pragma: no cover - exercised only without the crc32c package
-    import crcmod.predefined  # type: ignore[import-untyped]
+    import crcmod.predefined
 
     _fn: Callable[..., int] = crcmod.predefined.mkCrcFun("crc-32c")
 

@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -94,7 +94,7 @@ class LogicalUnit(Protocol):
     def establish_ua(self, asc: Asc, keys: Iterable[tuple[Any, ...]] | None = None,
                      skip: Nexus | None = None) -> None: ...
     async def abort_tasks_of(self, keys: set[tuple[Any, ...]]) -> None: ...
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T: ...
+    def in_thread(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]: ...
 
 
 class PrType(IntEnum):

@@ -13,6 +13,7 @@ import numpy as np
 from ..core import limits
 from ..core import sense as S
 from ..core.buffers import data_buffer
+from ..core.buffers import view as buffer_view
 from ..core.sense import Status
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
                 return
         buf = data_buffer(want)
         if want:
-            await lu.read_blocks(memoryview(buf), lba, task.prepare_data_in)
+            await lu.read_blocks(buffer_view(buf), lba, task.prepare_data_in)
     finally:
         if not lent:
             ranges.release(lock)

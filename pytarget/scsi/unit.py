@@ -7,11 +7,11 @@ the handlers) is not imported back by them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from ..backstore.file import FileBackstore
+    from ..backstore.base import Backstore, Capabilities
     from ..core.copyservice import CopyServiceHooks
     from ..core.locks import RangeLock
     from ..core.sense import Asc, SenseError
@@ -72,7 +72,10 @@ class Unit(Protocol):
     @property
     def mode(self) -> ModePages: ...
     @property
-    def backstore(self) -> FileBackstore | None: ...
+    def backstore(self) -> Backstore | None: ...
+
+    @property
+    def caps(self) -> Capabilities: ...
     @property
     def ranges(self) -> RangeLock: ...
     @property
@@ -92,7 +95,7 @@ class Unit(Protocol):
 
     # block I/O
     def check_range(self, lba: int, count: int) -> None: ...
-    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T: ...
+    def in_thread(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]: ...
     async def read_blocks(self, buf: memoryview, lba: int,
                           then: Callable[[memoryview], None] | None = None) -> None: ...
     def lend_blocks(self, lba: int, nbytes: int) -> memoryview | None: ...

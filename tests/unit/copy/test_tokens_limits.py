@@ -17,7 +17,8 @@ from ..scsi.harness import make_lu
 def test_tokens_per_nexus_are_capped(tmp_path) -> None:
     lu = make_lu(tmp_path)
     store = TokenStore(SimpleNamespace(), clock=lambda: 0.0)
-    greedy = Nexus("iqn.2026-11.io.pytarget.test:greedy", bytes(6), "iqn.2026-11.io.pytarget:unit", 1)
+    greedy = Nexus("iqn.2026-11.io.pytarget.test:greedy", bytes(6),
+                   "iqn.2026-11.io.pytarget:unit", 1)
     other = Nexus("iqn.2026-11.io.pytarget.test:other", bytes(6), "iqn.2026-11.io.pytarget:unit", 1)
     for _ in range(limits.MAX_ROD_TOKENS_PER_NEXUS):
         store.create(lu, greedy, [(0, 8)], 60)

@@ -48,7 +48,8 @@ class Result:
     def key(self) -> int | None:
         if not self.sense:
             return None
-        return self.sense[2] & 0x0F if self.sense[0] & 0x7F in (0x70, 0x71) else self.sense[1] & 0x0F
+        fixed = self.sense[0] & 0x7F in (0x70, 0x71)
+        return self.sense[2] & 0x0F if fixed else self.sense[1] & 0x0F
 
     @property
     def asc(self) -> int | None:

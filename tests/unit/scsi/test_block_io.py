@@ -73,7 +73,8 @@ def test_short_data_out_writes_only_whole_blocks_received(lu) -> None:
     assert run(lu, rw10(0x2A, 0, 2), b"b" * 512).ok()
     assert run(lu, rw10(0x28, 0, 2)).data == b"b" * 512 + b"a" * 512
     partial = run(lu, rw10(0x2A, 0, 1), b"c" * 200)
-    assert partial.key == SenseKey.ILLEGAL_REQUEST and partial.asc == Asc.INVALID_FIELD_IN_INFORMATION_UNIT
+    assert (partial.key == SenseKey.ILLEGAL_REQUEST
+            and partial.asc == Asc.INVALID_FIELD_IN_INFORMATION_UNIT)
 
 
 def test_verify_bytchk(lu) -> None:

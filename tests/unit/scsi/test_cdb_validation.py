@@ -179,7 +179,8 @@ def test_protect_field_points_at_its_top_bit(lu) -> None:
 
 def test_unknown_opcode(lu) -> None:
     result = run(lu, bytes((0xC7,)) + bytes(15))
-    assert (result.key, result.asc) == (SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE)
+    assert (result.key, result.asc) == (SenseKey.ILLEGAL_REQUEST,
+                                        Asc.INVALID_COMMAND_OPERATION_CODE)
     assert result.field_pointer == (True, 0, None)
 
 

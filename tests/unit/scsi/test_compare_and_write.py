@@ -52,8 +52,8 @@ def test_length_rules(lu) -> None:
     assert run(lu, caw(0, 1), bytes(512)).asc == Asc.INVALID_FIELD_IN_CDB  # EDTL != 2 blocks
     assert run(lu, caw(0, 0), bytes(1024)).asc == Asc.INVALID_FIELD_IN_CDB
     assert run(lu, caw(0, 0)).ok()
-    assert run(lu, caw(0, lu.max_compare_and_write_blocks + 1),
-               bytes(2 * 512 * (lu.max_compare_and_write_blocks + 1))).field_pointer == (True, 13, 7)
+    too_long = lu.max_compare_and_write_blocks + 1
+    assert run(lu, caw(0, too_long), bytes(2 * 512 * too_long)).field_pointer == (True, 13, 7)
     assert run(lu, caw(lu.nblocks, 1), bytes(1024)).asc == Asc.LBA_OUT_OF_RANGE
 
 

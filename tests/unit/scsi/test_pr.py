@@ -668,7 +668,7 @@ async def test_preempt_and_abort_ends_the_preempted_tasks(lu: LogicalUnit) -> No
                     source=Source(data))
     await lu.start(task)
     assert task.status == Status.GOOD, task.sense
-    for victim, runner in zip(victims, runners):
+    for victim, runner in zip(victims, runners, strict=False):
         assert runner.done() and victim.aborted and victim.status == Status.TASK_ABORTED
     assert not runners[3].done() and not mine.aborted
     assert await read_reservation(lu) == (0xB, EA)

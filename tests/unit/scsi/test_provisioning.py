@@ -76,7 +76,8 @@ def test_unmap_parameter_list_errors(lu) -> None:
     assert unmap(lu, (lu.nblocks, 0)).ok()
     assert unmap(lu, (lu.nblocks - 1, 2)).asc == Asc.LBA_OUT_OF_RANGE
     too_many = [(i, 1) for i in range(limits.MAX_UNMAP_DESCRIPTORS + 1)]
-    assert unmap(lu, *too_many).asc in (Asc.INVALID_FIELD_IN_PARAMETER_LIST, Asc.INVALID_FIELD_IN_CDB)
+    assert unmap(lu, *too_many).asc in (Asc.INVALID_FIELD_IN_PARAMETER_LIST,
+                                        Asc.INVALID_FIELD_IN_CDB)
     per = 200000  # overlapping descriptors whose total passes MAXIMUM UNMAP LBA COUNT
     n = limits.MAX_UNMAP_BLOCKS // per + 1
     big = unmap(lu, *[(0, per)] * n)
