@@ -111,6 +111,11 @@ class RangeLock:
     def busy(self) -> bool:
         return bool(self._held or self._waiting)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued behind conflicting ones."""
+        return len(self._waiting)
+
 
 class _Guard:
     __slots__ = ("lock", "start", "count", "exclusive_", "req")

@@ -28,6 +28,7 @@ from ..conftest import (
     LiveTarget,
     run,
     start_target,
+    until,
     write_config,
 )
 
@@ -273,7 +274,7 @@ def test_target_pings_idle_connections(tmp_path: Path) -> None:
 
     async def body() -> None:
         ini = await session(live)
-        await asyncio.sleep(1.0)
+        await until(lambda: ini.pings >= 2 or ini.closed, "two pings")
         assert ini.pings >= 2 and not ini.closed
         assert await ini.nop(b"awake") == b"awake"
         await ini.logout()

@@ -82,7 +82,7 @@ def test_stalled_reader_gets_the_data_of_its_command(tmp_path: Path) -> None:
         writer, reader, reads = await stalled_reads(server, lu, host, port, old)
         last = (READS - 1) * MiB // BS
         write = asyncio.ensure_future(writer.write(0, last, new, block_size=BS))
-        await asyncio.sleep(0.2)
+        await until(lambda: lu.ranges.waiting, "the write queued for its blocks")
         assert not write.done(), "a write went ahead of data still to be sent"
         reader.resume_reading()
         for i, fut in enumerate(reads):

@@ -109,7 +109,10 @@ def test_lent_read_holds_its_blocks_until_the_data_is_sent(tmp_path) -> None:
         assert isinstance(reader.data_in, memoryview) and reader.data_in.readonly
         writer = task_for(lu, write10(1024, 8), data_out=new[:4096], nexus=NEXUS_B)
         write = asyncio.ensure_future(lu.start(writer))
-        await asyncio.sleep(0.05)
+        for _ in range(100):  # until the write has queued for its blocks
+            if lu.ranges.waiting:
+                break
+            await asyncio.sleep(0)
         assert not write.done()  # the write waits for the lent blocks
         assert bytes(reader.data_in) == old
         reader.on_data_sent()
