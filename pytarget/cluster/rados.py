@@ -16,7 +16,10 @@ returns only when every watcher has acknowledged. A watcher acknowledges after i
 on the event loop. A notify that times out is repeated: it succeeds once the silent watcher
 has acknowledged or the OSD has dropped its watch, which happens only after that watcher has
 gone WATCH_TIMEOUT seconds without a confirmed ping — by which time `trusted` is false there
-(TRUST_MS < WATCH_TIMEOUT), so it re-reads before acting (docs/scale-out-consistency.md).
+(TRUST_MS < WATCH_TIMEOUT), so it re-reads before acting. A copy older than MAX_AGE is not
+trusted either, and an author gives up notifying only after NOTIFY_GIVE_UP > MAX_AGE, so even
+a change whose notices were lost is seen everywhere before its command completes
+(docs/scale-out-consistency.md).
 
 librados calls back on its own threads; the callbacks only set flags and hand work to the event
 loop. Connecting, reading, writing and notifying are blocking C calls run on worker threads
@@ -44,7 +47,13 @@ VERSION_XATTR = b"pytarget.version"
 WATCH_TIMEOUT = 15  # seconds without a ping before the OSD drops a watch
 TRUST_MS = 12_000  # a watch confirmed longer ago than this is not trusted
 NOTIFY_TIMEOUT_MS = 5_000  # one round of notify
-NOTIFY_GIVE_UP = 4 * WATCH_TIMEOUT  # seconds of repeated notify before logging and going on
+# A copy read longer ago than this is not trusted even with a healthy watch: a change whose
+# notices never arrived (its author lost the cluster after writing) is seen within MAX_AGE.
+MAX_AGE = 10.0  # seconds
+# An author whose notify does not get every acknowledgement keeps trying this long before it
+# completes; being longer than MAX_AGE, every gateway has re-read by then.
+NOTIFY_GIVE_UP = 4 * WATCH_TIMEOUT  # seconds
+NOTIFY_RETRY = 0.5  # seconds between attempts after a notify failed outright
 OP_TIMEOUT = "10"  # seconds: librados's OSD and monitor operation timeouts
 MAX_DOCUMENT = 64 << 20
 _HEADER = 8
@@ -140,6 +149,7 @@ class RadosReservationStore:
         self._instance_id = 0
         self._cookie: int | None = None
         self._dirty = True  # set from librados threads
+        self._read_at = 0.0  # time.monotonic() before the last read or own write was sent
         self._watch_lost = False  # set from librados threads
         self._on_change: OnChange | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,7 +170,8 @@ class RadosReservationStore:
 
     def trusted(self) -> bool:
         cookie = self._cookie
-        if self._dirty or self._watch_lost or cookie is None or self._lib is None:
+        if self._dirty or self._watch_lost or cookie is None or self._lib is None \
+                or time.monotonic() - self._read_at >= MAX_AGE:
             return False
         age = self._lib.rados_watch_check(self._ioctx, cookie)
         return 0 <= age < TRUST_MS
@@ -173,12 +184,17 @@ class RadosReservationStore:
             if self._cookie is None or self._watch_lost:
                 await asyncio.to_thread(self._watch)
         self._dirty = False
-        return await asyncio.to_thread(self._read)
+        sent = time.monotonic()
+        snapshot = await asyncio.to_thread(self._read)
+        self._read_at = sent
+        return snapshot
 
     async def update(self, version: int, document: bytes) -> int:
         if self._lib is None:
             raise OSError(errno.ENOTCONN, f"{self.name}: not loaded")
+        sent = time.monotonic()
         await asyncio.to_thread(self._write, version, document)
+        self._read_at = max(self._read_at, sent)
         await asyncio.to_thread(self._notify, version + 1)
         return version + 1
 
@@ -308,12 +324,16 @@ class RadosReservationStore:
                 lib.rados_buffer_free(reply)
             if ret >= 0:
                 return
-            if ret != -errno.ETIMEDOUT or time.monotonic() > deadline:
-                log.error("%s: version %d written but not acknowledged by every gateway: %s",
-                          self.name, version, os.strerror(-ret))
+            if time.monotonic() > deadline:
+                log.error("%s: version %d written but not acknowledged by every gateway: %s; "
+                          "the others have re-read it by now (they re-read every %g s)",
+                          self.name, version, os.strerror(-ret), MAX_AGE)
                 return
-            log.warning("%s: a gateway has not acknowledged version %d yet; notifying again "
-                        "until it does or its watch expires", self.name, version)
+            log.warning("%s: version %d not acknowledged by every gateway yet (%s); notifying "
+                        "again until they do or their watches expire", self.name, version,
+                        os.strerror(-ret))
+            if ret != -errno.ETIMEDOUT:
+                time.sleep(NOTIFY_RETRY)
 
     # -------------------------------------------------------------- librados threads
     def _notified(self, arg: int | None, notify_id: int, cookie: int, notifier_id: int,

@@ -560,15 +560,25 @@ class PersistentReservations:
     def current(self) -> bool:
         """Whether the cached state may be acted on without reading the shared document."""
         store = self.store
-        return store is None or (self._loaded and not self._doubt and store.trusted())
+        return store is None or (self._loaded and not self._doubt and not self._background
+                                 and store.trusted())
 
     async def refresh(self) -> None:
         """Make the cached state the latest version of the shared document, establishing what
         the changes made through other gateways since the last one owe this gateway's I_T
-        nexuses. NOT READY (target port unavailable) when the store cannot be reached: a
-        gateway that cannot know the reservations executes nothing they could forbid."""
+        nexuses. The releases of I_T nexuses lost here are committed first, so no command
+        after a nexus loss finds its SPC-2 reservation. NOT READY (target port unavailable)
+        when the store cannot be reached: a gateway that cannot know the reservations
+        executes nothing they could forbid."""
+        if self._background:
+            await asyncio.wait(list(self._background))
+        await self._latest()
+
+    async def _latest(self) -> None:
+        store = self.store
+        assert store is not None
         async with self._refresh_lock:
-            if self.current():
+            if self._loaded and not self._doubt and store.trusted():
                 return
             await self._reload()
 
@@ -630,7 +640,7 @@ class PersistentReservations:
     async def _changed(self) -> None:
         """Another gateway changed the shared state: adopt it before acknowledging."""
         try:
-            await self.refresh()
+            await self._latest()
         except S.SenseError:
             pass  # logged; commands re-read before they act
 
@@ -642,7 +652,7 @@ class PersistentReservations:
         assert store is not None
         async with self._commit_lock:
             for _attempt in range(MAX_ATTEMPTS):
-                await self.refresh()
+                await self._latest()
                 old = self.state
                 new = old.copy()
                 out = _Outcome()
