@@ -1,6 +1,7 @@
-"""libiscsi's persistent reservation and RESERVE(6) suites with their two URLs on two gateway
-processes (`pytarget serve` twice) that serve one file LUN and keep its reservations in one
-RADOS object of the throw-away cluster: what one gateway does the other must enforce."""
+"""libiscsi's persistent reservation, RESERVE(6) and MultipathIO suites with their two URLs on
+two gateway processes (`pytarget serve` twice) that serve one file LUN and keep its
+reservations in one RADOS object of the throw-away cluster: what one gateway does the other
+must enforce."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = [
 
 SUITES = [
     "PrinReadKeys", "PrinServiceactionRange", "PrinReportCapabilities", "ProutRegister",
-    "ProutReserve", "ProutClear", "ProutPreempt", "Reserve6",
+    "ProutReserve", "ProutClear", "ProutPreempt", "Reserve6", "MultipathIO",
 ]
 
 
