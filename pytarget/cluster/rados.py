@@ -369,6 +369,9 @@ class RadosReservationStore:
         try:
             if self._on_change is not None:
                 await self._on_change()
+        except Exception:
+            log.exception("%s: adopting a change failed; commands re-read before they act",
+                          self.name)
         finally:
             lib = self._lib
             if lib is not None and not self._closed:
