@@ -212,8 +212,10 @@ class LogicalUnit:
         try:
             spec = self.table.lookup(task.cdb)
             cdb = spec.parse(task.cdb)
-            if not self.pr.current() and (spec.spc2 or spec.pr is not Pr.ALLOWED):
-                await self.pr.refresh()
+            pr = self.pr
+            if pr.store is not None and not pr.current() \
+                    and (spec.spc2 or spec.pr is not Pr.ALLOWED):
+                await pr.refresh()
             self._admit(task, spec)
             await spec.handler(self, task, cdb)
         except SenseError as exc:
