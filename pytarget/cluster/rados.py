@@ -148,6 +148,9 @@ class RadosReservationStore:
         self._ioctx = ctypes.c_void_p()
         self._instance_id = 0
         self._cookie: int | None = None
+        # librados takes a watch cookie for the address of its state: rados_watch_check on an
+        # unwatched cookie reads freed memory. The lock keeps checks and unwatches apart.
+        self._cookie_lock = threading.Lock()
         self._dirty = True  # set from librados threads
         self._read_at = 0.0  # time.monotonic() before the last read or own write was sent
         self._watch_lost = False  # set from librados threads
@@ -169,19 +172,17 @@ class RadosReservationStore:
         self._on_change = on_change
 
     def trusted(self) -> bool:
-        cookie = self._cookie
-        if self._dirty or self._watch_lost or cookie is None or self._lib is None \
-                or time.monotonic() - self._read_at >= MAX_AGE:
+        if self._dirty or self._watch_lost or time.monotonic() - self._read_at >= MAX_AGE:
             return False
-        age = self._lib.rados_watch_check(self._ioctx, cookie)
-        return 0 <= age < TRUST_MS
+        age = self._watch_age()
+        return age is not None and 0 <= age < TRUST_MS
 
     async def load(self) -> Snapshot:
         self._loop = asyncio.get_running_loop()
         async with self._connect_lock:
             if self._lib is None:
                 await asyncio.to_thread(self._connect)
-            if self._cookie is None or self._watch_lost:
+            if not self._watching():
                 await asyncio.to_thread(self._watch)
         self._dirty = False
         sent = time.monotonic()
@@ -207,13 +208,35 @@ class RadosReservationStore:
         lib = self._lib
         if lib is None:
             return
-        if self._cookie is not None:
-            lib.rados_unwatch2(self._ioctx, self._cookie)
-            lib.rados_watch_flush(self._cluster)
-            self._cookie = None
+        self._unwatch()
+        lib.rados_watch_flush(self._cluster)
+        with self._cookie_lock:
+            self._lib = None
         lib.rados_ioctx_destroy(self._ioctx)
         lib.rados_shutdown(self._cluster)
-        self._lib = None
+
+    def _watching(self) -> bool:
+        """Whether the watch is established and librados knows of no error on it."""
+        if self._watch_lost:
+            return False
+        age = self._watch_age()
+        return age is not None and age >= 0
+
+    def _watch_age(self) -> int | None:
+        """Milliseconds since the watch was last confirmed, a negative errno, or None when
+        there is no watch."""
+        with self._cookie_lock:
+            lib, cookie = self._lib, self._cookie
+            if lib is None or cookie is None:
+                return None
+            return int(lib.rados_watch_check(self._ioctx, cookie))
+
+    def _unwatch(self) -> None:
+        with self._cookie_lock:
+            lib, cookie = self._lib, self._cookie
+            self._cookie = None
+            if lib is not None and cookie is not None:
+                lib.rados_unwatch2(self._ioctx, cookie)
 
     # -------------------------------------------------------------- blocking parts
     def _connect(self) -> None:
@@ -246,9 +269,7 @@ class RadosReservationStore:
     def _watch(self) -> None:
         lib = self._lib
         assert lib is not None
-        if self._cookie is not None:
-            lib.rados_unwatch2(self._ioctx, self._cookie)
-            self._cookie = None
+        self._unwatch()
         self._create()
         self._watch_lost = False
         cookie = ctypes.c_uint64()

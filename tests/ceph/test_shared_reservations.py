@@ -7,6 +7,7 @@ from both end with one generation."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -105,6 +106,44 @@ def test_compare_and_update_and_notify(ceph_cluster: CephCluster, object_name: s
             snapshot = await one.load()
             assert (snapshot.version, snapshot.document) == (2, b"second")
             assert len(heard) == 1  # two's own update is not a change to two
+        finally:
+            await asyncio.to_thread(one.close)
+            await asyncio.to_thread(two.close)
+    run(go(), timeout=120)
+
+
+def test_a_lost_watch_is_established_again(ceph_cluster: CephCluster,
+                                           object_name: str) -> None:
+    async def go() -> None:
+        one, two = store(ceph_cluster, object_name), store(ceph_cluster, object_name)
+        heard: list[int] = []
+
+        async def changed() -> None:
+            heard.append((await two.load()).version)
+
+        two.subscribe(changed)
+        try:
+            await one.load()
+            await two.load()
+            # librados reports an error on the watch (as after a reconnection): not trusted
+            # until a load has watched again
+            cookie = two._cookie
+            assert cookie is not None
+            two._watch_failed(None, cookie, -errno.ENOTCONN)
+            assert not two.trusted()
+            snapshot = await two.load()
+            assert snapshot.version == 0 and two.trusted() and two._cookie != cookie
+            # the watch is gone altogether: changes meanwhile go unheard; the load finds them
+            # and watches again
+            await asyncio.to_thread(two._unwatch)
+            assert not two.trusted()
+            assert await one.update(0, b"unheard") == 1
+            assert heard == []
+            snapshot = await two.load()
+            assert (snapshot.version, snapshot.document) == (1, b"unheard")
+            assert two.trusted()
+            assert await one.update(1, b"heard") == 2
+            assert heard == [2]
         finally:
             await asyncio.to_thread(one.close)
             await asyncio.to_thread(two.close)
