@@ -48,6 +48,7 @@ class Asc(IntEnum):
     LUN_NOT_READY = 0x0400
     LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED = 0x0402
     LUN_NOT_READY_MANUAL_INTERVENTION_REQUIRED = 0x0403
+    LUN_NOT_ACCESSIBLE_TARGET_PORT_UNAVAILABLE = 0x040C
     LUN_COMMUNICATION_FAILURE = 0x0800
     WRITE_ERROR = 0x0C00
     THIRD_PARTY_DEVICE_FAILURE = 0x0D01
@@ -241,6 +242,12 @@ def space_allocation_failed() -> SenseError:
 
 def not_ready(asc: Asc = Asc.LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED) -> SenseError:
     return SenseError(SenseKey.NOT_READY, asc)
+
+
+def port_unavailable() -> SenseError:
+    """NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE (SPC-4
+    5.15.2.4.5): this gateway cannot reach state the command depends on; another path may."""
+    return SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_ACCESSIBLE_TARGET_PORT_UNAVAILABLE)
 
 
 def medium_error(asc: Asc, lba: int | None = None) -> SenseError:
