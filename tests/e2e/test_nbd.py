@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -142,3 +143,28 @@ def test_list_and_unknown_export(nbd_target: tuple[LiveTarget, int]) -> None:
     if shutil.which("nbdinfo"):
         listing = qemu("nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}")
         assert [e["export-name"] for e in json.loads(listing)["exports"]] == [EXPORT]
+
+
+def test_reload_removes_and_adds_the_listener(nbd_target: tuple[LiveTarget, int],
+                                              tmp_path: Path) -> None:
+    target, port = nbd_target
+    write_config(tmp_path)  # the same target, without `nbd`
+    target.process.send_signal(signal.SIGHUP)
+    _wait_for(target, "NBD listener closed")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    write_config(tmp_path, nbd=f"127.0.0.1:{port}")
+    target.process.send_signal(signal.SIGHUP)
+    _wait_for(target, f"NBD exports served on 127.0.0.1:{port}", after="NBD listener closed")
+    info = json.loads(qemu("qemu-img", "info", "--output=json",
+                           f"nbd://127.0.0.1:{port}/{EXPORT}"))
+    assert info["virtual-size"] == SIZE
+
+
+def _wait_for(target: LiveTarget, text: str, after: str = "") -> None:
+    for _ in range(400):
+        log = target.log_text()
+        if text in (log.split(after, 1)[-1] if after else log):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never logged {text!r}:\n{target.log_text()}")
