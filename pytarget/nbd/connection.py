@@ -292,7 +292,7 @@ class NbdConnection:
                 return
 
     def _client_flags(self, flags: int) -> None:
-        known = P.ClientFlag.C_FIXED_NEWSTYLE | P.ClientFlag.C_NO_ZEROES
+        known = int(P.ClientFlag.C_FIXED_NEWSTYLE | P.ClientFlag.C_NO_ZEROES)
         if flags & ~known:
             # "the server MUST drop the TCP connection if the client sets an unknown flag"
             self._hard_close(f"unknown client flags {flags:#x}")
@@ -562,7 +562,7 @@ class NbdConnection:
         allowed = P.ALLOWED_FLAGS.get(command)
         if allowed is None:
             return Errno.EINVAL  # "SHOULD return NBD_EINVAL if it receives an unknown command"
-        if flags & ~allowed:
+        if flags & ~int(allowed):
             return Errno.EINVAL
         advertised = facts.flags
         if flags & CmdFlag.DF and not advertised & TransmissionFlag.SEND_DF:
@@ -576,10 +576,8 @@ class NbdConnection:
             return Errno.EINVAL
         if writes and advertised & TransmissionFlag.READ_ONLY:
             return Errno.EPERM
-        if command == Cmd.READ and length > MAX_PAYLOAD and not self.negotiated.structured:
-            return Errno.EOVERFLOW
-        if command == Cmd.READ and flags & CmdFlag.DF and length > MAX_PAYLOAD:
-            return Errno.EOVERFLOW
+        if command == Cmd.READ and length > MAX_PAYLOAD:
+            return Errno.EOVERFLOW  # "permitted to reject large read requests up front"
         if offset + length > facts.size:
             return Errno.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
         if command in (Cmd.WRITE, Cmd.WRITE_ZEROES):
@@ -679,7 +677,7 @@ class NbdConnection:
         self._rx.clear()
 
 
-_ZERO_LENGTH_OK = frozenset({Cmd.READ, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.FLUSH})
+_ZERO_LENGTH_OK = frozenset({Cmd.READ, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES})
 _ERROR_TEXT = {
     Errno.EINVAL: "invalid request",
     Errno.EPERM: "the export is read-only",

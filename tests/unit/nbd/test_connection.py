@@ -7,6 +7,8 @@ import struct
 from collections.abc import Callable, Iterable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pytarget.nbd import connection as C
 from pytarget.nbd.connection import ExportFacts, NbdConnection, Phase
@@ -311,3 +313,25 @@ def test_reading_pauses_when_too_many_requests_are_unanswered() -> None:
     assert not conn.reading
     conn.reply_ok(0, Cmd.FLUSH)
     assert conn.reading
+
+
+@settings(max_examples=300, deadline=None)
+@given(phase=st.sampled_from(["flags", "options", "transmission"]),
+       data=st.binary(max_size=600), cut=st.integers(1, 64))
+def test_arbitrary_bytes_never_crash_or_hang(phase: str, data: bytes, cut: int) -> None:
+    """Whatever arrives, in any phase and any pieces: replies, events or a close, never an
+    exception, and every request the application sees is within the export."""
+    if phase == "transmission":
+        conn = negotiated(structured=True)
+    else:
+        conn = NbdConnection(0.0)
+        out(conn)
+        if phase == "options":
+            feed(conn, FIXED)
+    for at in range(0, len(data), cut):
+        conn.receive_data(data[at:at + cut], 0.0)
+    for ev in conn.events:
+        if isinstance(ev, C.Request):
+            assert ev.offset + ev.length <= SIZE
+            assert ev.data is None or len(ev.data) == ev.length
+    out(conn)
