@@ -98,12 +98,24 @@ class NbdConfig:
     # replaces its target's, and without either only loopback clients are allowed.
     target_allow: dict[str, tuple[str, ...]] = field(default_factory=dict)
     lun_allow: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
+    tls: NbdTls | None = None  # `nbd_tls`
 
     def allowed(self, target: str, lun: int) -> tuple[str, ...] | None:
         """The networks allowed to open a LUN's export, or None for the default (loopback)."""
         if (target, lun) in self.lun_allow:
             return self.lun_allow[(target, lun)]
         return self.target_allow.get(target)
+
+
+@dataclass
+class NbdTls:
+    """`nbd_tls: {cert: PATH, key: PATH, ca: PATH, required: BOOL}`: the server's X.509
+    certificate and key; with `ca`, clients must present a certificate it signed."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    required: bool = True  # refuse every option but STARTTLS and ABORT before TLS
 
 
 NBD_PORT = 10809
@@ -199,7 +211,7 @@ def parse(text: str, file: str, base: Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "-"
         raise ConfigError(file, where, "invalid YAML") from None
-    nbd = _nbd(r, doc)
+    nbd = _nbd(r, doc, base)
     doc = r.mapping(doc if doc is not None else {}, "",
                     {"portals", "targets", "management_addresses", "control_socket",
                      "control_group", "metrics", "discovery_auth", "limits",
@@ -503,7 +515,7 @@ def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:
         raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not writable")
 
 
-def _nbd(r: _Reader, doc: Any) -> NbdConfig | None:
+def _nbd(r: _Reader, doc: Any, base: Path) -> NbdConfig | None:
     """`nbd: "HOST[:PORT]"` (10809 when no port is given) at the top level, and `nbd_allow:
     [NETWORK, ...]` in a target or a LUN: taken out of `doc` before the rest is checked. An
     `nbd_allow` without `nbd` is refused (it would do nothing)."""
@@ -527,6 +539,11 @@ def _nbd(r: _Reader, doc: Any) -> NbdConfig | None:
         if not host:
             raise r.fail("nbd", "expected a host address")
         config = NbdConfig((host, port))
+    if "nbd_tls" in doc:
+        tls_raw = doc.pop("nbd_tls")
+        if config is None:
+            raise r.fail("nbd_tls", 'has no effect without a top-level `nbd: "HOST:PORT"`')
+        config.tls = _nbd_tls(r, tls_raw, base)
     targets = doc.get("targets")
     for ti, t in enumerate(targets if isinstance(targets, list) else []):
         if not isinstance(t, dict):
@@ -560,3 +577,22 @@ def _nbd_allow(r: _Reader, raw: Any, key: str, config: NbdConfig | None) -> tupl
         except ValueError:
             raise r.fail(f"{key}[{i}]", f"not an address or network: {item!r}") from None
     return tuple(out)
+
+
+def _nbd_tls(r: _Reader, raw: Any, base: Path) -> NbdTls:
+    raw = r.mapping(raw, "nbd_tls", {"cert", "key", "ca", "required"}, {"cert", "key"})
+    paths: dict[str, Path] = {}
+    for name in ("cert", "key", "ca"):
+        if name not in raw:
+            continue
+        value = raw[name]
+        if not isinstance(value, str) or not value:
+            raise r.fail(f"nbd_tls.{name}", "expected a file path")
+        path = Path(value)
+        if not path.is_absolute():
+            path = base / path
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise r.fail(f"nbd_tls.{name}", f"{path} is not a readable file")
+        paths[name] = path
+    required = r.boolean(raw.get("required", True), "nbd_tls.required")
+    return NbdTls(paths["cert"], paths["key"], paths.get("ca"), required)

@@ -8,6 +8,10 @@ cache is never copied in Python), releases lent blocks as their bytes leave, pau
 too many requests are unanswered or the client does not take its replies, and ends a handshake
 that takes too long. `NbdService` is the listener and the set of drivers, with the export table
 a reload replaces.
+
+TLS (NBD_OPT_STARTTLS): once the acknowledgement has left in clear, the driver runs the stream
+through an `ssl.SSLObject` over memory BIOs, so the connection stays sans-I/O and unaware of it;
+the zero-copy paths give way to the copies encryption makes anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from itertools import islice
 
@@ -39,9 +44,16 @@ class NbdDriver:
         self.loop = asyncio.get_running_loop()
         self.fd = sock.fileno()
         self.peer = sock.getpeername()[:2]
-        self.conn = NbdConnection(self.loop.time(), service.handshake_timeout)
+        self.conn = NbdConnection(self.loop.time(), service.handshake_timeout,
+                                  tls_available=service.tls is not None,
+                                  tls_required=service.tls_required)
+        self.tls: ssl.SSLObject | None = None
+        self.tls_in = ssl.MemoryBIO()
+        self.tls_out = ssl.MemoryBIO()
+        self.handshaking = False
         self.fabric = NbdFabric(self.conn, service.directory, self.peer[0], self, self.loop)
         self.pending: deque[bytes | bytearray | memoryview] = deque()
+        self.scratch = bytearray(65536)  # encrypted bytes land here under TLS
         self.pending_bytes = 0
         self.sent_bytes = 0
         self.reading = False
@@ -61,7 +73,9 @@ class NbdDriver:
     # ---------------------------------------------------------------- Wire (for the fabric)
     def send(self) -> None:
         out = self.conn.data_to_send()
-        for part in out:
+        if self.tls is not None:
+            self._encrypt(out)
+        for part in out if self.tls is None else ():
             self.pending.append(part)
             self.pending_bytes += len(part)
         if not self.writing and not self.flush_scheduled and not self.closed:
@@ -69,7 +83,53 @@ class NbdDriver:
             self.loop.call_soon(self._flush)
 
     def upgrade_tls(self) -> None:
-        self._lost("TLS is not available")  # never acknowledged: tls_available is False
+        """NBD_OPT_STARTTLS was acknowledged: the acknowledgement leaves in clear, everything
+        after it through TLS."""
+        context = self.service.tls
+        assert context is not None
+        self.send()
+        self.tls = context.wrap_bio(self.tls_in, self.tls_out, server_side=True)
+        self.handshaking = True
+
+    def _encrypt(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        tls = self.tls
+        assert tls is not None
+        if not self.handshaking:
+            for part in parts:
+                if len(part):
+                    tls.write(part)
+            if self.fabric.lent:
+                self.fabric.release_lent(self.conn.queued_bytes)  # copied by the write
+        data = self.tls_out.read()
+        if data:
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+
+    def _decrypt(self, data: memoryview) -> bool:
+        """Encrypted bytes in; False when the connection ended."""
+        tls = self.tls
+        assert tls is not None
+        self.tls_in.write(data)
+        try:
+            if self.handshaking:
+                tls.do_handshake()
+                self.handshaking = False
+                log.info("NBD %s: TLS %s established", self.peer[0], tls.version(),
+                         extra={"event": "nbd_tls", "peer": self.peer[0]})
+                self.conn.tls_started()
+            while True:
+                clear = tls.read(65536)
+                if not clear:
+                    self._lost("peer closed TLS")
+                    return False
+                self.conn.receive_data(clear, self.loop.time())
+        except ssl.SSLWantReadError:
+            return True
+        except ssl.SSLError as exc:
+            self._encrypt([])  # the alert, if any
+            self._write_some()
+            self._lost(f"TLS failed: {exc.reason or exc}")
+            return False
 
     # ---------------------------------------------------------------- reading
     def _update_reading(self) -> None:
@@ -84,7 +144,7 @@ class NbdDriver:
     def _on_readable(self) -> None:
         conn = self.conn
         for _ in range(8):
-            buf = conn.get_buffer()
+            buf = conn.get_buffer() if self.tls is None else memoryview(self.scratch)
             try:
                 n = self.sock.recv_into(buf)
             except (BlockingIOError, InterruptedError):
@@ -95,7 +155,10 @@ class NbdDriver:
             if n == 0:
                 self._lost("peer closed the connection")
                 return
-            conn.buffer_updated(n, self.loop.time())
+            if self.tls is None:
+                conn.buffer_updated(n, self.loop.time())
+            elif not self._decrypt(buf[:n]):
+                return
             self.fabric.process()
             if self.closed or not conn.reading or n < len(buf):
                 break
@@ -130,7 +193,7 @@ class NbdDriver:
                 else:
                     pending[0] = memoryview(head)[sent:]
                     sent = 0
-        if self.fabric.lent:
+        if self.fabric.lent and self.tls is None:
             self.fabric.release_lent(self.sent_bytes)
         if pending and not self.writing:
             self.writing = True
@@ -217,8 +280,11 @@ class NbdService:
     """The NBD listener, its connections and the exports they may open."""
 
     def __init__(self, directory: ExportDirectory, max_connections: int = 1024,
-                 handshake_timeout: float = 30.0) -> None:
+                 handshake_timeout: float = 30.0, tls: ssl.SSLContext | None = None,
+                 tls_required: bool = False) -> None:
         self.directory = directory
+        self.tls = tls
+        self.tls_required = tls is not None and tls_required
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.listener: Listener | None = None
@@ -275,6 +341,18 @@ class NbdService:
             driver.close("server shutting down")
         if drivers:
             await asyncio.wait([d.done for d in drivers], timeout=grace)
+
+
+def tls_context(cert: str, key: str, ca: str | None) -> ssl.SSLContext:
+    """The server side of NBD's TLS: TLS 1.2 or later ("TLS versions"), this certificate and
+    key, and with `ca` a client certificate signed by it required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if ca is not None:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 __all__ = ["NBD_PORT", "ExportTable", "NbdDriver", "NbdService"]

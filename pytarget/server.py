@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +23,7 @@ from .iscsi.bounds import Bounds, MemoryBudget
 from .iscsi.node import TargetNode
 from .iscsi.session import ConnectionLink, Session
 from .metrics import MetricsServer, render
-from .nbd_transport import NbdService
+from .nbd_transport import NbdService, tls_context
 from .reconfigure import Reload, ReloadRefused
 from .scsi.device import LogicalUnit, io_threads_busy
 from .transport import ConnectionDriver, Listener, PollingSelector
@@ -31,6 +32,15 @@ log = logging.getLogger("pytarget")
 
 STATUS_SERVICE = 0x03  # VPD 85h SERVICE TYPE of a status service (SPC-4 7.8.9 table 663)
 RETIRE_GRACE = 30.0  # seconds a removed LUN's commands may take before they are aborted
+
+
+def _nbd_tls(config: Config) -> tuple[ssl.SSLContext | None, bool]:
+    """The TLS context of `nbd_tls` and whether TLS is required (none without it)."""
+    tls = config.nbd.tls if config.nbd is not None else None
+    if tls is None:
+        return None, False
+    context = tls_context(str(tls.cert), str(tls.key), str(tls.ca) if tls.ca else None)
+    return context, tls.required
 
 
 class Server:
@@ -60,6 +70,7 @@ class Server:
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
         self.nbd: NbdService | None = None  # the NBD front end (config `nbd`)
+        self._next_nbd_tls: tuple[ssl.SSLContext | None, bool] = (None, False)
         self.logins: dict[Session, float] = {}
         self.reloads: dict[str, int] = {}
         self.retiring: set[asyncio.Task[None]] = set()
@@ -97,6 +108,7 @@ class Server:
         if self.config.nbd is not None:
             self.nbd = NbdService(build_exports(self.registry, self.config),
                                   self.config.limits.max_connections)
+            self.nbd.tls, self.nbd.tls_required = _nbd_tls(self.config)
             self.nbd.serve_on(self.nbd.listen(*self.config.nbd.address))
             log.info("NBD exports served on %s:%d", *self.nbd.address or ("-", 0))
         if self.config.metrics is not None:
@@ -257,6 +269,10 @@ class Server:
         listener that cannot bind refuses the reload)."""
         old = self.config.nbd.address if self.config.nbd is not None else None
         wanted = new.nbd.address if new.nbd is not None else None
+        try:
+            self._next_nbd_tls = _nbd_tls(new)
+        except (OSError, ssl.SSLError) as exc:
+            raise ReloadRefused(f"nbd_tls: {exc}") from None
         if wanted is None or wanted == old:
             return None
         service = self.nbd or NbdService(build_exports(self.registry, new),
@@ -282,6 +298,7 @@ class Server:
         elif listener is not None:
             self.nbd.serve_on(listener)
             changes.append("NBD exports served on {}:{}".format(*listener.address))
+        self.nbd.tls, self.nbd.tls_required = self._next_nbd_tls  # for new connections
         closed = self.nbd.use_exports(build_exports(self.registry, new))
         if closed:
             changes.append(f"{closed} NBD connection(s) to removed exports closed")

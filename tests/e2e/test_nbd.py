@@ -168,3 +168,60 @@ def _wait_for(target: LiveTarget, text: str, after: str = "") -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"never logged {text!r}:\n{target.log_text()}")
+
+
+def _pki(directory: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, in the layout QEMU's
+    tls-creds-x509 reads (ca-cert.pem, client-cert.pem, client-key.pem)."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out",
+        "ca-cert.pem", "-days", "2", "-subj", "/CN=pytarget test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        (directory / f"{name}.ext").write_text(ext)
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-out", f"{name}-cert.pem", "-days", "2", "-extfile",
+            f"{name}.ext")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_starttls_with_x509_certificates(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _pki(pki)
+    anonymous = tmp_path / "anonymous"  # trusts the CA, has no client certificate
+    anonymous.mkdir()
+    shutil.copy(pki / "ca-cert.pem", anonymous)
+    config = write_config(tmp_path, nbd="127.0.0.1:0", nbd_tls={
+        "cert": "pki/server-cert.pem", "key": "pki/server-key.pem", "ca": "pki/ca-cert.pem"})
+    target = start_target(config)
+    try:
+        _wait_for(target, "NBD exports served on")
+        m = re.search(r"NBD exports served on 127\.0\.0\.1:(\d+)", target.log_text())
+        assert m
+        port = m.group(1)
+        plain = subprocess.run(["qemu-img", "info", f"nbd://127.0.0.1:{port}/{EXPORT}"],
+                               capture_output=True, text=True, timeout=60)
+        assert plain.returncode != 0 and "TLS is required" in plain.stderr
+
+        def opts(creds: Path) -> list[str]:
+            return ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client",
+                    "--image-opts", f"driver=nbd,host=127.0.0.1,port={port},"
+                    f"export={EXPORT},tls-creds=tls0"]
+
+        out = qemu("qemu-io", *opts(pki), "-c", "write -P 0x5a 0 1M", "-c",
+                   "read -P 0x5a 0 1M", "-c", "discard 512k 512k")
+        assert "Pattern verification failed" not in out
+        extents = json.loads(qemu("qemu-img", "map", "--output=json", *opts(pki)))
+        assert [(e["start"], e["length"], e["data"]) for e in extents[:2]] == [
+            (0, 512 << 10, True), (512 << 10, (64 << 20) - (512 << 10), False)]
+        refused = subprocess.run(["qemu-img", "info", *opts(anonymous)], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0
+        _wait_for(target, "TLS failed")
+    finally:
+        target.stop()

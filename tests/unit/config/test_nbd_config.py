@@ -76,3 +76,19 @@ def test_exports_follow_the_allow_lists(tmp_path: Path) -> None:
         for node in registry.targets.values():
             for lu in node.luns.values():
                 lu.close()
+
+
+def test_nbd_tls_paths_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "k.pem").write_text("x")
+    good = config_text("127.0.0.1") + "nbd_tls: {cert: c.pem, key: k.pem, required: false}\n"
+    tls = parse(good, "t.yaml", tmp_path).nbd.tls  # type: ignore[union-attr]
+    assert tls is not None and tls.cert == tmp_path / "c.pem" and tls.ca is None
+    assert not tls.required
+    for text, key in ((config_text("127.0.0.1") + "nbd_tls: {cert: c.pem, key: none.pem}\n",
+                       "nbd_tls.key"),
+                      (config_text(None) + "nbd_tls: {cert: c.pem, key: k.pem}\n", "nbd_tls"),
+                      (config_text("127.0.0.1") + "nbd_tls: {cert: c.pem}\n", "nbd_tls.key")):
+        with pytest.raises(ConfigError) as err:
+            parse(text, "t.yaml", tmp_path)
+        assert err.value.key == key

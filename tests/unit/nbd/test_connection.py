@@ -335,3 +335,26 @@ def test_arbitrary_bytes_never_crash_or_hang(phase: str, data: bytes, cut: int) 
             assert ev.offset + ev.length <= SIZE
             assert ev.data is None or len(ev.data) == ev.length
     out(conn)
+
+
+def test_forced_tls_refuses_options_until_starttls() -> None:
+    conn = NbdConnection(0.0, tls_available=True, tls_required=True)
+    out(conn)
+    feed(conn, FIXED + option(Opt.STRUCTURED_REPLY) + option(Opt.LIST)
+         + go(b"e") + option(Opt.STARTTLS))
+    tls_reqd = [opt_reply(code, Rep.ERR_TLS_REQD, b"TLS is required (NBD_OPT_STARTTLS)")
+                for code in (Opt.STRUCTURED_REPLY, Opt.LIST, Opt.GO)]
+    assert out(conn) == b"".join(tls_reqd) + opt_reply(Opt.STARTTLS, Rep.ACK)
+    assert list(conn.events) == [C.StartTls()]
+    conn.events.clear()
+    conn.tls_started()
+    feed(conn, option(Opt.STARTTLS) + option(Opt.LIST))  # a second STARTTLS is invalid
+    assert out(conn) == opt_reply(Opt.STARTTLS, Rep.ERR_INVALID, b"TLS is already active")
+    assert list(conn.events) == [C.ListExports()]
+
+
+def test_export_name_without_forced_tls_is_a_hard_disconnect() -> None:
+    conn = NbdConnection(0.0, tls_available=True, tls_required=True)
+    out(conn)
+    feed(conn, FIXED + option(Opt.EXPORT_NAME, b"e"))
+    assert conn.wants_close and not conn.events
