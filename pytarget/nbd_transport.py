@@ -142,6 +142,22 @@ class NbdDriver:
         self.reading = want
 
     def _on_readable(self) -> None:
+        # What this batch of requests answers at once leaves at its end in one `sendmsg`,
+        # not one loop iteration later.
+        batch = not self.flush_scheduled
+        self.flush_scheduled = True
+        try:
+            self._receive_batch()
+        finally:
+            if batch:
+                self.flush_scheduled = False
+        if not self.closed:
+            if not self.writing:
+                self._write_some()
+            self._update_reading()
+            self._schedule_timer()
+
+    def _receive_batch(self) -> None:
         conn = self.conn
         for _ in range(8):
             buf = conn.get_buffer() if self.tls is None else memoryview(self.scratch)
@@ -163,8 +179,6 @@ class NbdDriver:
             if self.closed or not conn.reading or n < len(buf):
                 break
         self.send()
-        self._update_reading()
-        self._schedule_timer()
 
     # ---------------------------------------------------------------- writing
     def _flush(self) -> None:

@@ -33,6 +33,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from ..core.frontend import FrontEndUnit
@@ -180,7 +181,8 @@ class NbdFabric:
         while events:
             ev = events.popleft()
             if isinstance(ev, C.Request):
-                self._spawn(self._request(ev))
+                if not self._fast(ev):
+                    self._spawn(self._request(ev))
             elif isinstance(ev, C.ListExports):
                 self.conn.reply_list([(e.name, e.description)
                                       for e in self.directory.visible(self.client)])
@@ -273,13 +275,22 @@ class NbdFabric:
         """Submit one command; the future resolves to the ended task (unit attentions and
         aborts by another initiator retried)."""
         fut: asyncio.Future[ScsiTask] = self.loop.create_future()
-        self.touched.add((unit, nexus))
-        self._submit(unit, nexus, cdb, expected_in, data, lend, fut, 0)
+
+        def finish(task: ScsiTask | None) -> None:
+            if task is not None and not fut.done():
+                fut.set_result(task)
+            elif not fut.done():
+                fut.cancel()
+
+        self._submit(unit, nexus, cdb, expected_in, data, lend, finish)
         return fut
 
     def _submit(self, unit: FrontEndUnit, nexus: Nexus, cdb: bytes, expected_in: int,
-                data: memoryview | None, lend: bool, fut: asyncio.Future[ScsiTask],
-                tries: int) -> None:
+                data: memoryview | None, lend: bool,
+                finish: Callable[[ScsiTask | None], None], tries: int = 0) -> None:
+        """Submit one command; `finish` gets the ended task (None once the connection is
+        gone), maybe before this returns: most commands never wait."""
+        self.touched.add((unit, nexus))
         tag = next(self.tags)
         task = ScsiTask(cdb, unit.lun, tag, nexus, TaskAttr.SIMPLE, expected_in,
                         len(data) if data is not None else 0, _Source(data))
@@ -288,21 +299,18 @@ class NbdFabric:
 
         def done(task: ScsiTask) -> None:
             self.inflight.pop(tag, None)
-            if fut.done():
-                _release(task)
-                return
             if self.closed:
                 _release(task)
-                fut.cancel()
+                finish(None)
                 return
             retry = task.aborted or task.status == Status.TASK_ABORTED or (
                 task.status == Status.CHECK_CONDITION
                 and sense_fields(task.sense)[0] == SenseKey.UNIT_ATTENTION)
             if retry and tries < MAX_RETRIES:
                 _release(task)
-                self._submit(unit, nexus, cdb, expected_in, data, lend, fut, tries + 1)
+                self._submit(unit, nexus, cdb, expected_in, data, lend, finish, tries + 1)
                 return
-            fut.set_result(task)
+            finish(task)
 
         unit.submit(task, done)
 
@@ -323,6 +331,55 @@ class NbdFabric:
         return bytes(memoryview(data)[:task.data_in_len])  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- requests
+    def _fast(self, req: C.Request) -> bool:
+        """A READ or WRITE that one SCSI command answers: submitted at once and answered from
+        its completion, with no asyncio Task (most finish before `submit` returns)."""
+        export, g = self.export, self.geometry
+        assert export is not None and g is not None
+        if req.command == Cmd.READ:
+            if self.conn.structured and g.thin and g.zeroes_when_deallocated \
+                    and not req.flags & CmdFlag.DF and req.length >= HOLE_READ_MIN:
+                return False  # looks for holes first
+        elif req.command != Cmd.WRITE:
+            return False
+        bs = g.block_size
+        first = req.offset // bs
+        count = -(-(req.offset + req.length) // bs) - first
+        if g.max_transfer_blocks and count > g.max_transfer_blocks:
+            return False
+        unit = export.unit()
+        if unit is None or not unit.exists:
+            return False
+        fua = 0x08 if req.flags & CmdFlag.FUA else 0
+        finish = partial(self._fast_done, req, first * bs)
+        if req.command == Cmd.READ:
+            self._submit(unit, self._nexus(export), _rw16(0x88, fua, first, count),
+                         count * bs, None, True, finish)
+        else:
+            self._submit(unit, self._nexus(export), _rw16(0x8A, fua, first, count), 0,
+                         req.data, False, finish)
+        return True
+
+    def _fast_done(self, req: C.Request, start: int, task: ScsiTask | None) -> None:
+        if task is None:
+            return
+        conn = self.conn
+        if task.status != Status.GOOD:
+            _release(task)
+            error, message = nbd_error(task.status, task.sense)
+            conn.reply_error(req.handle, req.command, error, message)
+        elif req.command == Cmd.WRITE:
+            conn.reply_ok(req.handle, req.command)
+        else:
+            data = memoryview(task.data_in)  # type: ignore[arg-type]
+            at = req.offset - start
+            conn.reply_read(req.handle, [(req.offset, data[at:at + req.length])])
+            release = task.on_data_sent
+            if release is not None:
+                task.on_data_sent = None
+                self.lent.append((conn.queued_bytes, release))
+        self.wire.send()
+
     async def _request(self, req: C.Request) -> None:
         export, geometry = self.export, self.geometry
         assert export is not None and geometry is not None
