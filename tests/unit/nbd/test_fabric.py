@@ -284,3 +284,14 @@ def test_meta_context_list_and_default_export(unit: HarnessUnit) -> None:
 ])
 def test_scsi_errors_map_to_nbd_errors(status: int, sense: bytes | None, error: Errno) -> None:
     assert nbd_error(status, sense)[0] == error
+
+
+def test_requests_to_a_removed_export_get_eshutdown(unit: HarnessUnit) -> None:
+    c = Client(unit)
+    c.open()
+    served: list[HarnessUnit | None] = [unit]
+    assert c.fabric.export is not None
+    object.__setattr__(c.fabric.export, "unit", lambda: served[0])
+    served[0] = None  # a reload took the LUN away
+    assert c.status(Cmd.READ, 0, 512) == Errno.ESHUTDOWN
+    assert c.status(Cmd.WRITE, 0, 512, payload=bytes(512)) == Errno.ESHUTDOWN
