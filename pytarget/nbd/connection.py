@@ -29,6 +29,7 @@ from .proto import Cmd, CmdFlag, Errno, Opt, Rep, ReplyFlag, ReplyType, Transmis
 
 MAX_PAYLOAD = 32 << 20  # the largest WRITE accepted and READ answered (2^25, "Size constraints")
 MAX_INFLIGHT = 64  # requests received and not yet answered before reading pauses
+MAX_INFLIGHT_BYTES = 64 << 20  # WRITE payloads received and not yet answered, likewise
 STAGING = 65536
 ZEROES = memoryview(bytes(1 << 20))  # hole bytes of a simple READ reply come from here
 SERVER_FLAGS = P.HandshakeFlag.FIXED_NEWSTYLE | P.HandshakeFlag.NO_ZEROES
@@ -156,6 +157,8 @@ class NbdConnection:
         self.export: ExportFacts | None = None
         self.export_name = ""
         self.inflight = 0
+        self.inflight_bytes = 0  # of WRITE payloads, counted from their header
+        self._write_bytes: dict[int, int] = {}  # handle -> payload bytes not yet answered
         self.wants_close = False
         self.close_reason = ""
         self.deadline: float | None = now + handshake_timeout if handshake_timeout else None
@@ -179,7 +182,7 @@ class NbdConnection:
         to read (closing)."""
         if self.phase in (Phase.CLOSING, Phase.CLOSED) or self.wants_close:
             return False
-        return self.inflight < MAX_INFLIGHT
+        return self.inflight < MAX_INFLIGHT and self.inflight_bytes < MAX_INFLIGHT_BYTES
 
     def next_deadline(self) -> float | None:
         return self.deadline if self.phase in (Phase.CLIENT_FLAGS, Phase.OPTIONS) else None
@@ -511,6 +514,9 @@ class NbdConnection:
                 self._hard_close(f"write of {length} bytes exceeds the maximum payload")
                 return
             error = self._check(flags, command, offset, length)
+            if error == Errno.OK:
+                self.inflight_bytes += length
+                self._write_bytes[handle] = self._write_bytes.get(handle, 0) + length
             self._payload = _Payload((flags, command, handle, offset, length),
                                      data_buffer(length), discard=error != Errno.OK,
                                      error=error)
@@ -594,14 +600,14 @@ class NbdConnection:
         self._done_ok(handle, command)
 
     def _done_ok(self, handle: int, command: int) -> None:
-        self._complete()
+        self._complete(handle)
         if command == Cmd.READ and self.negotiated.structured:
             self._queue(P.chunk(ReplyFlag.DONE, ReplyType.NONE, handle, 0))
         else:
             self._queue(P.simple_reply(0, handle))
 
     def reply_error(self, handle: int, command: int, error: Errno, message: str = "") -> None:
-        self._complete()
+        self._complete(handle)
         if self.negotiated.structured:
             text = message.encode()[:P.MAX_STRING]
             self._queue(P.chunk(ReplyFlag.DONE, ReplyType.ERROR, handle, 6 + len(text))
@@ -613,7 +619,7 @@ class NbdConnection:
         """A READ's data in order: (offset, data) or (offset, length of a hole that reads as
         zeroes). Structured replies send one chunk each, the last marked DONE; a simple reply
         sends the header and the bytes, holes as zeroes."""
-        self._complete()
+        self._complete(handle)
         if not self.negotiated.structured:
             self._queue(P.simple_reply(0, handle))
             for _offset, part in parts:
@@ -642,7 +648,7 @@ class NbdConnection:
     def reply_block_status(self, handle: int,
                            contexts: list[tuple[int, list[tuple[int, int]]]]) -> None:
         """One NBD_REPLY_TYPE_BLOCK_STATUS chunk per context id: (length, flags) extents."""
-        self._complete()
+        self._complete(handle)
         last = len(contexts) - 1
         for i, (context_id, extents) in enumerate(contexts):
             flags = ReplyFlag.DONE if i == last else 0
@@ -650,8 +656,9 @@ class NbdConnection:
                 struct.pack(">II", length, state) for length, state in extents)
             self._queue(P.chunk(flags, ReplyType.BLOCK_STATUS, handle, len(body)) + body)
 
-    def _complete(self) -> None:
+    def _complete(self, handle: int) -> None:
         self.inflight -= 1
+        self.inflight_bytes -= self._write_bytes.pop(handle, 0)
         if self.phase is Phase.CLOSING and self.inflight <= 0:
             self.wants_close = True
 

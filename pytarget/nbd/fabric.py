@@ -457,8 +457,7 @@ class NbdFabric:
         at = lba
         while at < end:
             runs = await self._lba_status(unit, nexus, g, at)
-            if not runs:
-                break
+            before = at
             for run_lba, run_blocks, deallocated in runs:
                 run_end = min(run_lba + run_blocks, end)
                 if run_end <= at:
@@ -471,6 +470,8 @@ class NbdFabric:
                 at = run_end
                 if at >= end:
                     break
+            if at == before:
+                break  # no progress: the rest is read as data
         if at < end:
             out.append((at, end - at, False))
         return out

@@ -358,3 +358,15 @@ def test_export_name_without_forced_tls_is_a_hard_disconnect() -> None:
     out(conn)
     feed(conn, FIXED + option(Opt.EXPORT_NAME, b"e"))
     assert conn.wants_close and not conn.events
+
+
+def test_reading_pauses_while_write_payloads_fill_the_budget() -> None:
+    conn = negotiated()
+    conn.export.size = 1 << 30  # type: ignore[union-attr]
+    chunk = 16 << 20
+    for i in range(C.MAX_INFLIGHT_BYTES // chunk):
+        assert conn.reading
+        feed(conn, request(Cmd.WRITE, i, i * chunk, chunk) + bytes(chunk))
+    assert not conn.reading and conn.inflight_bytes == C.MAX_INFLIGHT_BYTES
+    conn.reply_ok(0, Cmd.WRITE)
+    assert conn.reading and conn.inflight_bytes == C.MAX_INFLIGHT_BYTES - chunk
