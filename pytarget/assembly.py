@@ -13,6 +13,7 @@ import errno
 import hashlib
 import ipaddress
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .core.reservations import ReservationStore
 from .core.task import Nexus
 from .iscsi.node import AclEntry, TargetNode
 from .iscsi.target import TargetRegistry
+from .nbd.exports import LOOPBACK, Export, ExportTable
 from .scsi.device import LogicalUnit, LuConfig, NoLogicalUnit
 from .scsi.pr import PrStateError
 from .transport import is_local_address
@@ -167,6 +169,28 @@ def build_copy_manager(registry: TargetRegistry, config: Config) -> CopyManager:
         for lu in node.luns.values():
             manager.attach(lu)
     return manager
+
+
+def build_exports(registry: TargetRegistry, config: Config) -> ExportTable:
+    """The NBD exports: every LUN of every target as `TARGET-IQN/LUN-ID`, served by whatever
+    logical unit the registry has at that LUN when a request comes, open to the client
+    networks of its `nbd_allow` (loopback only by default)."""
+    exports = []
+    for tc in config.targets:
+        for lc in tc.luns:
+            allowed = config.nbd.allowed(tc.name, lc.id) if config.nbd is not None else None
+            allow = LOOPBACK if allowed is None else tuple(
+                ipaddress.ip_network(net) for net in allowed)
+            exports.append(Export(f"{tc.name}/{lc.id}", tc.name, lc.id,
+                                  partial(_live_unit, registry, tc.name, lc.id),
+                                  description=tc.alias or f"LUN {lc.id} of {tc.name}",
+                                  allow=allow))
+    return ExportTable(exports)
+
+
+def _live_unit(registry: TargetRegistry, target: str, lun: int) -> LogicalUnit | None:
+    node = registry.target(target)
+    return node.luns.get(lun) if node is not None else None
 
 
 class RegistryDomain:

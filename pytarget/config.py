@@ -8,6 +8,7 @@ truncates an existing one.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class Config:
     # How long the event loop polls before it sleeps (docs/performance.md); None: 100 µs when
     # the process may run on more than one CPU, else 0 (off).
     busy_poll_us: int | None = None
+    nbd: NbdConfig | None = None  # the NBD front end; None: off
 
     def poll_window(self) -> float:
         """The event loop's polling window in seconds."""
@@ -101,6 +103,36 @@ class Config:
         return DEFAULT_BUSY_POLL_US / 1e6 if len(os.sched_getaffinity(0)) > 1 else 0.0
 
 
+@dataclass
+class NbdConfig:
+    """`nbd: "HOST[:PORT]"` and the `nbd_allow` lists of targets and LUNs (docs/nbd.md)."""
+
+    address: tuple[str, int]
+    # Client networks allowed per target name and per (target name, LUN id); a LUN's own list
+    # replaces its target's, and without either only loopback clients are allowed.
+    target_allow: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    lun_allow: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
+    tls: NbdTls | None = None  # `nbd_tls`
+
+    def allowed(self, target: str, lun: int) -> tuple[str, ...] | None:
+        """The networks allowed to open a LUN's export, or None for the default (loopback)."""
+        if (target, lun) in self.lun_allow:
+            return self.lun_allow[(target, lun)]
+        return self.target_allow.get(target)
+
+
+@dataclass
+class NbdTls:
+    """`nbd_tls: {cert: PATH, key: PATH, ca: PATH, required: BOOL}`: the server's X.509
+    certificate and key; with `ca`, clients must present a certificate it signed."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    required: bool = True  # refuse every option but STARTTLS and ABORT before TLS
+
+
+NBD_PORT = 10809
 DEFAULT_BUSY_POLL_US = 100
 MAX_BUSY_POLL_US = 10000
 
@@ -193,6 +225,7 @@ def parse(text: str, file: str, base: Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "-"
         raise ConfigError(file, where, "invalid YAML") from None
+    nbd = _nbd(r, doc, base)
     doc = r.mapping(doc if doc is not None else {}, "",
                     {"portals", "targets", "management_addresses", "control_socket",
                      "control_group", "metrics", "discovery_auth", "limits",
@@ -249,6 +282,7 @@ def parse(text: str, file: str, base: Path) -> Config:
     config.discovery_auth = _auth(r, doc, "discovery_auth")
     config.limits = _limits(r, doc)
     _check_secrets(r, config)
+    config.nbd = nbd
     return config
 
 
@@ -528,3 +562,86 @@ def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:
         raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise r.fail(f"{key}.path", f"cannot create {path}: {probe} is not writable")
+
+
+def _nbd(r: _Reader, doc: Any, base: Path) -> NbdConfig | None:
+    """`nbd: "HOST[:PORT]"` (10809 when no port is given) at the top level, and `nbd_allow:
+    [NETWORK, ...]` in a target or a LUN: taken out of `doc` before the rest is checked. An
+    `nbd_allow` without `nbd` is refused (it would do nothing)."""
+    if not isinstance(doc, dict):
+        return None
+    raw = doc.pop("nbd", None)
+    config: NbdConfig | None = None
+    if raw is not None:
+        if not isinstance(raw, str) or not raw.strip():
+            raise r.fail("nbd", 'expected "HOST:PORT" or "HOST", e.g. "127.0.0.1:10809"')
+        text = raw.strip()
+        try:
+            if text.startswith("["):
+                host, port = parse_portal(text if "]:" in text else text + f":{NBD_PORT}")
+            elif text.count(":") == 1:
+                host, port = parse_portal(text)
+            else:
+                host, port = text, NBD_PORT  # a host name, IPv4 or a bare IPv6 address
+        except ValueError as exc:
+            raise r.fail("nbd", str(exc)) from None
+        if not host:
+            raise r.fail("nbd", "expected a host address")
+        config = NbdConfig((host, port))
+    if "nbd_tls" in doc:
+        tls_raw = doc.pop("nbd_tls")
+        if config is None:
+            raise r.fail("nbd_tls", 'has no effect without a top-level `nbd: "HOST:PORT"`')
+        config.tls = _nbd_tls(r, tls_raw, base)
+    targets = doc.get("targets")
+    for ti, t in enumerate(targets if isinstance(targets, list) else []):
+        if not isinstance(t, dict):
+            continue
+        name = t.get("name")
+        if "nbd_allow" in t:
+            allow = _nbd_allow(r, t.pop("nbd_allow"), f"targets[{ti}].nbd_allow", config)
+            if config is not None and isinstance(name, str):
+                config.target_allow[name] = allow
+        luns = t.get("luns")
+        for li, lun in enumerate(luns if isinstance(luns, list) else []):
+            if isinstance(lun, dict) and "nbd_allow" in lun:
+                key = f"targets[{ti}].luns[{li}].nbd_allow"
+                allow = _nbd_allow(r, lun.pop("nbd_allow"), key, config)
+                if config is not None and isinstance(name, str) \
+                        and isinstance(lun.get("id"), int):
+                    config.lun_allow[(name, lun["id"])] = allow
+    return config
+
+
+def _nbd_allow(r: _Reader, raw: Any, key: str, config: NbdConfig | None) -> tuple[str, ...]:
+    if config is None:
+        raise r.fail(key, 'has no effect without a top-level `nbd: "HOST:PORT"`')
+    if not isinstance(raw, list):
+        raise r.fail(key, 'expected a list of client addresses or networks, e.g. '
+                          '["192.0.2.0/24", "::1"]')
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            out.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise r.fail(f"{key}[{i}]", f"not an address or network: {item!r}") from None
+    return tuple(out)
+
+
+def _nbd_tls(r: _Reader, raw: Any, base: Path) -> NbdTls:
+    raw = r.mapping(raw, "nbd_tls", {"cert", "key", "ca", "required"}, {"cert", "key"})
+    paths: dict[str, Path] = {}
+    for name in ("cert", "key", "ca"):
+        if name not in raw:
+            continue
+        value = raw[name]
+        if not isinstance(value, str) or not value:
+            raise r.fail(f"nbd_tls.{name}", "expected a file path")
+        path = Path(value)
+        if not path.is_absolute():
+            path = base / path
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise r.fail(f"nbd_tls.{name}", f"{path} is not a readable file")
+        paths[name] = path
+    required = r.boolean(raw.get("required", True), "nbd_tls.required")
+    return NbdTls(paths["cert"], paths["key"], paths.get("ca"), required)

@@ -10,18 +10,20 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any, cast
 
 from . import status
-from .assembly import build_copy_manager, build_registry, prepare_backing_files
+from .assembly import build_copy_manager, build_exports, build_registry, prepare_backing_files
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer, socket_path
 from .iscsi.bounds import Bounds, MemoryBudget
 from .iscsi.node import TargetNode
 from .iscsi.session import ConnectionLink, Session
 from .metrics import MetricsServer, render
+from .nbd_transport import NbdService, tls_context
 from .reconfigure import Reload, ReloadRefused
 from .scsi.device import LogicalUnit, io_threads_busy
 from .transport import ConnectionDriver, Listener, PollingSelector
@@ -30,6 +32,15 @@ log = logging.getLogger("pytarget")
 
 STATUS_SERVICE = 0x03  # VPD 85h SERVICE TYPE of a status service (SPC-4 7.8.9 table 663)
 RETIRE_GRACE = 30.0  # seconds a removed LUN's commands may take before they are aborted
+
+
+def _nbd_tls(config: Config) -> tuple[ssl.SSLContext | None, bool]:
+    """The TLS context of `nbd_tls` and whether TLS is required (none without it)."""
+    tls = config.nbd.tls if config.nbd is not None else None
+    if tls is None:
+        return None, False
+    context = tls_context(str(tls.cert), str(tls.key), str(tls.ca) if tls.ca else None)
+    return context, tls.required
 
 
 class Server:
@@ -58,6 +69,8 @@ class Server:
         self.drivers: set[ConnectionDriver] = set()
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
+        self.nbd: NbdService | None = None  # the NBD front end (config `nbd`)
+        self._next_nbd_tls: tuple[ssl.SSLContext | None, bool] = (None, False)
         self.logins: dict[Session, float] = {}
         self.reloads: dict[str, int] = {}
         self.retiring: set[asyncio.Task[None]] = set()
@@ -92,6 +105,12 @@ class Server:
             self.listeners.append(((host, port), listener))
             log.info("listening on %s:%d", *listener.address)
         self._announce_portals()
+        if self.config.nbd is not None:
+            self.nbd = NbdService(build_exports(self.registry, self.config),
+                                  self.config.limits.max_connections)
+            self.nbd.tls, self.nbd.tls_required = _nbd_tls(self.config)
+            self.nbd.serve_on(self.nbd.listen(*self.config.nbd.address))
+            log.info("NBD exports served on %s:%d", *self.nbd.address or ("-", 0))
         if self.config.metrics is not None:
             self.metrics = await self.start_metrics(self.config.metrics)
         self.update_management_addresses(self.config)
@@ -223,7 +242,14 @@ class Server:
                     new = config if config is not None else load(self.source)
                 except ConfigError as exc:
                     raise ReloadRefused(str(exc)) from None
-                changes = await Reload(self, new).apply()
+                nbd_listener = self._prepare_nbd(new)
+                try:
+                    changes = await Reload(self, new).apply()
+                except BaseException:
+                    if nbd_listener is not None:
+                        nbd_listener.close()
+                    raise
+                changes += self._commit_nbd(new, nbd_listener)
             except ReloadRefused as exc:
                 self.reloads["refused"] = self.reloads.get("refused", 0) + 1
                 log.error("reload refused, the running configuration stays: %s", exc,
@@ -237,6 +263,46 @@ class Server:
             if not changes:
                 log.info("reload: no changes", extra={"event": "reload", "outcome": "applied"})
             return changes
+
+    def _prepare_nbd(self, new: Config) -> Listener | None:
+        """The listener a reload's `nbd` address needs, bound before anything changes (a
+        listener that cannot bind refuses the reload)."""
+        old = self.config.nbd.address if self.config.nbd is not None else None
+        wanted = new.nbd.address if new.nbd is not None else None
+        try:
+            self._next_nbd_tls = _nbd_tls(new)
+        except (OSError, ssl.SSLError) as exc:
+            raise ReloadRefused(f"nbd_tls: {exc}") from None
+        if wanted is None or wanted == old:
+            return None
+        service = self.nbd or NbdService(build_exports(self.registry, new),
+                                         new.limits.max_connections)
+        try:
+            listener = service.listen(*wanted)
+        except OSError as exc:
+            raise ReloadRefused(f"nbd: cannot listen on {wanted[0]}:{wanted[1]}: "
+                                f"{exc.strerror}") from None
+        self.nbd = service
+        return listener
+
+    def _commit_nbd(self, new: Config, listener: Listener | None) -> list[str]:
+        """The NBD front end as `new` wants it: listening where it says, serving its
+        exports (connections to an export that is gone or no longer allowed are closed)."""
+        changes: list[str] = []
+        if self.nbd is None:
+            return changes
+        if new.nbd is None:
+            if self.nbd.listener is not None:
+                self.nbd.serve_on(None)
+                changes.append("NBD listener closed (its connections stay)")
+        elif listener is not None:
+            self.nbd.serve_on(listener)
+            changes.append("NBD exports served on {}:{}".format(*listener.address))
+        self.nbd.tls, self.nbd.tls_required = self._next_nbd_tls  # for new connections
+        closed = self.nbd.use_exports(build_exports(self.registry, new))
+        if closed:
+            changes.append(f"{closed} NBD connection(s) to removed exports closed")
+        return changes
 
     # What a reload changes (reconfigure.Reload), each applied whole.
     def use_config(self, config: Config) -> None:
@@ -357,6 +423,8 @@ class Server:
             await self.metrics.close()
         for _, listener in self.listeners:
             listener.close()
+        if self.nbd is not None:
+            await self.nbd.stop(grace)
         drivers = list(self.drivers)
         for driver in drivers:
             driver.stop_reading()
