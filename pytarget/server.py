@@ -220,7 +220,7 @@ class Server:
         async with self._reload_lock:
             try:
                 try:
-                    new = config if config is not None else load(self.source)
+                    new = config if config is not None else load(self.source, self.config.gateway)
                 except ConfigError as exc:
                     raise ReloadRefused(str(exc)) from None
                 changes = await Reload(self, new).apply()
