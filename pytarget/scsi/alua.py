@@ -22,7 +22,7 @@ from ..core import limits
 
 
 class AccessState(IntEnum):
-    """ASYMMETRIC ACCESS STATE (SPC-4 6.37 table 166)."""
+    """ASYMMETRIC ACCESS STATE (SPC-4 6.37)."""
 
     ACTIVE_OPTIMIZED = 0x0
     ACTIVE_NON_OPTIMIZED = 0x1
@@ -34,14 +34,14 @@ class AccessState(IntEnum):
 
 
 class TpgStatus(IntEnum):
-    """STATUS CODE of a target port group descriptor (SPC-4 6.37 table 168)."""
+    """STATUS CODE of a target port group descriptor (SPC-4 6.37)."""
 
     NONE = 0x00
     ALTERED_BY_SET_TARGET_PORT_GROUPS = 0x01
     ALTERED_BY_IMPLICIT_BEHAVIOR = 0x02
 
 
-# Supported-state bits of a target port group descriptor's byte 1 (SPC-4 6.37 table 165).
+# Supported-state bits of a target port group descriptor's byte 1 (SPC-4 6.37).
 T_SUP = 0x80
 O_SUP = 0x40
 LBD_SUP = 0x10
@@ -50,7 +50,7 @@ S_SUP = 0x04
 AN_SUP = 0x02
 AO_SUP = 0x01
 
-FORMAT_LENGTH_ONLY = 0b000  # PARAMETER DATA FORMAT (SPC-4 6.37 table 162)
+FORMAT_LENGTH_ONLY = 0b000  # PARAMETER DATA FORMAT (SPC-4 6.37)
 FORMAT_EXTENDED = 0b001
 
 
@@ -138,7 +138,7 @@ class AluaState:
         return True
 
     def descriptors(self) -> bytes:
-        """Target port group descriptors (SPC-4 6.37 table 165), in group id order."""
+        """Target port group descriptors (SPC-4 6.37), in group id order."""
         out = bytearray()
         supported = self.groups.supported
         for group in sorted(self.groups.groups, key=lambda g: g.id):
@@ -146,12 +146,12 @@ class AluaState:
             out += struct.pack(">BBHBBBB", pref | self.state(group.id), supported, group.id, 0,
                                self.status, 0, len(group.relative_ports))
             for port in group.relative_ports:
-                out += struct.pack(">HH", 0, port)  # target port descriptor (table 169)
+                out += struct.pack(">HH", 0, port)  # target port descriptor
         return bytes(out)
 
     def report(self, parameter_data_format: int) -> bytes:
-        """REPORT TARGET PORT GROUPS parameter data in the length-only (table 163) or extended
-        (table 164) header format."""
+        """REPORT TARGET PORT GROUPS parameter data in the length-only or extended
+        header format."""
         body = self.descriptors()
         if parameter_data_format == FORMAT_EXTENDED:
             transition = limits.ALUA_IMPLICIT_TRANSITION_SECONDS if self.groups.gateways else 0
