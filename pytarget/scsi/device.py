@@ -42,7 +42,7 @@ from ..core.stats import (
 from ..core.table import Opcode, OpSpec, OpTable
 from ..core.task import Nexus, ScsiTask
 from . import vpd
-from .alua import AluaState, PortGroups
+from .alua import AluaState, PortGroups, TpgStatus
 from .modes import ModePages
 from .opcodes import NO_LU_TABLE, lu_table
 from .pr import PersistentReservations
@@ -300,7 +300,7 @@ class LogicalUnit:
         if not self.alua.set_owner(gateway):
             return False
         self.establish_ua(Asc.ASYMMETRIC_ACCESS_STATE_CHANGED)
-        log.info("LUN %d: owner is now target port group %d (%s)", self.lun, self.alua.owner,
+        log.info("LUN %d: owner is now target port group %d (here: %s)", self.lun, self.alua.owner,
                  self.alua.local_state.name.lower(),
                  extra={"event": "alua", "lun": self.lun, "owner": self.alua.owner})
         return True
@@ -317,6 +317,10 @@ class LogicalUnit:
             return False
         if new.preferred == old.preferred and any(g.id == old.owner for g in groups.groups):
             new.owner = old.owner
+        if new.owner != old.owner:
+            new.status = TpgStatus.ALTERED_BY_IMPLICIT_BEHAVIOR
+        else:
+            new.status = old.status
         self.alua = new
         self.establish_ua(Asc.ASYMMETRIC_ACCESS_STATE_CHANGED)
         return True

@@ -125,6 +125,9 @@ trouble=$(kernel_errors "$before")
 [[ -z $trouble ]] || { echo "$trouble"; fail "kernel reported errors on the iSCSI path"; }
 
 step "cleanup"
-run multipath -F
-run iscsiadm -m node -T "$TARGET_IQN" --logout
+udevadm settle
+end=$((SECONDS + 20))   # udev or multipathd may still hold the map for a moment
+until multipath -f "$map" 2>/dev/null || ((SECONDS >= end)); do sleep 0.5; done
+check "map $map removed" bash -c "! multipath -ll \"$map\" 2>/dev/null | grep -q ."
+check "logout" iscsiadm -m node -T "$TARGET_IQN" --logout
 summary

@@ -62,6 +62,7 @@ def test_a_gateway_added_and_an_owner_changed(server: FakeServer) -> None:
         assert [g.name for g in lu.alua.groups.groups] == ["gw1", "gw2", "gw3"]
         assert list(lu.ua[NEXUS_KEY]) == [Asc.ASYMMETRIC_ACCESS_STATE_CHANGED]
     assert (lu0.alua.owner, lu1.alua.owner) == (1, 1)
+    assert (lu0.alua.status, lu1.alua.status) == (0x00, 0x02)  # LUN 1: altered implicitly
     assert any("LUN 1: target port groups changed, owner gw1" in c for c in changes)
     # The same configuration again changes nothing and owes nothing.
     for lu in (lu0, lu1):
