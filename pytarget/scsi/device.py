@@ -295,7 +295,8 @@ class LogicalUnit:
         (SPC-4 5.15.2.6). True when a state changed; KeyError for an unknown gateway.
 
         The hook through which whatever decides ownership (the configuration on reload, a
-        shared backstore's exclusive lock) moves it; nothing else changes `alua`.
+        shared backstore's exclusive lock) moves it, on the event loop's thread; nothing else
+        changes `alua`.
         """
         if not self.alua.set_owner(gateway):
             return False

@@ -146,3 +146,15 @@ def test_assembly_builds_the_chosen_gateways_port(tmp_path: Path) -> None:
     finally:
         for unit in registry.targets[IQN].luns.values():
             unit.close()
+
+
+def test_command_line_gateway_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pytarget.cli import main
+
+    path = str(write(tmp_path, GATEWAYS))
+    assert main(["serve", "--config", path]) == 2
+    assert "gateway: name this process's gateway" in capsys.readouterr().err
+    assert main(["serve", "--config", path, "--gateway", "gw-x"]) == 2
+    assert "gateway: no gateway 'gw-x'" in capsys.readouterr().err
+    assert main(["status", "--config", path, "--gateway", "gw-b"]) == 1
+    assert str(tmp_path / "site.gw-b.sock") in capsys.readouterr().err
