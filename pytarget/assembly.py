@@ -18,9 +18,11 @@ from typing import Any
 
 from .backstore import KINDS
 from .backstore.base import Backstore
+from .cluster.rados import RadosReservationStore
 from .config import Config, ConfigError, LunConfig, TargetConfig, local_gateway, lun_owner
 from .copy import commands as copy_commands
 from .copy.manager import CopyManager
+from .core.reservations import ReservationStore
 from .core.task import Nexus
 from .iscsi.node import DEFAULT_TPGT, RELATIVE_PORT, AclEntry, TargetNode
 from .iscsi.target import TargetRegistry
@@ -57,6 +59,18 @@ def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, by
 def pr_state_path(config: Config, lc: LunConfig) -> Path:
     """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json"""
     return config.base / f"{lc.path.name}.pr.json"
+
+
+def reservation_store(lc: LunConfig, naa: bytes) -> ReservationStore | None:
+    """The store a LUN shares its reservations through with the other gateways, or None (the
+    process's own state and APTPL file). It connects when the LUN first needs it."""
+    rc = lc.reservations
+    if rc is None:
+        return None
+    return RadosReservationStore(rc.pool, rc.object or f"pytarget.reservations.{naa.hex()}",
+                                 conf=str(rc.conf),
+                                 keyring=None if rc.keyring is None else str(rc.keyring),
+                                 client_id=rc.client_id)
 
 
 def check(config: Config) -> None:
@@ -140,7 +154,8 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
                              port_groups=lu_port_groups(config),
                              owner=owner.id if owner is not None else None)
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
-        return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS)
+        return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
+                           reservations=reservation_store(lc, naa))
     except BaseException:
         backstore.close()
         raise

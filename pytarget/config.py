@@ -34,6 +34,19 @@ class ConfigError(Exception):
         self.key = key
 
 
+@dataclass(frozen=True)
+class ReservationsConfig:
+    """Where a LUN's reservation state is shared with the other gateways serving it
+    (docs/scale-out-consistency.md): one RADOS object in `pool`."""
+
+    store: str
+    pool: str
+    object: str | None = None  # None: derived from the LUN's NAA identifier
+    conf: Path = Path("/etc/ceph/ceph.conf")
+    keyring: Path | None = None
+    client_id: str = "admin"
+
+
 @dataclass
 class LunConfig:
     id: int
@@ -45,6 +58,7 @@ class LunConfig:
     removable: bool = False
     serial: str | None = None
     backstore: str = "file"  # the kind of backing store (backstore.KINDS)
+    reservations: ReservationsConfig | None = None  # None: this process's own (APTPL file)
     owner: str | None = None  # the gateway that owns the LUN (None: spread, `lun_owner`)
 
 
@@ -554,7 +568,8 @@ def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, st
 
 def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     item = r.mapping(item, key, {"id", "path", "size", "block_size", "readonly", "thin",
-                                 "removable", "serial", "backstore"}, {"id", "path"})
+                                 "removable", "serial", "backstore", "reservations"},
+                     {"id", "path"})
     lun_id = item["id"]
     if isinstance(lun_id, bool) or not isinstance(lun_id, int) or not 0 <= lun_id <= MAX_LUN:
         raise r.fail(f"{key}.id", f"expected an integer 0..{MAX_LUN}")
@@ -586,8 +601,42 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     if not isinstance(backstore, str) or not backstore:
         raise r.fail(f"{key}.backstore", "expected the name of a kind of backing store")
     lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore)
+    if "reservations" in item:
+        lun.reservations = _reservations(r, item["reservations"], f"{key}.reservations", base)
     _check_path(r, lun, key)
     return lun
+
+
+RESERVATION_STORES = ("rados",)
+
+
+def _reservations(r: _Reader, raw: Any, key: str, base: Path) -> ReservationsConfig:
+    """A LUN's `reservations:` mapping: `store: rados`, `pool`, and optionally `object`,
+    `conf`, `keyring`, `client_id` (relative paths from the configuration's directory)."""
+    item = r.mapping(raw, key, {"store", "pool", "object", "conf", "keyring", "client_id"},
+                     {"store", "pool"})
+    if item["store"] not in RESERVATION_STORES:
+        raise r.fail(f"{key}.store", "one of " + ", ".join(RESERVATION_STORES))
+    texts: dict[str, str] = {}
+    for name in ("pool", "object", "conf", "keyring", "client_id"):
+        if name in item:
+            value = item[name]
+            if not isinstance(value, str) or not value or not value.isprintable() \
+                    or len(value) > 255:
+                raise r.fail(f"{key}.{name}", "expected a non-empty name of at most 255 "
+                             "printable characters")
+            texts[name] = value
+    paths: dict[str, Path] = {}
+    for name in ("conf", "keyring"):
+        if name in texts:
+            path = Path(texts[name])
+            paths[name] = path if path.is_absolute() else base / path
+    conf = paths.get("conf", ReservationsConfig.conf)
+    for name, path in (("conf", conf), ("keyring", paths.get("keyring", conf))):
+        if not os.access(path, os.R_OK):
+            raise r.fail(f"{key}.{name}", f"{path} is not a readable file")
+    return ReservationsConfig(item["store"], texts["pool"], texts.get("object"), conf,
+                              paths.get("keyring"), texts.get("client_id", "admin"))
 
 
 def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:

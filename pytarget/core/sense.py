@@ -49,6 +49,7 @@ class Asc(IntEnum):
     LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED = 0x0402
     LUN_NOT_READY_MANUAL_INTERVENTION_REQUIRED = 0x0403
     LUN_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION = 0x040A
+    LUN_NOT_ACCESSIBLE_TARGET_PORT_UNAVAILABLE = 0x040C
     LUN_COMMUNICATION_FAILURE = 0x0800
     WRITE_ERROR = 0x0C00
     THIRD_PARTY_DEVICE_FAILURE = 0x0D01
@@ -250,6 +251,12 @@ def asymmetric_access_state_transition() -> SenseError:
     (SPC-4 5.15.2.4.6)."""
     return SenseError(SenseKey.NOT_READY,
                       Asc.LUN_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION)
+
+
+def port_unavailable() -> SenseError:
+    """NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE (SPC-4
+    5.15.2.4.5): this gateway cannot reach state the command depends on; another path may."""
+    return SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_ACCESSIBLE_TARGET_PORT_UNAVAILABLE)
 
 
 def medium_error(asc: Asc, lba: int | None = None) -> SenseError:

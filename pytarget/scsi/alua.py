@@ -102,8 +102,14 @@ class AluaState:
     group active/non-optimized, and the local group transitioning while an ownership move that
     involves this process is under way."""
 
-    def __init__(self, groups: PortGroups, owner: int | None = None) -> None:
+    def __init__(self, groups: PortGroups, owner: int | None = None,
+                 unavailable: bool = False) -> None:
         self.groups = groups
+        # The states a group may be in (byte 1 of each descriptor): with `unavailable`, a
+        # command this gateway cannot serve without state it cannot reach (the shared
+        # reservations) ends with 04h/0Ch, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN
+        # UNAVAILABLE STATE (SPC-4 5.15.2.4.5).
+        self.supported = groups.supported | (U_SUP if unavailable and groups.gateways else 0)
         self.preferred = groups.find(owner if owner is not None else groups.local).id
         self.owner = self.preferred
         self.transitioning = False  # the local group's state is 0Fh
@@ -140,7 +146,7 @@ class AluaState:
     def descriptors(self) -> bytes:
         """Target port group descriptors (SPC-4 6.37), in group id order."""
         out = bytearray()
-        supported = self.groups.supported
+        supported = self.supported
         for group in sorted(self.groups.groups, key=lambda g: g.id):
             pref = 0x80 if group.id == self.preferred else 0
             out += struct.pack(">BBHBBBB", pref | self.state(group.id), supported, group.id, 0,

@@ -28,6 +28,7 @@ from ..backstore.threads import run_blocking
 from ..core import limits, stats
 from ..core import sense as S
 from ..core.locks import RangeLock, _Request
+from ..core.policy import Pr
 from ..core.sense import Asc, SenseError, Status
 from ..core.stats import (
     COMMANDS,
@@ -42,7 +43,7 @@ from ..core.stats import (
 from ..core.table import Opcode, OpSpec, OpTable
 from ..core.task import Nexus, ScsiTask
 from . import vpd
-from .alua import AluaState, PortGroups, TpgStatus
+from .alua import U_SUP, AluaState, PortGroups, TpgStatus
 from .modes import ModePages
 from .opcodes import NO_LU_TABLE, lu_table
 from .pr import PersistentReservations
@@ -50,6 +51,7 @@ from .unit import LunDirectory
 
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
+    from ..core.reservations import ReservationStore
 
 log = logging.getLogger("pytarget.scsi")
 T = TypeVar("T")
@@ -124,13 +126,16 @@ class LogicalUnit:
     """A direct-access block device (SBC-3) on a backstore.
 
     Its opcode table holds the SPC/SBC rows and the rows of `services`, the services that will
-    serve it (`opcodes.lu_table`); without them it knows the SPC/SBC commands only.
+    serve it (`opcodes.lu_table`); without them it knows the SPC/SBC commands only. With a
+    `reservations` store its persistent and SPC-2 reservations are shared with the other
+    gateways serving the same logical unit (scsi/pr.py).
     """
 
     exists = True
 
     def __init__(self, config: LuConfig, backstore: Backstore | None,
-                 directory: LunDirectory, services: Iterable[OpSpec] = ()) -> None:
+                 directory: LunDirectory, services: Iterable[OpSpec] = (),
+                 reservations: ReservationStore | None = None) -> None:
         self.config = config
         self.lun = config.lun
         self.backstore = backstore
@@ -167,9 +172,9 @@ class LogicalUnit:
         self.tasks: dict[tuple[tuple[Any, ...], int], tuple[ScsiTask, asyncio.Task[Any]]] = {}
         self.medium_present = True
         self.prevent: set[tuple[Any, ...]] = set()  # nexuses preventing medium removal
-        self.reservation: tuple[Any, ...] | None = None  # SPC-2 RESERVE holder
-        self.pr = PersistentReservations(self)
-        self.alua = AluaState(config.port_groups, config.owner)
+        self.pr = PersistentReservations(self, reservations)
+        self.alua = AluaState(config.port_groups, config.owner,
+                              unavailable=reservations is not None)
         self.closed = False
         self.stats_miscompares = 0
         self._inline_after = 0.0  # perf_counter() before which writes go to the I/O threads
@@ -214,6 +219,10 @@ class LogicalUnit:
         try:
             spec = self.table.lookup(task.cdb)
             cdb = spec.parse(task.cdb)
+            pr = self.pr
+            if pr.store is not None and not pr.current() \
+                    and (spec.spc2 or spec.pr is not Pr.ALLOWED):
+                await pr.refresh()
             self._admit(task, spec)
             await spec.handler(self, task, cdb)
         except SenseError as exc:
@@ -270,6 +279,11 @@ class LogicalUnit:
             raise S.write_protected()
 
     @property
+    def reservation(self) -> tuple[Any, ...] | None:
+        """The I_T nexus holding the SPC-2 RESERVE (SPC-2 5.5.1), if any."""
+        return self.pr.state.spc2
+
+    @property
     def write_protected(self) -> bool:
         return self.readonly or self.mode.software_write_protect
 
@@ -313,7 +327,7 @@ class LogicalUnit:
         gets ASYMMETRIC ACCESS STATE CHANGED when what REPORT TARGET PORT GROUPS says changed.
         True then."""
         old = self.alua
-        new = AluaState(groups, owner)
+        new = AluaState(groups, owner, unavailable=bool(old.supported & U_SUP))
         if groups == old.groups and new.preferred == old.preferred:
             return False
         if new.preferred == old.preferred and any(g.id == old.owner for g in groups.groups):
@@ -394,11 +408,18 @@ class LogicalUnit:
                 if queue is not None and Asc.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR not in queue:
                     queue.append(Asc.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
 
-    async def reset(self, issuer: Nexus | None, power_on: bool = False) -> None:
+    async def reset(self, issuer: Nexus | None, power_on: bool = False,
+                    publish: bool = True) -> None:
         """LOGICAL UNIT RESET (SAM-5 7.7) or target reset: end every task, drop RESERVE and
-        PREVENT state, restore mode pages, and tell every nexus."""
+        PREVENT state, restore mode pages, and tell every nexus. With shared reservations the
+        reset is of the one logical unit every gateway serves: it is published to the others
+        (unless `publish` is false: this is another gateway's reset arriving here)."""
         await self.abort_task_set(None)
-        self.reservation = None
+        if publish:
+            try:
+                await self.pr.release_unit(None, reset=True)
+            except SenseError:
+                log.error("LUN %d: the reset could not reach the other gateways", self.lun)
         self.prevent.clear()
         self.mode.reset()
         asc = Asc.POWER_ON_OCCURRED if power_on else Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED
@@ -411,8 +432,7 @@ class LogicalUnit:
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The I_T nexus is gone (logout, dropped connection, session reinstatement)."""
-        if self.reservation == nexus.key:
-            self.reservation = None
+        self.pr.nexus_lost(nexus)
         self.prevent.discard(nexus.key)
         self.ua.pop(nexus.key, None)
         if self.copy_service is not None:
@@ -525,6 +545,9 @@ class LogicalUnit:
         if nbytes % src.block_size:
             raise S.invalid_field_in_parameter_list(0, None)
         src_count = nbytes // src.block_size
+        for lu in (src, self):
+            if not lu.pr.current():
+                await lu.pr.refresh()
         src.admit_internal(nexus, Opcode.READ_16)
         self.admit_internal(nexus, Opcode.WRITE_16)
         src.check_range(src_lba, src_count)
@@ -641,6 +664,7 @@ class LogicalUnit:
                     self.backstore.flush()
             finally:
                 self.backstore.close()
+                self.pr.close()
         self.closed = True
 
 

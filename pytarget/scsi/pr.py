@@ -24,6 +24,16 @@ JSON into a temporary file, fsync, rename over the state file, fsync of the dire
 fails the command fails and the state stays as it was; if the failure comes after the rename, the
 previous file is put back. An APTPL bit of zero removes the file. The file is read when the
 logical unit is created; PRGENERATION starts at zero after every restart (SPC-4 6.15.2).
+
+Shared state. A logical unit served by several gateways keeps the same state, and the SPC-2
+reservation with it, in a `ReservationStore` (core/reservations.py) instead: one versioned
+document that every change replaces by compare-and-update, retried on the latest version when
+another gateway got there first. Each change also records what it owes to other gateways'
+I_T nexuses (unit attentions, PREEMPT AND ABORT, a LOGICAL UNIT RESET); a gateway applies those
+when it loads a newer version. Before a command that reservations can affect, the device
+server makes sure the cached copy is the latest (`current`); docs/scale-out-consistency.md
+has the argument. APTPL is then recorded and reported but the state is kept whatever its
+value, and PRGENERATION is the cluster's: a gateway's restart is not the logical unit's.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from ..core import limits
 from ..core import sense as S
 from ..core.cdb import be16, be32, be64
 from ..core.policy import Pr
+from ..core.reservations import ReservationStore, Snapshot, StaleVersion
 from ..core.sense import Asc
 from ..core.table import ProutAction
 
@@ -62,6 +73,9 @@ BASIC_PARAMETER_LIST = 24  # SPC-4 6.16.3
 STATE_FORMAT = "pytarget-persistent-reservations"
 _CACHE_LIMIT = 4096  # I_T nexuses whose registration lookup is remembered
 STATE_VERSION = 1
+SHARED_FORMAT = "pytarget-shared-reservations"
+EVENTS_KEPT = 64  # changes whose unit attentions a gateway that fell behind can still catch up
+MAX_ATTEMPTS = 100  # compare-and-update rounds lost to other gateways before giving up
 _HEX_ISID = re.compile(r"^[0-9a-fA-F]{12}$")
 
 
@@ -94,6 +108,8 @@ class LogicalUnit(Protocol):
     def establish_ua(self, asc: Asc, keys: Iterable[tuple[Any, ...]] | None = None,
                      skip: Nexus | None = None) -> None: ...
     async def abort_tasks_of(self, keys: set[tuple[Any, ...]]) -> None: ...
+    async def reset(self, issuer: Nexus | None, power_on: bool = False,
+                    publish: bool = True) -> None: ...
     def in_thread(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]: ...
 
 
@@ -207,6 +223,7 @@ class PrState:
     holder: Registration | None = None  # for types other than All Registrants
     generation: int = 0
     aptpl: bool = False
+    spc2: NexusKey | None = None  # the I_T nexus holding an SPC-2 RESERVE
 
     def copy(self) -> PrState:
         regs = [replace(r) for r in self.registrations]
@@ -214,7 +231,7 @@ class PrState:
         for old, new in zip(self.registrations, regs, strict=False):
             if old is self.holder:
                 holder = new
-        return PrState(regs, self.type, holder, self.generation, self.aptpl)
+        return PrState(regs, self.type, holder, self.generation, self.aptpl, self.spc2)
 
     def find(self, key: NexusKey) -> Registration | None:
         for reg in self.registrations:
@@ -257,6 +274,18 @@ class _Outcome:
     def ua(self, asc: Asc, regs: list[Registration]) -> None:
         if regs:
             self.uas.append((asc, regs))
+
+
+@dataclass
+class _Event:
+    """What one change of shared state owes the I_T nexuses of the other gateways."""
+
+    version: int
+    ident: str
+    issuer: NexusKey | None
+    uas: list[tuple[Asc, list[Registration]]] = field(default_factory=list)
+    aborted: list[Registration] = field(default_factory=list)
+    reset: bool = False
 
 
 # ---------------------------------------------------------------------------------- TransportIDs
@@ -377,13 +406,24 @@ def parse_prout_parameters(sa: int, data: bytes, aptpl_capable: bool) -> ProutPa
 class PersistentReservations:
     """Registrations and the persistent reservation of one logical unit."""
 
-    def __init__(self, lu: LogicalUnit) -> None:
+    def __init__(self, lu: LogicalUnit, store: ReservationStore | None = None) -> None:
         self.lu = lu
-        self.path = lu.config.pr_state_path
+        self.store = store
+        self.path = None if store is not None else lu.config.pr_state_path
         self.state = PrState()
+        self.version = 0  # of the shared document the state was decoded from
         self._lock = asyncio.Lock()
         self._cache: dict[NexusKey, Registration | None] = {}
-        if self.path:
+        self._loaded = False
+        self._doubt = False  # an update lost a race: the cached state is not the latest
+        self._refresh_lock = asyncio.Lock()
+        self._commit_lock = asyncio.Lock()
+        self._events: list[_Event] = []
+        self._own: set[str] = set()  # identities of events this gateway is committing
+        self._background: set[asyncio.Task[None]] = set()
+        if store is not None:
+            store.subscribe(self._changed)
+        elif self.path:
             self.state = self._load(self.path)
 
     # -------------------------------------------------------------- queries
@@ -400,7 +440,11 @@ class PersistentReservations:
 
     @property
     def aptpl_capable(self) -> bool:
-        return bool(self.path)
+        return bool(self.path) or self.store is not None
+
+    @property
+    def shared(self) -> bool:
+        return self.store is not None
 
     def registration(self, nexus: Nexus) -> Registration | None:
         key = nexus.key
@@ -474,19 +518,30 @@ class PersistentReservations:
                     params: ProutParameters) -> None:
         """Apply one PERSISTENT RESERVE OUT service action atomically (SPC-4 5.13.7-5.13.11)."""
         nexus = task.nexus
+        action = _ACTIONS[ProutAction(sa)]
         async with self._lock:
-            if self.lu.reservation is not None:
-                raise S.reservation_conflict()  # SPC-2 5.5.1
-            old = self.state
-            new = old.copy()
-            outcome = _Outcome()
-            action = _ACTIONS[ProutAction(sa)]
-            action(self, new, nexus, type_code, params, outcome)
-            if not outcome.changed:
-                return
-            await self._persist(old, new)
-            self.state = new
-            self._cache.clear()
+            if self.store is not None:
+                def change(st: PrState, out: _Outcome) -> None:
+                    if st.spc2 is not None:
+                        raise S.reservation_conflict()  # SPC-2 5.5.1
+                    action(self, st, nexus, type_code, params, out)
+
+                new, outcome = await self._commit(
+                    change, nexus, aborted=sa == ProutAction.PREEMPT_AND_ABORT)
+                if not outcome.changed:
+                    return
+            else:
+                if self.lu.reservation is not None:
+                    raise S.reservation_conflict()  # SPC-2 5.5.1
+                old = self.state
+                new = old.copy()
+                outcome = _Outcome()
+                action(self, new, nexus, type_code, params, outcome)
+                if not outcome.changed:
+                    return
+                await self._persist(old, new)
+                self.state = new
+                self._cache.clear()
             for asc, regs in outcome.uas:
                 keys = self._ua_keys(regs, nexus)
                 if keys:
@@ -499,7 +554,204 @@ class PersistentReservations:
                             "initiator": nexus.initiator_port_name,
                             "target": nexus.target_name, "lun": self.lu.lun})
             if sa == ProutAction.PREEMPT_AND_ABORT and outcome.preempted:
-                await self._abort(outcome.preempted, nexus)
+                await self._abort(outcome.preempted, nexus.key)
+
+    # -------------------------------------------------------------- shared state
+    def current(self) -> bool:
+        """Whether the cached state may be acted on without reading the shared document."""
+        store = self.store
+        return store is None or (self._loaded and not self._doubt and not self._background
+                                 and store.trusted())
+
+    async def refresh(self) -> None:
+        """Make the cached state the latest version of the shared document, establishing what
+        the changes made through other gateways since the last one owe this gateway's I_T
+        nexuses. The releases of I_T nexuses lost here are committed first, so no command
+        after a nexus loss finds its SPC-2 reservation. NOT READY (target port unavailable)
+        when the store cannot be reached: a gateway that cannot know the reservations
+        executes nothing they could forbid."""
+        if self._background:
+            await asyncio.wait(list(self._background))
+        await self._latest()
+
+    async def _latest(self) -> None:
+        store = self.store
+        assert store is not None
+        async with self._refresh_lock:
+            if self._loaded and not self._doubt and store.trusted():
+                return
+            await self._reload()
+
+    async def _reload(self) -> None:
+        store = self.store
+        assert store is not None
+        self._doubt = False
+        try:
+            snapshot = await store.load()
+        except OSError as exc:
+            self._doubt = True
+            log.error("LUN %d: cannot read the reservation state in %s: %s", self.lu.lun,
+                      store.name, exc)
+            raise S.port_unavailable() from exc
+        await self._adopt(snapshot)
+
+    async def _adopt(self, snapshot: Snapshot) -> None:
+        if self._loaded and snapshot.version <= self.version:
+            return
+        if snapshot.document is None:
+            state, events = PrState(), list[_Event]()
+        else:
+            try:
+                state, events = self._from_shared_document(json.loads(snapshot.document))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                self._doubt = True
+                log.error("LUN %d: unusable reservation state in %s: %s", self.lu.lun,
+                          self.store.name if self.store else "", exc)
+                raise S.port_unavailable() from None
+        first = not self._loaded
+        seen = self.version
+        self.state, self.version, self._events = state, snapshot.version, events
+        self._cache.clear()
+        self._loaded = True
+        if first:
+            return
+        missed = [e for e in events if e.version > seen]
+        if missed and missed[0].version > seen + 1:
+            log.warning("LUN %d: %d changes of the reservation state passed unseen; their unit "
+                        "attentions are lost", self.lu.lun, missed[0].version - seen - 1)
+        for event in missed:
+            if event.ident in self._own:
+                continue
+            await self._apply_event(event)
+
+    async def _apply_event(self, event: _Event) -> None:
+        """What another gateway's change owes this gateway's I_T nexuses: the unit attentions
+        (SPC-4 5.13.11), PREEMPT AND ABORT's aborts, a LOGICAL UNIT RESET (SAM-5 7.7)."""
+        known = list(self.lu.ua)
+        for asc, regs in event.uas:
+            keys = {k for k in known if k != event.issuer and any(r.matches(k) for r in regs)}
+            if keys:
+                self.lu.establish_ua(asc, keys=keys)
+        if event.aborted:
+            await self._abort(event.aborted, event.issuer)
+        if event.reset:
+            await self.lu.reset(None, publish=False)
+
+    async def _changed(self) -> None:
+        """Another gateway changed the shared state: adopt it before acknowledging."""
+        try:
+            await self._latest()
+        except S.SenseError:
+            pass  # logged; commands re-read before they act
+
+    async def _commit(self, change: Callable[[PrState, _Outcome], None], issuer: Nexus | None,
+                      aborted: bool = False, reset: bool = False) -> tuple[PrState, _Outcome]:
+        """Apply `change` to the latest shared state by compare-and-update, recomputed on the
+        newer state whenever another gateway changed it first."""
+        store = self.store
+        assert store is not None
+        async with self._commit_lock:
+            for _attempt in range(MAX_ATTEMPTS):
+                await self._latest()
+                old = self.state
+                new = old.copy()
+                out = _Outcome()
+                change(new, out)
+                if not out.changed:
+                    return new, out
+                event = _Event(self.version + 1, os.urandom(8).hex(),
+                               None if issuer is None else issuer.key, out.uas,
+                               out.preempted if aborted else [], reset)
+                events = [*self._events, event][-EVENTS_KEPT:]
+                document = self._shared_document(new, events)
+                self._own.add(event.ident)
+                try:
+                    version = await store.update(self.version, document)
+                except StaleVersion:
+                    self._doubt = True
+                    continue
+                except OSError as exc:
+                    self._doubt = True
+                    log.error("LUN %d: cannot update the reservation state in %s: %s",
+                              self.lu.lun, store.name, exc)
+                    raise S.port_unavailable() from exc
+                finally:
+                    self._own.discard(event.ident)
+                if version > self.version:
+                    self.state, self.version, self._events = new, version, events
+                    self._cache.clear()
+                return new, out
+        log.error("LUN %d: %d updates of the reservation state in %s lost to other gateways",
+                  self.lu.lun, MAX_ATTEMPTS, store.name)
+        raise S.port_unavailable()
+
+    # -------------------------------------------------------------- SPC-2 reservation
+    async def reserve_unit(self, nexus: Nexus) -> bool:
+        """Make `nexus` the SPC-2 RESERVE holder (SPC-2 7.21); True when it was not already.
+        RESERVATION CONFLICT while another I_T nexus holds it or persistent reservation state
+        exists (SPC-2 5.5.1)."""
+        if self.store is None:
+            holder = self.state.spc2
+            if (holder is not None and holder != nexus.key) or self.active:
+                raise S.reservation_conflict()
+            self.state.spc2 = nexus.key
+            return holder is None
+
+        def change(st: PrState, out: _Outcome) -> None:
+            if (st.spc2 is not None and st.spc2 != nexus.key) or st.registrations \
+                    or st.type is not None:
+                raise S.reservation_conflict()
+            out.changed = st.spc2 is None
+            st.spc2 = nexus.key
+
+        _, out = await self._commit(change, nexus)
+        return out.changed
+
+    async def release_unit(self, key: NexusKey | None, reset: bool = False) -> bool:
+        """Release the SPC-2 reservation if `key` holds it (RELEASE, I_T nexus loss: SPC-2
+        7.19, 5.5.1); with `reset`, whoever holds it (LOGICAL UNIT RESET, SAM-5 7.7), and the
+        other gateways reset too. True when a reservation was released."""
+        if self.store is None:
+            held = self.state.spc2 is not None and (reset or self.state.spc2 == key)
+            if held:
+                self.state.spc2 = None
+            return held
+        released: list[bool] = []
+
+        def change(st: PrState, out: _Outcome) -> None:
+            out.changed = reset or (st.spc2 is not None and st.spc2 == key)
+            released.append(st.spc2 is not None and out.changed)
+            if out.changed:
+                st.spc2 = None
+
+        await self._commit(change, None, reset=reset)
+        return released[-1]
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """An I_T nexus is gone: it loses its SPC-2 reservation on every gateway; persistent
+        reservations stay (SPC-4 5.13.1)."""
+        if self.state.spc2 != nexus.key:
+            return
+        if self.store is None:
+            self.state.spc2 = None
+            return
+        runner = asyncio.get_running_loop().create_task(self._release_lost(nexus.key))
+        self._background.add(runner)
+        runner.add_done_callback(self._background.discard)
+
+    async def _release_lost(self, key: NexusKey) -> None:
+        try:
+            await self.release_unit(key)
+        except S.SenseError:
+            log.error("LUN %d: the SPC-2 reservation of a lost I_T nexus stays until the "
+                      "reservation state can be reached, or a LOGICAL UNIT RESET", self.lu.lun)
+
+    def close(self) -> None:
+        """Stop following the shared state (the logical unit is closing)."""
+        for runner in self._background:
+            runner.cancel()
+        if self.store is not None:
+            self.store.close()
 
     def _ua_keys(self, regs: list[Registration], issuer: Nexus) -> set[NexusKey]:
         """The I_T nexuses the registrations cover, except the one the command came through."""
@@ -515,12 +767,12 @@ class PersistentReservations:
         keys.discard(issuer.key)
         return keys
 
-    async def _abort(self, preempted: list[Registration], issuer: Nexus) -> None:
+    async def _abort(self, preempted: list[Registration], issuer: NexusKey | None) -> None:
         """PREEMPT AND ABORT: end every task of the other I_T nexuses whose registrations were
         removed (SPC-4 5.13.11.5); with TAS=0 they learn of it through COMMANDS CLEARED BY
         ANOTHER INITIATOR (SAM-5 5.6). The issuing I_T nexus keeps its tasks."""
         keys = {k for k, _ in self.lu.tasks
-                if k != issuer.key and any(r.matches(k) for r in preempted)}
+                if k != issuer and any(r.matches(k) for r in preempted)}
         if not keys:
             return
         await self.lu.abort_tasks_of(keys)
@@ -715,15 +967,47 @@ class PersistentReservations:
             "version": STATE_VERSION,
             "lun": self.lu.lun,
             "naa": self.lu.naa.hex(),
-            "registrations": [
-                {"key": f"0x{r.key:016x}", "initiator": r.initiator,
-                 "isid": None if r.isid is None else r.isid.hex(), "target": r.target,
-                 "tpgt": r.tpgt, "relative_target_port": r.relative_port,
-                 "all_tg_pt": r.all_tg_pt}
-                for r in st.registrations],
+            "registrations": [_registration_document(r) for r in st.registrations],
             "reservation": reservation,
         }
         return (json.dumps(doc, indent=2) + "\n").encode()
+
+    def _shared_document(self, st: PrState, events: list[_Event]) -> bytes:
+        """The shared document: the APTPL file's content, the generation, the APTPL bit, the
+        SPC-2 holder, and the last changes' events."""
+        doc = json.loads(self._document(st))
+        doc["format"] = SHARED_FORMAT
+        doc["generation"] = st.generation
+        doc["aptpl"] = st.aptpl
+        doc["spc2"] = None if st.spc2 is None else _key_document(st.spc2)
+        doc["events"] = [
+            {"version": e.version, "id": e.ident,
+             "issuer": None if e.issuer is None else _key_document(e.issuer),
+             "uas": [[int(asc), [_registration_document(r) for r in regs]]
+                     for asc, regs in e.uas],
+             "aborted": [_registration_document(r) for r in e.aborted], "reset": e.reset}
+            for e in events]
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def _from_shared_document(self, doc: Any) -> tuple[PrState, list[_Event]]:
+        if not isinstance(doc, dict) or doc.get("format") != SHARED_FORMAT:
+            raise ValueError("not pytarget's shared reservation state")
+        doc = dict(doc, format=STATE_FORMAT)
+        state = self._from_document(doc)
+        generation = doc["generation"]
+        if not isinstance(generation, int) or not 0 <= generation <= 0xFFFFFFFF:
+            raise ValueError(f"bad generation {generation!r}")
+        state.generation = generation
+        state.aptpl = bool(doc["aptpl"])
+        state.spc2 = None if doc["spc2"] is None else _key_from_document(doc["spc2"])
+        events = [
+            _Event(int(e["version"]), str(e["id"]),
+                   None if e["issuer"] is None else _key_from_document(e["issuer"]),
+                   [(Asc(asc), [_registration_from_document(r) for r in regs])
+                    for asc, regs in e["uas"]],
+                   [_registration_from_document(r) for r in e["aborted"]], bool(e["reset"]))
+            for e in doc["events"]]
+        return state, events
 
     def _load(self, path: str) -> PrState:
         try:
@@ -755,18 +1039,7 @@ class PersistentReservations:
                              f"LUN {self.lu.lun} NAA {self.lu.naa.hex()}")
         regs: list[Registration] = []
         for item in doc["registrations"]:
-            key = int(item["key"], 16)
-            isid = item["isid"]
-            if not 0 < key < 1 << 64:
-                raise ValueError(f"bad reservation key {item['key']!r}")
-            if isid is not None and not _HEX_ISID.match(isid):
-                raise ValueError(f"bad ISID {isid!r}")
-            if not isinstance(item["initiator"], str) or not isinstance(item["target"], str):
-                raise ValueError("bad name")
-            reg = Registration(key, item["initiator"],
-                               None if isid is None else bytes.fromhex(isid), item["target"],
-                               int(item["tpgt"]), int(item["relative_target_port"]),
-                               bool(item["all_tg_pt"]))
+            reg = _registration_from_document(item)
             if any(reg.overlaps(r) for r in regs):
                 raise ValueError(f"two registrations for {reg.port.text}")
             regs.append(reg)
@@ -786,6 +1059,39 @@ class PersistentReservations:
                 state.holder = regs[holder]
             state.type = rtype
         return state
+
+
+def _registration_document(r: Registration) -> dict[str, Any]:
+    return {"key": f"0x{r.key:016x}", "initiator": r.initiator,
+            "isid": None if r.isid is None else r.isid.hex(), "target": r.target,
+            "tpgt": r.tpgt, "relative_target_port": r.relative_port, "all_tg_pt": r.all_tg_pt}
+
+
+def _registration_from_document(item: Any) -> Registration:
+    key = int(item["key"], 16)
+    isid = item["isid"]
+    if not 0 < key < 1 << 64:
+        raise ValueError(f"bad reservation key {item['key']!r}")
+    if isid is not None and not _HEX_ISID.match(isid):
+        raise ValueError(f"bad ISID {isid!r}")
+    if not isinstance(item["initiator"], str) or not isinstance(item["target"], str):
+        raise ValueError("bad name")
+    return Registration(key, item["initiator"], None if isid is None else bytes.fromhex(isid),
+                        item["target"], int(item["tpgt"]), int(item["relative_target_port"]),
+                        bool(item["all_tg_pt"]))
+
+
+def _key_document(key: NexusKey) -> list[Any]:
+    initiator, isid, target, tpgt = key
+    return [initiator, isid.hex(), target, tpgt]
+
+
+def _key_from_document(item: Any) -> NexusKey:
+    initiator, isid, target, tpgt = item
+    if not isinstance(initiator, str) or not isinstance(target, str) \
+            or not _HEX_ISID.match(isid) or not isinstance(tpgt, int):
+        raise ValueError(f"bad I_T nexus {item!r}")
+    return (initiator, bytes.fromhex(isid), target, tpgt)
 
 
 _ACTIONS = {

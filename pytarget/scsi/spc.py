@@ -260,20 +260,15 @@ async def reserve(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
         raise S.reservation_conflict()
     async with lu.ranges.exclusive(0, 1 << 64):
         pass
-    holder = lu.reservation
-    if (holder is not None and holder != task.nexus.key) or lu.persistent_reservation_active():
-        raise S.reservation_conflict()
-    if holder is None:
+    if await lu.pr.reserve_unit(task.nexus):
         _reservation_log(lu, task, "RESERVE")
-    lu.reservation = task.nexus.key
 
 
 async def release(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     """RELEASE(6/10): only the holder's release has any effect; others get GOOD."""
     if lu.persistent_reservation_active():
         raise S.reservation_conflict()
-    if lu.reservation == task.nexus.key:
-        lu.reservation = None
+    if await lu.pr.release_unit(task.nexus.key):
         _reservation_log(lu, task, "RELEASE")
 
 

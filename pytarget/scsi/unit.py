@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..core.task import Nexus
     from .alua import AluaState
     from .modes import ModePages
+    from .pr import PersistentReservations
 
 T = TypeVar("T")
 
@@ -87,7 +88,10 @@ class Unit(Protocol):
     def prevent(self) -> set[tuple[Any, ...]]: ...
     @property
     def write_protected(self) -> bool: ...
-    reservation: tuple[Any, ...] | None
+    @property
+    def reservation(self) -> tuple[Any, ...] | None: ...
+    @property
+    def pr(self) -> PersistentReservations: ...
     medium_present: bool
     stats_miscompares: int
 

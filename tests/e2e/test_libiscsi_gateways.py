@@ -2,9 +2,9 @@
 configuration file with different --gateway: Inquiry and ReportSupportedOpcodes through the
 gateway that does not own the LUN (active/non-optimized), MultipathIO with both paths through one
 gateway and, test by test, with one path through each. Each must pass with no failure and no
-skip line, except the multipath LUN reset across gateways, which needs the reset to reach the
-other gateway's nexuses (the cluster-wide SCSI state, not built yet): it is expected to fail, so
-that it is noticed when it starts to pass."""
+skip line, except the multipath LUN reset across gateways: without a shared reservation store
+these file LUNs keep their SCSI state per gateway, so the reset does not reach the other
+gateway's nexuses; it is expected to fail, and noticed if it starts to pass."""
 
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def test_multipath_io_across_gateways(gateways: list[LiveTarget], test: str) -> 
                            urls=[gateways[1].url(lun)]))
 
 
-@pytest.mark.xfail(strict=True, reason="a LOGICAL UNIT RESET through one gateway does not yet "
-                   "reach the nexuses of another: cluster-wide SCSI state, issue 17 item 3")
+@pytest.mark.xfail(strict=True, reason="without a shared reservation store (`reservations:`) "
+                   "a LOGICAL UNIT RESET through one gateway does not reach the nexuses of "
+                   "another (docs/scale-out-consistency.md)")
 def test_multipath_reset_across_gateways(gateways: list[LiveTarget]) -> None:
     lun = MULTIPATH_LUNS["Reset"]
     assert_clean(run_suite("MultipathIO.Reset", gateways[0].url(lun), INITIATOR1, INITIATOR2,

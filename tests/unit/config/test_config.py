@@ -127,3 +127,38 @@ def test_builtin_default_matches_luns_default() -> None:
     from importlib import resources
     assert resources.files("pytarget").joinpath("default.yaml").read_text() == \
         (repo / "luns" / "default.yaml").read_text()
+
+
+def with_reservations(body: str) -> str:
+    return GOOD + "        reservations:\n" + "".join(
+        f"          {line}\n" for line in body.splitlines())
+
+
+def test_shared_reservations(tmp_path: Path) -> None:
+    (tmp_path / "ceph.conf").write_text("[global]\n")
+    (tmp_path / "keyring").write_text("")
+    config = load(write(tmp_path, with_reservations(
+        "store: rados\npool: rbd\nconf: ceph.conf\nkeyring: keyring\nclient_id: gw")))
+    rc = config.targets[0].luns[0].reservations
+    assert rc is not None
+    assert (rc.store, rc.pool, rc.object, rc.client_id) == ("rados", "rbd", None, "gw")
+    assert rc.conf == tmp_path / "ceph.conf" and rc.keyring == tmp_path / "keyring"
+    assert load(write(tmp_path, GOOD)).targets[0].luns[0].reservations is None
+
+
+@pytest.mark.parametrize("body,key", [
+    ("store: etcd\npool: rbd\nconf: ceph.conf", "store"),
+    ("store: rados\nconf: ceph.conf", "pool"),
+    ("store: rados\npool: ''\nconf: ceph.conf", "pool"),
+    ("store: rados\npool: 7\nconf: ceph.conf", "pool"),
+    ("store: rados\npool: rbd\nconf: missing.conf", "conf"),
+    ("store: rados\npool: rbd\nconf: ceph.conf\nkeyring: missing", "keyring"),
+    ("store: rados\npool: rbd\nconf: ceph.conf\nwatch: 5", "watch"),
+])
+def test_shared_reservations_errors_name_the_key(tmp_path: Path, body: str, key: str) -> None:
+    (tmp_path / "ceph.conf").write_text("[global]\n")
+    path = write(tmp_path, with_reservations(body))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == f"targets[0].luns[0].reservations.{key}"
+    assert not (tmp_path / "disk0.img").exists()

@@ -186,3 +186,29 @@ def test_alua_state_alone() -> None:
     assert PortGroups.single().supported == 0x01 and GATEWAYS.supported == 0x83
     with pytest.raises(AssertionError):
         PortGroups(GATEWAYS.groups, local=5)
+
+
+def test_a_shared_reservation_store_adds_the_unavailable_state(tmp_path) -> None:
+    """A gateway whose reservations live in a shared store may answer 04h/0Ch when it cannot
+    reach it, so its descriptors also claim U_SUP; a reload keeps that."""
+    from pytarget.backstore.file import FileBackstore
+    from pytarget.scsi.device import LogicalUnit, LuConfig
+
+    from .harness import Directory
+    from .shared_store import SharedObject
+
+    path = tmp_path / "shared.img"
+    FileBackstore.create(str(path), 1 << 20)
+    lu = LogicalUnit(LuConfig(lun=0, serial="S", naa=bytes(8), port_groups=GATEWAYS, owner=1),
+                     FileBackstore(str(path)), Directory(),
+                     reservations=SharedObject().handle("gw2"))  # type: ignore[arg-type]
+    try:
+        data = rtpg(lu, NEXUS_GW2).data
+        assert (data[5], data[17]) == (0x8B, 0x8B)  # T_SUP | U_SUP | AN_SUP | AO_SUP
+        three = port_groups([(1, "gw1", (1,)), (2, "gw2", (2,)), (3, "gw3", (3,))], local=2)
+        assert lu.set_port_groups(three, 1)
+        assert rtpg(lu, NEXUS_GW2).data[29] == 0x8B
+        # Without gateways there is nothing else to go to: only active/optimized.
+        assert AluaState(PortGroups.single(), unavailable=True).supported == 0x01
+    finally:
+        lu.close()

@@ -1,0 +1,1 @@
+"""State that the gateways serving one logical unit share through the Ceph cluster."""
