@@ -20,14 +20,15 @@ from typing import Any
 from .backstore import KINDS
 from .backstore.base import Backstore
 from .cluster.rados import RadosReservationStore
-from .config import Config, ConfigError, LunConfig, TargetConfig
+from .config import Config, ConfigError, LunConfig, TargetConfig, local_gateway, lun_owner
 from .copy import commands as copy_commands
 from .copy.manager import CopyManager
 from .core.reservations import ReservationStore
 from .core.task import Nexus
-from .iscsi.node import AclEntry, TargetNode
+from .iscsi.node import DEFAULT_TPGT, RELATIVE_PORT, AclEntry, TargetNode
 from .iscsi.target import TargetRegistry
 from .nbd.exports import LOOPBACK, Export, ExportTable
+from .scsi.alua import PortGroups, port_groups
 from .scsi.device import LogicalUnit, LuConfig, NoLogicalUnit
 from .scsi.pr import PrStateError
 from .transport import is_local_address
@@ -76,6 +77,7 @@ def reservation_store(lc: LunConfig, naa: bytes) -> ReservationStore | None:
 
 def check(config: Config) -> None:
     """What only assembly can refuse, before anything is created."""
+    local_gateway(config)
     check_backstores(config)
     check_pr_paths(config)
 
@@ -115,11 +117,30 @@ def prepare_backing_files(config: Config) -> list[Path]:
     return [lc.path for tc in config.targets for lc in tc.luns if create_backing(config, tc, lc)]
 
 
-def build_node(tc: TargetConfig) -> TargetNode[LogicalUnit]:
-    """A target node's settings from its configuration, without its logical units."""
+def local_port(config: Config) -> tuple[int, int]:
+    """(TPGT, relative target port identifier) of this process's target port of each target:
+    its gateway's id for both, or 1 and 1 without gateways."""
+    gateway = local_gateway(config)
+    return (DEFAULT_TPGT, RELATIVE_PORT) if gateway is None else (gateway.id, gateway.id)
+
+
+def lu_port_groups(config: Config) -> PortGroups:
+    """The target port groups every LU is reached through: one per gateway, or the one
+    group of a process without gateways (scsi/alua.py)."""
+    tpgt, relative_port = local_port(config)
+    if not config.gateways:
+        return PortGroups.single(tpgt, relative_port)
+    return port_groups([(g.id, g.name, (g.id,)) for g in config.gateways], tpgt)
+
+
+def build_node(tc: TargetConfig, config: Config) -> TargetNode[LogicalUnit]:
+    """A target node's settings from its configuration, without its logical units; its
+    target port is this process's gateway's when `config` has gateways."""
     acl = None if tc.acl is None else [
         AclEntry(e.initiator, None if e.luns is None else frozenset(e.luns)) for e in tc.acl]
-    return TargetNode(tc.name, tc.alias, acl=acl, auth=tc.auth, max_sessions=tc.max_sessions)
+    tpgt, relative_port = local_port(config)
+    return TargetNode(tc.name, tc.alias, tpgt=tpgt, relative_port=relative_port, acl=acl,
+                      auth=tc.auth, max_sessions=tc.max_sessions)
 
 
 def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
@@ -128,9 +149,12 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
     backstore = backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
     try:
         serial, naa = lu_identity(tc.name, lc.id, lc.serial)
+        owner = lun_owner(config, lc)
         lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
                              thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
-                             pr_state_path=str(pr_state_path(config, lc)))
+                             pr_state_path=str(pr_state_path(config, lc)),
+                             port_groups=lu_port_groups(config),
+                             owner=owner.id if owner is not None else None)
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
         return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
                            reservations=reservation_store(lc, naa))
@@ -147,9 +171,10 @@ def build_registry(config: Config, luns: bool = True) -> TargetRegistry:
     registry.max_sessions = config.limits.max_sessions
     if luns:
         check(config)
+    registry.tpgt = local_port(config)[0]
     try:
         for tc in config.targets:
-            node = build_node(tc)
+            node = build_node(tc, config)
             registry.add_target(node)
             if luns:
                 for lc in tc.luns:

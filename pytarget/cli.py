@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import json
 import os
 import sys
@@ -41,6 +42,12 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help=f"YAML configuration (default: {DEFAULT_CONFIG})")
 
 
+def _gateway_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway", "-g", metavar="NAME",
+                        help="which of the configuration's gateways this is (over its "
+                             "`gateway:` key; docs/guides/scale-out.md)")
+
+
 def _socket_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", metavar="PATH",
                         help="the control socket (default: from the configuration)")
@@ -58,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the target")
     _config_option(serve)
+    _gateway_option(serve)
     serve.add_argument("--portal", "-p", action="append", default=[], metavar="HOST:PORT",
                        help="listen here instead of the configured portals (repeatable)")
     serve.add_argument("--log-level", default="info", choices=logs.LEVELS)
@@ -76,12 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the running target's targets, LUNs, "
                                            "sessions, reservations and copies")
     _config_option(status)
+    _gateway_option(status)
     _socket_option(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
     reload = sub.add_parser("reload", help="make the running target re-read its "
                                            "configuration (as SIGHUP does)")
     _config_option(reload)
+    _gateway_option(reload)
     _socket_option(reload)
 
     lun = sub.add_parser("lun", help="add, remove or grow LUNs in the configuration")
@@ -161,12 +171,14 @@ def tune_allocator() -> None:
 
 def serve(args: argparse.Namespace) -> int:
     from .assembly import check_backstores
+    from .config import local_gateway
     from .server import Server
 
     tune_allocator()
 
     try:
-        config = load(args.config)
+        config = load(args.config, args.gateway)
+        local_gateway(config)
         check_backstores(config)
         portals = [parse_portal(p) for p in args.portal] or None
     except ConfigError as exc:
@@ -200,22 +212,23 @@ def serve(args: argparse.Namespace) -> int:
 def _control(args: argparse.Namespace, command: str) -> Any:
     from .control import ControlError, request
 
-    path = Path(args.socket) if args.socket else _socket_of(args.config)
+    path = Path(args.socket) if args.socket else _socket_of(args.config, args.gateway)
     try:
         return request(path, command)
     except ControlError as exc:
         raise CliError(str(exc)) from None
 
 
-def _socket_of(config_file: str | None) -> Path:
-    """The control socket of the target serving `config_file`, even when the file has been
-    edited into a state that does not load (the target then refuses the reload and says why)."""
+def _socket_of(config_file: str | None, gateway: str | None = None) -> Path:
+    """The control socket of the target (or the gateway `gateway`) serving `config_file`, even
+    when the file has been edited into a state that does not load (the target then refuses the
+    reload and says why)."""
     import yaml
 
     from .control import socket_path
 
     try:
-        return socket_path(load(config_file))
+        return socket_path(load(config_file, gateway))
     except ConfigError:
         path = Path(config_file) if config_file else DEFAULT_CONFIG
         try:
@@ -225,7 +238,7 @@ def _socket_of(config_file: str | None) -> Path:
         base = path.resolve().parent
         if isinstance(raw, str) and raw:
             return Path(raw) if Path(raw).is_absolute() else base / raw
-        return base / f"{path.stem}.sock"
+        return base / (f"{path.stem}.{gateway}.sock" if gateway else f"{path.stem}.sock")
 
 
 def status(args: argparse.Namespace) -> int:
@@ -297,20 +310,23 @@ def _commit(path: Path, old_text: str | None, result: Any, summary: str,
         print(f"note: {path} was rewritten whole: its comments and layout were not kept")
     if no_reload:
         return 0
-    sock = socket_path(config)
-    if not sock.exists():
+    # With gateways, every gateway running on this machine from this file reloads.
+    configs = [dataclasses.replace(config, gateway=g.name) for g in config.gateways] or [config]
+    running = [sock for sock in map(socket_path, configs) if sock.exists()]
+    answers = []
+    for sock in running:
+        try:
+            answers.append(request(sock, "reload"))
+        except ControlError as exc:
+            if "not running" in str(exc):
+                continue
+            raise CliError(
+                f"the file is written, but the running target did not apply it: {exc}") from None
+    if not answers:
         print("no running target uses this configuration; it applies at the next start")
-        return 0
-    try:
-        answer = request(sock, "reload")
-    except ControlError as exc:
-        if "not running" in str(exc):
-            print("no running target uses this configuration; it applies at the next start")
-            return 0
-        raise CliError(
-            f"the file is written, but the running target did not apply it: {exc}") from None
-    for change in answer.get("changes", []):
-        print(f"running target: {change}")
+    for answer in answers:
+        for change in answer.get("changes", []):
+            print(f"running target: {change}")
     return 0
 
 

@@ -60,6 +60,18 @@ class LunConfig:
     serial: str | None = None
     backstore: str = "file"  # the kind of backing store (backstore.KINDS)
     reservations: ReservationsConfig | None = None  # None: this process's own (APTPL file)
+    owner: str | None = None  # the gateway that owns the LUN (None: spread, `lun_owner`)
+
+
+@dataclass
+class GatewayConfig:
+    """One gateway: a pytarget process serving the targets as a target port group of its
+    own (docs/guides/scale-out.md)."""
+
+    name: str
+    id: int  # TARGET PORT GROUP, iSCSI TPGT and relative target port identifier
+    portals: list[tuple[str, int]]
+    metrics: tuple[str, int] | None = None
 
 
 @dataclass
@@ -95,6 +107,8 @@ class Config:
     # the process may run on more than one CPU, else 0 (off).
     busy_poll_us: int | None = None
     nbd: NbdConfig | None = None  # the NBD front end; None: off
+    gateways: list[GatewayConfig] = field(default_factory=list)  # empty: one process
+    gateway: str | None = None  # which of `gateways` this process is
 
     def poll_window(self) -> float:
         """The event loop's polling window in seconds."""
@@ -202,22 +216,24 @@ class _Reader:
         return value
 
 
-def load(path: str | os.PathLike[str] | None) -> Config:
-    """Read and validate a configuration; None means luns/default.yaml or the built-in one."""
+def load(path: str | os.PathLike[str] | None, gateway: str | None = None) -> Config:
+    """Read and validate a configuration; None means luns/default.yaml or the built-in one.
+    `gateway` (the command line's --gateway) names this process's gateway over the file's
+    `gateway:` key."""
     if path is None:
         if DEFAULT_CONFIG.exists():
-            return load(DEFAULT_CONFIG)
+            return load(DEFAULT_CONFIG, gateway)
         text = resources.files("pytarget").joinpath("default.yaml").read_text()
-        return parse(text, "<built-in luns/default.yaml>", DEFAULT_CONFIG.parent)
+        return parse(text, "<built-in luns/default.yaml>", DEFAULT_CONFIG.parent, gateway)
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(str(p), "-", f"cannot read: {exc.strerror}") from None
-    return parse(text, str(p), p.resolve().parent)
+    return parse(text, str(p), p.resolve().parent, gateway)
 
 
-def parse(text: str, file: str, base: Path) -> Config:
+def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Config:
     r = _Reader(file)
     try:
         doc = yaml.safe_load(text)
@@ -229,7 +245,7 @@ def parse(text: str, file: str, base: Path) -> Config:
     doc = r.mapping(doc if doc is not None else {}, "",
                     {"portals", "targets", "management_addresses", "control_socket",
                      "control_group", "metrics", "discovery_auth", "limits",
-                     "busy_poll_us"}, {"targets"})
+                     "busy_poll_us", "gateways", "gateway"}, {"targets"})
     portals_raw = doc.get("portals", ["0.0.0.0:3260"])
     if not isinstance(portals_raw, list) or not portals_raw:
         raise r.fail("portals", "expected a non-empty list of HOST:PORT")
@@ -265,7 +281,9 @@ def parse(text: str, file: str, base: Path) -> Config:
         ids: set[int] = set()
         for li, item in enumerate(luns_raw):
             lkey = f"{tkey}.luns[{li}]"
+            item, owner = _lun_owner(r, item, lkey)
             lun = _lun(r, item, lkey, base)
+            lun.owner = owner
             if lun.id in ids:
                 raise r.fail(f"{lkey}.id", f"duplicate LUN id {lun.id}")
             ids.add(lun.id)
@@ -283,7 +301,124 @@ def parse(text: str, file: str, base: Path) -> Config:
     config.limits = _limits(r, doc)
     _check_secrets(r, config)
     config.nbd = nbd
+    _gateways(r, doc, config, gateway)
     return config
+
+
+# ---------------------------------------------------------------- gateways
+_GATEWAY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def _lun_owner(r: _Reader, item: Any, key: str) -> tuple[Any, str | None]:
+    """A LUN's `owner: GATEWAY` taken out of its mapping (checked against the gateways by
+    `_gateways`), and the rest of the mapping."""
+    if not isinstance(item, dict) or "owner" not in item:
+        return item, None
+    rest = dict(item)
+    owner = rest.pop("owner")
+    if not isinstance(owner, str) or not owner:
+        raise r.fail(f"{key}.owner", "expected the name of a gateway")
+    return rest, owner
+
+
+def _gateways(r: _Reader, doc: dict[str, Any], config: Config, chosen: str | None) -> None:
+    """gateways: [{name: gw1, portals: [HOST:PORT, ...], id: 1, metrics: HOST:PORT}, ...]
+    and gateway: NAME (this process; `chosen`, from --gateway, wins). With a gateway chosen,
+    the process listens on that gateway's portals (and metrics endpoint, if it names one)."""
+    raw = doc.get("gateways")
+    if raw is None:
+        for i, tc in enumerate(config.targets):
+            for li, lc in enumerate(tc.luns):
+                if lc.owner is not None:
+                    raise r.fail(f"targets[{i}].luns[{li}].owner", "no gateways: are configured")
+        if "gateway" in doc or chosen is not None:
+            raise r.fail("gateway", "no gateways: are configured")
+        return
+    if not isinstance(raw, list) or not raw:
+        raise r.fail("gateways", "expected a non-empty list of {name: NAME, portals: [...]}")
+    if "portals" in doc:
+        raise r.fail("portals", "with gateways:, each gateway lists its own portals")
+    ids: set[int] = set()
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        key = f"gateways[{i}]"
+        item = r.mapping(item, key, {"name", "id", "portals", "metrics"}, {"name", "portals"})
+        name = item["name"]
+        if not isinstance(name, str) or not _GATEWAY_NAME_RE.match(name):
+            raise r.fail(f"{key}.name", "expected 1-63 letters, digits, '.', '_' or '-'")
+        if name in names:
+            raise r.fail(f"{key}.name", f"duplicate gateway name {name}")
+        names.add(name)
+        gid = _count(r, item.get("id", i + 1), f"{key}.id", 1)
+        if gid in ids:
+            raise r.fail(f"{key}.id", f"duplicate gateway id {gid}")
+        ids.add(gid)
+        portals_raw = item["portals"]
+        if not isinstance(portals_raw, list) or not portals_raw:
+            raise r.fail(f"{key}.portals", "expected a non-empty list of HOST:PORT")
+        portals = []
+        for pi, text in enumerate(portals_raw):
+            try:
+                portals.append(parse_portal(str(text)))
+            except ValueError as exc:
+                raise r.fail(f"{key}.portals[{pi}]", str(exc)) from None
+        metrics = None
+        if "metrics" in item:
+            text = item["metrics"]
+            if not isinstance(text, str) or not text.rpartition(":")[2].isdigit():
+                raise r.fail(f"{key}.metrics", 'expected "HOST:PORT", e.g. "127.0.0.1:9360"')
+            try:
+                metrics = parse_portal(text)
+            except ValueError as exc:
+                raise r.fail(f"{key}.metrics", str(exc)) from None
+        config.gateways.append(GatewayConfig(name, gid, portals, metrics))
+    for ti, tc in enumerate(config.targets):
+        for li, lc in enumerate(tc.luns):
+            if lc.owner is not None and lc.owner not in names:
+                raise r.fail(f"targets[{ti}].luns[{li}].owner",
+                             "not a gateway: one of " + ", ".join(sorted(names)))
+    if chosen is None and "gateway" in doc:
+        chosen = doc["gateway"]
+        if not isinstance(chosen, str):
+            raise r.fail("gateway", "expected the name of a gateway")
+    if chosen is not None:
+        use_gateway(config, chosen)
+
+
+def use_gateway(config: Config, name: str) -> GatewayConfig:
+    """Make the gateway `name` this process: its portals (and metrics endpoint) are the
+    ones it listens on."""
+    for gw in config.gateways:
+        if gw.name == name:
+            config.gateway = name
+            config.portals = list(gw.portals)
+            if gw.metrics is not None:
+                config.metrics = gw.metrics
+            return gw
+    raise ConfigError(config.file, "gateway", f"no gateway {name!r} in gateways: (one of "
+                      + ", ".join(g.name for g in config.gateways) + ")")
+
+
+def local_gateway(config: Config) -> GatewayConfig | None:
+    """This process's gateway; None without `gateways:`. ConfigError when gateways are
+    configured but none is chosen (`gateway: NAME` or `pytarget serve --gateway NAME`)."""
+    if not config.gateways:
+        return None
+    for gw in config.gateways:
+        if gw.name == config.gateway:
+            return gw
+    raise ConfigError(config.file, "gateway", "name this process's gateway (gateway: NAME or "
+                      "--gateway NAME), one of " + ", ".join(g.name for g in config.gateways))
+
+
+def lun_owner(config: Config, lc: LunConfig) -> GatewayConfig | None:
+    """The gateway that owns a LUN: its `owner`, else the gateways in order by LUN id
+    (LUN n on gateways[n mod N]); None without `gateways:`."""
+    if not config.gateways:
+        return None
+    if lc.owner is not None:
+        return next(g for g in config.gateways if g.name == lc.owner)
+    return config.gateways[lc.id % len(config.gateways)]
 
 
 def _target_security(r: _Reader, t: dict[str, Any], key: str, target: TargetConfig,

@@ -49,7 +49,9 @@ def socket_path(config: Config) -> Path:
     source = Path(config.file)
     if not source.is_file():  # the built-in default: as if luns/default.yaml existed
         source = config.base / DEFAULT_CONFIG.name
-    return source.resolve().parent / f"{source.stem}.sock"
+    # Gateways sharing one file on one machine each have their own socket.
+    gateway = f".{config.gateway}" if config.gateway is not None else ""
+    return source.resolve().parent / f"{source.stem}{gateway}.sock"
 
 
 @contextlib.contextmanager

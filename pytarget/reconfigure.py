@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import assembly
-from .config import Config, ConfigError, LunConfig, TargetConfig
+from .config import Config, ConfigError, LunConfig, TargetConfig, lun_owner
 from .core.sense import Asc
 from .iscsi.bounds import Bounds
 from .iscsi.node import TargetNode
@@ -165,13 +165,14 @@ class Reload:
             raise ReloadRefused(f"{exc.filename}: {exc.strerror}") from None
         except ConfigError as exc:
             raise ReloadRefused(str(exc)) from None
+        self._check_gateways()
         live = self.server.registry.targets
         old_targets = {t.name.lower(): t for t in self.old.targets}
         new_targets = {t.name.lower(): t for t in self.new.targets}
         for key, tc in new_targets.items():
             node = live.get(key)
             if key not in old_targets or node is None:
-                self.added_targets.append((tc, assembly.build_node(tc)))
+                self.added_targets.append((tc, assembly.build_node(tc, self.new)))
             else:
                 self.kept.append((node, tc))
                 self._check_luns(node, old_targets[key], tc)
@@ -180,6 +181,15 @@ class Reload:
             new, old = Counter(self.new.portals), Counter(self.old.portals)
             self.added_portals = list((new - old).elements())
             self.removed_portals = list((old - new).elements())
+
+    def _check_gateways(self) -> None:
+        """This process's target port may not change under its sessions: its gateway keeps
+        its id (other gateways may come, go or change; the LUs' port groups follow)."""
+        before, after = assembly.local_port(self.old), assembly.local_port(self.new)
+        if before != after:
+            raise ReloadRefused(f"{self.new.file}: gateway: this process's target port group "
+                                f"would change from {before[0]} to {after[0]}; restart it "
+                                "instead")
 
     def _check_luns(self, node: TargetNode[LogicalUnit], old: TargetConfig,
                     new: TargetConfig) -> None:
@@ -296,6 +306,7 @@ class Reload:
         replaced: list[LogicalUnit] = []
         for change in self.lun_changes:
             self._commit_lun(change, replaced)
+        self._commit_port_groups()
         for _, node in self.added_targets:
             server.add_target(node)
             self.changes.append(f"target {node.name} added with {len(node.luns)} LUN(s)")
@@ -335,6 +346,21 @@ class Reload:
                                                                  self.old.control_group):
             self.changes.append("control_socket/control_group: take effect at the next start")
         server.use_config(self.new)
+
+    def _commit_port_groups(self) -> None:
+        """Gateways added, removed or renumbered, or LUN owners changed: every running LU
+        reports the new target port groups (scsi/alua.py)."""
+        groups = assembly.lu_port_groups(self.new)
+        for tc in self.new.targets:
+            node = self.server.registry.target(tc.name)
+            if node is None:
+                continue
+            for lc in tc.luns:
+                lu = node.luns.get(lc.id)
+                owner = lun_owner(self.new, lc)
+                if lu is not None and lu.set_port_groups(groups, owner.id if owner else None):
+                    self.changes.append(f"target {node.name} LUN {lc.id}: target port groups "
+                                        f"changed, owner {owner.name if owner else '-'}")
 
     def _commit_lun(self, change: _LunChange, replaced: list[LogicalUnit]) -> None:
         server = self.server

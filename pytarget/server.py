@@ -239,7 +239,7 @@ class Server:
         async with self._reload_lock:
             try:
                 try:
-                    new = config if config is not None else load(self.source)
+                    new = config if config is not None else load(self.source, self.config.gateway)
                 except ConfigError as exc:
                     raise ReloadRefused(str(exc)) from None
                 nbd_listener = self._prepare_nbd(new)

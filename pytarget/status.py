@@ -2,7 +2,8 @@
 (`collect`, on the target's side of the control socket) and as tables (`render`, on the
 command line's side).
 
-The document holds targets and their LUNs (size, allocated bytes, reservations), sessions
+The document holds the gateways (docs/guides/scale-out.md), targets and their LUNs (size,
+allocated bytes, owner gateway and asymmetric access state, reservations), sessions
 (initiator, ISID, portal, negotiated digests and lengths) and copy operations in progress with
 their progress and throughput.
 """
@@ -84,6 +85,19 @@ def _reservation(lu: LogicalUnit) -> dict[str, Any] | None:
     }
 
 
+def _access(lu: LogicalUnit) -> dict[str, Any]:
+    """The LU's owner gateway and its asymmetric access state here and in every group."""
+    alua = lu.alua
+    owner = alua.groups.find(alua.owner)
+    return {"owner": owner.name or None, "alua_state": alua.local_state.name.lower(),
+            "alua_states": alua.summary()}
+
+
+def _gateways(config: Config) -> list[dict[str, Any]]:
+    return [{"name": g.name, "id": g.id, "portals": [_address(p) for p in g.portals],
+             "local": g.name == config.gateway} for g in config.gateways]
+
+
 def _copy(lu: LogicalUnit, op: CopyOperation, now: float) -> dict[str, Any]:
     done = op.moved(lu.block_size)
     elapsed = max(now - op.created, 1e-6)
@@ -125,6 +139,7 @@ def collect(server: Running) -> dict[str, Any]:
                 "allocated_bytes": allocated,
                 "readonly": lu.readonly,
                 "thin": lu.thin,
+                **_access(lu),
             })
             pr = _reservation(lu)
             if pr is not None:
@@ -177,6 +192,8 @@ def collect(server: Running) -> dict[str, Any]:
         "uptime_seconds": round(now - server.started, 1),
         "config": server.config.file,
         "portals": [_address(p) for p in registry.portals],
+        "gateway": server.config.gateway,
+        "gateways": _gateways(server.config),
         "control_socket": str(server.control.path) if server.control is not None else None,
         "metrics": server.metrics.url if server.metrics is not None else None,
         "targets": targets,
@@ -208,25 +225,43 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return ["  " + line for line in lines]
 
 
+_ALUA_TEXT = {"active_optimized": "active/optimized",
+              "active_non_optimized": "active/non-optimized"}
+
+
+def _alua_text(state: str) -> str:
+    return _ALUA_TEXT.get(state, state)
+
+
 def render(doc: dict[str, Any]) -> str:
     """The status document as tables for a terminal."""
     out = [f"pytarget {doc['version']} (pid {doc['pid']}, up {doc['uptime_seconds']:.0f} s), "
            f"config {doc['config']}",
            f"portals: {', '.join(doc['portals']) or '-'}"
            + (f"; metrics: {doc['metrics']}" if doc.get("metrics") else "")]
+    gateways = doc.get("gateways") or []
+    if gateways:
+        out += ["", f"Gateways (this is {doc['gateway']}):"]
+        out += _table(("GATEWAY", "TPG", "PORTALS", ""),
+                      [(g["name"], g["id"], ", ".join(g["portals"]),
+                        "(this one)" if g["local"] else "") for g in gateways])
     rows: list[tuple[Any, ...]] = []
     for t in doc["targets"]:
         if not t["luns"]:
-            rows.append((t["name"], "-", "-", "-", "-", "-", "-", t["sessions"]))
+            rows.append((t["name"], "-", "-", "-", "-", "-", "-", t["sessions"])
+                        + (("-", "-") if gateways else ()))
         for lun in t["luns"]:
             flags = ",".join(f for f, on in (("ro", lun["readonly"]), ("thin", lun["thin"]))
                              if on) or "-"
-            rows.append((t["name"], lun["lun"], size_text(lun["size_bytes"]),
-                         size_text(lun["allocated_bytes"]), lun["block_size"], flags,
-                         lun["path"], t["sessions"]))
+            row: tuple[Any, ...] = (t["name"], lun["lun"], size_text(lun["size_bytes"]),
+                                    size_text(lun["allocated_bytes"]), lun["block_size"],
+                                    flags, lun["path"], t["sessions"])
+            if gateways:
+                row += (lun["owner"], _alua_text(lun["alua_state"]))
+            rows.append(row)
     out += ["", "Targets and LUNs:"]
-    out += _table(("TARGET", "LUN", "SIZE", "ALLOCATED", "BLOCK", "FLAGS", "PATH", "SESSIONS"),
-                  rows)
+    out += _table(("TARGET", "LUN", "SIZE", "ALLOCATED", "BLOCK", "FLAGS", "PATH", "SESSIONS")
+                  + (("OWNER", "ALUA (HERE)") if gateways else ()), rows)
     rows = []
     for s in doc["sessions"]:
         for c in s["connections"] or [{}]:

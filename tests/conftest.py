@@ -27,7 +27,7 @@ T = TypeVar("T")
 # End-to-end tests that run the target inside the test process (`Server` on an ephemeral
 # loopback port, the project's initiator): no child process, libiscsi or guest, so they belong
 # to the fast lane (tools/test --fast) with the unit tests.
-IN_PROCESS = ("e2e/test_lent_reads.py", "e2e/test_polling.py")
+IN_PROCESS = ("e2e/test_lent_reads.py", "e2e/test_polling.py", "e2e/test_gateways.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -22,6 +22,10 @@ UNMAP_GRANULARITY_BYTES = 4096
 # zeroing into several commands.
 MAX_WRITE_SAME_BYTES = 16 << 20
 
+# Asymmetric access (SPC-4 6.37): the IMPLICIT TRANSITION TIME REPORT TARGET PORT GROUPS
+# gives gateways, in seconds: how long an initiator should allow an ownership move to take.
+ALUA_IMPLICIT_TRANSITION_SECONDS = 30
+
 MAX_PARAMETER_LIST = 65536  # MODE SELECT, UNMAP and other parameter lists, in bytes
 
 

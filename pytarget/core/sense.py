@@ -48,6 +48,7 @@ class Asc(IntEnum):
     LUN_NOT_READY = 0x0400
     LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED = 0x0402
     LUN_NOT_READY_MANUAL_INTERVENTION_REQUIRED = 0x0403
+    LUN_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION = 0x040A
     LUN_NOT_ACCESSIBLE_TARGET_PORT_UNAVAILABLE = 0x040C
     LUN_COMMUNICATION_FAILURE = 0x0800
     WRITE_ERROR = 0x0C00
@@ -99,6 +100,7 @@ class Asc(IntEnum):
     RESERVATIONS_PREEMPTED = 0x2A03
     RESERVATIONS_RELEASED = 0x2A04
     REGISTRATIONS_PREEMPTED = 0x2A05
+    ASYMMETRIC_ACCESS_STATE_CHANGED = 0x2A06
     CAPACITY_DATA_HAS_CHANGED = 0x2A09
     COMMAND_SEQUENCE_ERROR = 0x2C00
     COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = 0x2F00
@@ -242,6 +244,13 @@ def space_allocation_failed() -> SenseError:
 
 def not_ready(asc: Asc = Asc.LUN_NOT_READY_INITIALIZING_COMMAND_REQUIRED) -> SenseError:
     return SenseError(SenseKey.NOT_READY, asc)
+
+
+def asymmetric_access_state_transition() -> SenseError:
+    """A command that needs the medium while the target port group is transitioning
+    (SPC-4 5.15.2.4.6)."""
+    return SenseError(SenseKey.NOT_READY,
+                      Asc.LUN_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION)
 
 
 def port_unavailable() -> SenseError:

@@ -36,7 +36,8 @@ def _no_absent_unit(lun: int, directory: Any) -> FrontEndUnit:
 class TargetNode(Generic[Unit]):
     name: str
     alias: str = ""
-    tpgt: int = DEFAULT_TPGT
+    tpgt: int = DEFAULT_TPGT  # the portal group's tag; also its SCSI target port group
+    relative_port: int = RELATIVE_PORT  # RELATIVE TARGET PORT IDENTIFIER of its target port
     luns: dict[int, Unit] = field(default_factory=dict)
     acl: list[AclEntry] | None = None  # None: any initiator, all LUNs
     auth: ChapCredentials | None = None  # None: no authentication

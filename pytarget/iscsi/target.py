@@ -26,7 +26,7 @@ from .auth import (
 )
 from .errors import LoginError, LoginStatus
 from .login import LoginResult
-from .node import DEFAULT_TPGT, RELATIVE_PORT, TargetNode
+from .node import DEFAULT_TPGT, TargetNode
 from .params import TargetLimits
 from .session import Session
 
@@ -45,6 +45,9 @@ class TargetRegistry:
         self._next_tsih = 1
         self.discovery_auth: ChapCredentials | None = None
         self.max_sessions = 0  # every session, discovery included (0: no limit)
+        # The portal group this process serves (a gateway's id, docs/guides/scale-out.md): the
+        # TargetPortalGroupTag of its logins and the tag SendTargets gives its portals.
+        self.tpgt = DEFAULT_TPGT
         self.ledger = ChallengeLedger()
 
     def add_target(self, node: TargetNode[Any]) -> None:
@@ -57,7 +60,7 @@ class TargetRegistry:
 
     # ---------------------------------------------------------------- login policy
     def portal_group_tag(self) -> int:
-        return DEFAULT_TPGT
+        return self.tpgt
 
     def authenticator(self, session_type: str, target_name: str) -> Authenticator:
         if session_type == "Discovery":
@@ -158,7 +161,8 @@ class TargetRegistry:
             tsih = self._allocate_tsih()
         nexus = None
         if node is not None:
-            nexus = Nexus(params.initiator_name, result.isid, node.name, node.tpgt, RELATIVE_PORT)
+            nexus = Nexus(params.initiator_name, result.isid, node.name, node.tpgt,
+                          node.relative_port)
         session = Session(tsih, result.isid, params, node, nexus,
                           (result.cmd_sn) & 0xFFFFFFFF, self.window)
         session.connection_params = result.connection

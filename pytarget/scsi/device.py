@@ -16,7 +16,7 @@ import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter, perf_counter_ns
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +43,7 @@ from ..core.stats import (
 from ..core.table import Opcode, OpSpec, OpTable
 from ..core.task import Nexus, ScsiTask
 from . import vpd
+from .alua import U_SUP, AluaState, PortGroups, TpgStatus
 from .modes import ModePages
 from .opcodes import NO_LU_TABLE, lu_table
 from .pr import PersistentReservations
@@ -115,6 +116,10 @@ class LuConfig:
     product: str = PRODUCT
     revision: str = REVISION
     pr_state_path: str | None = None  # APTPL state file; None: APTPL=1 is not supported
+    # The target port groups the LU is reached through (SPC-4 5.15) and its owner group
+    # (None: the local one).
+    port_groups: PortGroups = field(default_factory=PortGroups.single)
+    owner: int | None = None
 
 
 class LogicalUnit:
@@ -168,6 +173,8 @@ class LogicalUnit:
         self.medium_present = True
         self.prevent: set[tuple[Any, ...]] = set()  # nexuses preventing medium removal
         self.pr = PersistentReservations(self, reservations)
+        self.alua = AluaState(config.port_groups, config.owner,
+                              unavailable=reservations is not None)
         self.closed = False
         self.stats_miscompares = 0
         self._inline_after = 0.0  # perf_counter() before which writes go to the I/O threads
@@ -266,6 +273,8 @@ class LogicalUnit:
         self.pr.check(nexus, spec.pr, task.cdb)
         if spec.medium and not self.medium_present:
             raise S.not_ready(Asc.MEDIUM_NOT_PRESENT)
+        if self.alua.transitioning and (spec.medium or spec.writes):
+            raise S.asymmetric_access_state_transition()
         if spec.writes and self.write_protected:
             raise S.write_protected()
 
@@ -291,6 +300,50 @@ class LogicalUnit:
         self.third_party_copy = True
         self.vpd[0x8F] = lambda lu, task: service.third_party_copy_page()
         self.vpd[0x85] = lambda lu, task: service.management_network_addresses()
+
+    # ------------------------------------------------------------------ asymmetric access
+    def set_owner(self, gateway: int | str) -> bool:
+        """Make `gateway` (a target port group id or a gateway's name) the owner of this LU:
+        its group becomes active/optimized, the others active/non-optimized, and any transition
+        of the local group ends. Every I_T nexus then gets ASYMMETRIC ACCESS STATE CHANGED
+        (SPC-4 5.15.2.6). True when a state changed; KeyError for an unknown gateway.
+
+        The hook through which whatever decides ownership (the configuration on reload, a
+        shared backstore's exclusive lock) moves it, on the event loop's thread; nothing else
+        changes `alua`.
+        """
+        if not self.alua.set_owner(gateway):
+            return False
+        self.establish_ua(Asc.ASYMMETRIC_ACCESS_STATE_CHANGED)
+        log.info("LUN %d: owner is now target port group %d (here: %s)", self.lun, self.alua.owner,
+                 self.alua.local_state.name.lower(),
+                 extra={"event": "alua", "lun": self.lun, "owner": self.alua.owner})
+        return True
+
+    def set_port_groups(self, groups: PortGroups, owner: int | None) -> bool:
+        """The gateways changed (a reload): the LU is reached through `groups` from now on, with
+        `owner` (a group id; None: the local group) as its preferred owner. The current owner
+        stays while it still exists and the preferred owner did not change. Every I_T nexus
+        gets ASYMMETRIC ACCESS STATE CHANGED when what REPORT TARGET PORT GROUPS says changed.
+        True then."""
+        old = self.alua
+        new = AluaState(groups, owner, unavailable=bool(old.supported & U_SUP))
+        if groups == old.groups and new.preferred == old.preferred:
+            return False
+        if new.preferred == old.preferred and any(g.id == old.owner for g in groups.groups):
+            new.owner = old.owner
+        if new.owner != old.owner:
+            new.status = TpgStatus.ALTERED_BY_IMPLICIT_BEHAVIOR
+        else:
+            new.status = old.status
+        self.alua = new
+        self.establish_ua(Asc.ASYMMETRIC_ACCESS_STATE_CHANGED)
+        return True
+
+    def begin_transition(self) -> None:
+        """The local target port group is transitioning (an ownership move involving this
+        gateway is under way) until the next `set_owner`."""
+        self.alua.begin_transition()
 
     # ------------------------------------------------------------------ unit attentions
     def _ua_queue(self, nexus: Nexus) -> deque[Asc]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..core import sense as S
 from ..core.cdb import be16, be32
 from ..core.sense import Asc
-from . import vpd
+from . import alua, vpd
 
 if TYPE_CHECKING:
     from ..core.table import Cdb
@@ -238,17 +238,12 @@ async def report_supported_tmf(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> Non
 
 
 async def report_target_port_groups(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
-    """REPORT TARGET PORT GROUPS (SPC-4 6.37): one group, active/optimized, implicit ALUA."""
-    alloc = cdb.allocation_length
-    extended = (cdb[1] >> 5) == 1
-    port = task.nexus
-    desc = struct.pack(">BBHBBBB", 0x80, 0x01, port.tpgt, 0, 0, 0, 1)
-    desc += struct.pack(">HH", 0, port.relative_port)
-    if extended:
-        data = struct.pack(">IBBH", len(desc) + 4, 0x10, 0, 0) + desc
-    else:
-        data = struct.pack(">I", len(desc)) + desc
-    reply(task, data, alloc)
+    """REPORT TARGET PORT GROUPS (SPC-4 6.37): every target port group of the target with
+    this LU's access state in it (`alua`), in the length-only or extended format."""
+    parameter_data_format = cdb[1] >> 5
+    if parameter_data_format not in (alua.FORMAT_LENGTH_ONLY, alua.FORMAT_EXTENDED):
+        raise S.invalid_field_in_cdb(1, 7)
+    reply(task, lu.alua.report(parameter_data_format), cdb.allocation_length)
 
 
 # ------------------------------------------------------------------ SPC-2 reservations

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..core.sense import Asc, SenseError
     from ..core.table import OpTable
     from ..core.task import Nexus
+    from .alua import AluaState
     from .modes import ModePages
     from .pr import PersistentReservations
 
@@ -74,6 +75,8 @@ class Unit(Protocol):
     def mode(self) -> ModePages: ...
     @property
     def backstore(self) -> Backstore | None: ...
+    @property
+    def alua(self) -> AluaState: ...
 
     @property
     def caps(self) -> Capabilities: ...

@@ -1,7 +1,7 @@
 """libiscsi's persistent reservation, RESERVE(6) and MultipathIO suites with their two URLs on
-two gateway processes (`pytarget serve` twice) that serve one file LUN and keep its
-reservations in one RADOS object of the throw-away cluster: what one gateway does the other
-must enforce."""
+two gateway processes (`pytarget serve --gateway gw1|gw2` from one configuration) that serve
+one file LUN and keep its reservations in one RADOS object of the throw-away cluster: what one
+gateway does the other must enforce."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from pytarget.cluster.rados import remove_state
 
 from ..ceph_cluster import CephCluster
-from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, run, start_target, write_config
+from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, run, start_target
 from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
 
 pytestmark = [
@@ -38,12 +39,18 @@ def gateways(ceph_cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory
                     "client_id": ceph_cluster.client_id}
     lun = {"id": 0, "path": str(shared / "lun0.img"), "size": "64MiB",
            "reservations": reservations}
+    # One configuration, two gateways: each process is its own target port group with its own
+    # relative target port (docs/guides/scale-out.md), so their I_T nexuses differ.
+    config = shared / "pytarget.yaml"
+    config.write_text(yaml.safe_dump({
+        "gateways": [{"name": "gw1", "portals": ["127.0.0.1:0"]},
+                     {"name": "gw2", "portals": ["127.0.0.1:0"]}],
+        "targets": [{"name": TARGET_IQN, "luns": [lun]}]}, sort_keys=False))
     started: list[LiveTarget] = []
     try:
         for gateway in ("gw1", "gw2"):
-            directory = shared / gateway
-            directory.mkdir()
-            started.append(start_target(write_config(directory, luns=[lun])))
+            started.append(start_target(config, "--gateway", gateway,
+                                        log_name=f"{gateway}.log"))
         yield started[0], started[1]
     finally:
         for target in started:
