@@ -349,9 +349,9 @@ def lun(args: argparse.Namespace) -> int:
             if lc is None:
                 raise CliError(f"target {target_name} has no LUN {args.id}", EXIT_CONFIG)
             size = _size(args.size)
-            current = lc.path.stat().st_size if lc.path.is_file() else None
+            current = lc.path.stat().st_size if lc.path and lc.path.is_file() else None
             if current is not None and size < current:
-                raise CliError(f"{lc.path} holds {size_text(current)}: LUNs never shrink",
+                raise CliError(f"{lc.location} holds {size_text(current)}: LUNs never shrink",
                                EXIT_CONFIG)
             result = confedit.set_lun_size(text, target_name, args.id, args.size)
             summary = f"LUN {args.id} of {target_name} set to {size_text(size)}"

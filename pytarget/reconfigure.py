@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 _REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "ledger"})
 _NODE_STATE = frozenset({"name", "luns"})
 # A change to any of these replaces the LUN with a new logical unit.
-_IDENTITY = ("path", "block_size", "readonly", "thin", "removable", "serial", "backstore")
+_IDENTITY = ("path", "rbd", "block_size", "readonly", "thin", "removable", "serial",
+             "backstore")
 
 
 class ReloadRefused(Exception):
@@ -106,7 +107,8 @@ class Reconfigurable(Protocol):
 
 
 def _identity(lc: LunConfig) -> tuple[Any, ...]:
-    return tuple(lc.path.resolve() if f == "path" else getattr(lc, f) for f in _IDENTITY)
+    return tuple(lc.path.resolve() if f == "path" and lc.path is not None else getattr(lc, f)
+                 for f in _IDENTITY)
 
 
 @dataclasses.dataclass
@@ -211,11 +213,11 @@ class Reload:
         if lc.size is not None and lc.size != before.size and lc.size != current:
             where = f"{self.new.file}: target {tc.name} LUN {lun}: size"
             if lc.size < current:
-                raise ReloadRefused(f"{where}: {size_text(lc.size)} is smaller than {lc.path} "
+                raise ReloadRefused(f"{where}: {size_text(lc.size)} is smaller than {lc.location} "
                                     f"({size_text(current)}); LUNs never shrink")
             if lu.readonly:
                 raise ReloadRefused(f"{where}: a read-only LUN cannot be grown")
-            if not lc.path.is_file():
+            if lc.path is not None and not lc.path.is_file():
                 raise ReloadRefused(f"{where}: {lc.path} is not a regular file; grow the "
                                     "device itself, then reload")
             grow_to = lc.size
@@ -249,7 +251,7 @@ class Reload:
                 self._grown.append((backstore, before))
 
     def _create(self, tc: TargetConfig, lc: LunConfig) -> None:
-        if assembly.create_backing(self.new, tc, lc):
+        if assembly.create_backing(self.new, tc, lc) and lc.path is not None:
             self._created.append(lc.path)
 
     async def rollback(self) -> None:
@@ -347,13 +349,13 @@ class Reload:
             server.serve_lu(node, change.new)
             size = size_text(change.new.nblocks * change.new.block_size)
             if change.kind == "add":
-                self.changes.append(f"{name} added: {change.lc.path} ({size})")
+                self.changes.append(f"{name} added: {change.lc.location} ({size})")
             else:
                 assert change.live is not None
                 server.retire(change.live)
                 replaced.append(change.new)
                 self.changes.append(f"{name} replaced ({change.why} changed): "
-                                    f"{change.lc.path} ({size})")
+                                    f"{change.lc.location} ({size})")
         else:
             lu = change.live
             assert lu is not None and lu.backstore is not None
