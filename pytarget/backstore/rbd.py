@@ -633,21 +633,40 @@ class RbdBackstore(Backstore):
             self._refreshing = False
         return self._allocated
 
-    def _extents(self, found: list[tuple[int, int]], offset: int, length: int
-                 ) -> list[Extent]:
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        """The range to ask librbd about: [offset, offset + length) within the image, widened
+        to whole discard granules."""
+        g = self.caps.deallocate_granularity
         end = min(offset + length, self.size)
+        return offset - offset % g, min(-(-end // g) * g, self.size)
+
+    def _extents(self, found: list[tuple[int, int]], span: tuple[int, int], offset: int,
+                 length: int) -> list[Extent]:
+        """Runs over [offset, end) from librbd's extents over `span`: holes are shrunk to the
+        whole granules they hold (a truncated object's tail inside a granule counts as mapped),
+        as deallocation is advertised (UNMAP GRANULARITY); never a hole where data is."""
+        g = self.caps.deallocate_granularity
+        end = min(offset + length, self.size)
+        holes: list[tuple[int, int]] = []
+        pos = span[0]
+        for start, count in [*found, (span[1], 0)]:
+            if start > pos:
+                a, b = -(-pos // g) * g, start if start == self.size else start // g * g
+                if b > a:
+                    holes.append((a, b))
+            pos = max(pos, start + count)
         out: list[Extent] = []
         pos = offset
-        for start, count in found:
-            start, stop = max(start, offset), min(start + count, end)
-            if stop <= start:
+        for a, b in holes:
+            a, b = max(a, offset), min(b, end)
+            if b <= a:
                 continue
-            if start > pos:
-                out.append(Extent(pos, start - pos, False))
-            out.append(Extent(start, stop - start, True))
-            pos = stop
+            if a > pos:
+                out.append(Extent(pos, a - pos, True))
+            out.append(Extent(a, b - a, False))
+            pos = b
         if pos < end:
-            out.append(Extent(pos, end - pos, False))
+            out.append(Extent(pos, end - pos, True))
         return out
 
     # -- blocking calls
@@ -678,10 +697,11 @@ class RbdBackstore(Backstore):
         self.image.write_zeroes_blocking(offset, length)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        end = min(offset + length, self.size)
-        if end <= offset:
+        if min(offset + length, self.size) <= offset:
             return []
-        return self._extents(self.image.extents_blocking(offset, end - offset), offset, length)
+        span = self._span(offset, length)
+        found = self.image.extents_blocking(span[0], span[1] - span[0])
+        return self._extents(found, span, offset, length)
 
     def medium_size(self) -> int:
         return self.image.size_now()
@@ -723,11 +743,12 @@ class RbdBackstore(Backstore):
 
     async def aextents(self, offset: int, length: int
                        ) -> list[Extent]:
-        end = min(offset + length, self.size)
-        if end <= offset:
+        if min(offset + length, self.size) <= offset:
             return []
-        found = await threads.run_blocking(self.image.extents_blocking, offset, end - offset)
-        return self._extents(found, offset, length)
+        span = self._span(offset, length)
+        found = await threads.run_blocking(self.image.extents_blocking, span[0],
+                                           span[1] - span[0])
+        return self._extents(found, span, offset, length)
 
     async def acompare_and_write(self, compare: memoryview, data: memoryview,
                                  offset: int) -> int | None:
