@@ -119,10 +119,18 @@ def build_node(tc: TargetConfig) -> TargetNode[LogicalUnit]:
     return TargetNode(tc.name, tc.alias, acl=acl, auth=tc.auth, max_sessions=tc.max_sessions)
 
 
+def open_backing(config: Config, tc: TargetConfig, lc: LunConfig) -> Backstore:
+    """Open a LUN's backing store, which must exist (blocking: an RBD image connects to its
+    cluster)."""
+    return backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
+
+
 def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
-             node: TargetNode[LogicalUnit]) -> LogicalUnit:
-    """Open a LUN's backing store (which must exist) and make its device server."""
-    backstore = backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
+             node: TargetNode[LogicalUnit], backstore: Backstore | None = None) -> LogicalUnit:
+    """Make a LUN's device server on its backing store, opened here unless given (and closed
+    if this fails)."""
+    if backstore is None:
+        backstore = open_backing(config, tc, lc)
     try:
         serial, naa = lu_identity(tc.name, lc.id, lc.serial)
         lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,

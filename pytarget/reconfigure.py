@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import assembly
+from .backstore.threads import run_blocking
 from .config import Config, ConfigError, LunConfig, TargetConfig
 from .core.sense import Asc
 from .iscsi.bounds import Bounds
@@ -229,13 +230,14 @@ class Reload:
         for change in self.lun_changes:
             if change.kind in ("add", "replace"):
                 assert change.tc is not None and change.lc is not None
-                self._create(change.tc, change.lc)
-                change.new = assembly.build_lu(self.new, change.tc, change.lc, change.node)
+                store = await run_blocking(self._create_and_open, change.tc, change.lc)
+                change.new = assembly.build_lu(self.new, change.tc, change.lc, change.node,
+                                               store)
                 self._opened.append(change.new)
         for tc, node in self.added_targets:
             for lc in tc.luns:
-                self._create(tc, lc)
-                lu = assembly.build_lu(self.new, tc, lc, node)
+                store = await run_blocking(self._create_and_open, tc, lc)
+                lu = assembly.build_lu(self.new, tc, lc, node, store)
                 self._opened.append(lu)
                 node.luns[lc.id] = lu
         for host, port in self.added_portals:
@@ -247,12 +249,15 @@ class Reload:
                 assert change.live is not None and change.live.backstore is not None
                 backstore = change.live.backstore
                 before = backstore.medium_size()
-                backstore.resize(change.grow_to)
+                await run_blocking(backstore.resize, change.grow_to)
                 self._grown.append((backstore, before))
 
-    def _create(self, tc: TargetConfig, lc: LunConfig) -> None:
+    def _create_and_open(self, tc: TargetConfig, lc: LunConfig) -> Backstore:
+        """Create a missing backing store and open it, off the event loop (an RBD image is
+        reached over the network)."""
         if assembly.create_backing(self.new, tc, lc) and lc.path is not None:
             self._created.append(lc.path)
+        return assembly.open_backing(self.new, tc, lc)
 
     async def rollback(self) -> None:
         for lu in self._opened:

@@ -1,4 +1,5 @@
-"""A logical unit's blocks in one Ceph RBD image, reached through librbd's C API.
+"""A logical unit's blocks in one Ceph RBD image, reached through librbd's C API: `RbdImage`
+(librbd's calls) and `RbdBackstore` (`backstore: rbd`, the backstore interface on it).
 
 Everything goes through ctypes on librados.so.2 and librbd.so.1, over ONE image handle per
 open: Debian's Python binding hides the C `rbd_image_t`, and COMPARE AND WRITE and WRITE SAME
@@ -561,6 +562,7 @@ class RbdBackstore(Backstore):
         self._allocated = 0
         self._allocated_at = -1.0
         self._refreshing = False
+        self._measure_allocated()
 
     @staticmethod
     def _connection(params: Mapping[str, Any]) -> dict[str, Any]:
