@@ -190,6 +190,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(poller)) as runner:
             runner.run(run())
+    except ConfigError as exc:  # known only once a medium is reached (an RBD image)
+        print(f"pytarget: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"pytarget: {exc}", file=sys.stderr)
         return 1

@@ -101,8 +101,13 @@ class _Lib:
     def __init__(self) -> None:
         vp, u64, sz, i, cp = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
                               ctypes.c_int, ctypes.c_char_p)
-        rados = ctypes.CDLL("librados.so.2")
-        rbd = ctypes.CDLL("librbd.so.1")
+        try:
+            rados = ctypes.CDLL("librados.so.2")
+            rbd = ctypes.CDLL("librbd.so.1")
+        except OSError as exc:
+            raise OSError(errno.ENOENT, f"librbd is not installed ({exc}); RBD LUNs need "
+                          "Ceph's client libraries (ceph-common, see tools/install-ceph)"
+                          ) from None
         self.rados = rados
         self.rbd = rbd
         prototypes: list[tuple[Any, str, Any, list[Any]]] = [
@@ -545,7 +550,7 @@ class RbdBackstore(Backstore):
     kind = "rbd"
     PARAMS = ("pool", "image")
     OPTIONAL_PARAMS = ("conf", "keyring", "client_id", "object_size")
-    ALLOCATED_REFRESH = 5.0  # seconds a figure given on the event loop may be old
+    ALLOCATED_REFRESH = 1.0  # seconds a figure given on the event loop may be old
 
     def __init__(self, image: RbdImage, readonly: bool = False) -> None:
         self.image = image
