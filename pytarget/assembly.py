@@ -47,6 +47,8 @@ def backstore_kind(config: Config, tc: TargetConfig, lc: LunConfig) -> type[Back
 
 def backstore_params(lc: LunConfig) -> dict[str, Any]:
     """The parameters a LUN's backstore is opened and provisioned with."""
+    if lc.path is None:
+        return dict(lc.rbd)
     return {"path": str(lc.path)}
 
 
@@ -59,7 +61,10 @@ def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, by
 
 
 def pr_state_path(config: Config, lc: LunConfig) -> Path:
-    """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json"""
+    """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json, and
+    for an RBD image <config dir>/rbd.<pool>.<image>.pr.json (kept by this gateway only)."""
+    if lc.path is None:
+        return config.base / f"rbd.{lc.rbd['pool']}.{lc.rbd['image']}.pr.json"
     return config.base / f"{lc.path.name}.pr.json"
 
 
@@ -107,14 +112,22 @@ def create_backing(config: Config, tc: TargetConfig, lc: LunConfig) -> bool:
     kind, params = backstore_kind(config, tc, lc), backstore_params(lc)
     if kind.exists(params):
         return False
-    assert lc.size is not None  # load() refuses a missing medium without a size
+    key = f"targets[{config.targets.index(tc)}].luns[{tc.luns.index(lc)}]"
+    if lc.size is None:  # load() refuses a missing file without a size; an image shows here
+        raise ConfigError(config.file, f"{key}.size",
+                          f"{lc.location} does not exist and no size is given to create it")
+    if lc.readonly:
+        raise ConfigError(config.file, f"{key}.image",
+                          f"{lc.location} does not exist (read-only LUNs are never created)")
     kind.provision(params, lc.size)
     return True
 
 
-def prepare_backing_files(config: Config) -> list[Path]:
-    """Create the backing stores that do not exist yet; returns the ones created."""
-    return [lc.path for tc in config.targets for lc in tc.luns if create_backing(config, tc, lc)]
+def prepare_backing_files(config: Config) -> list[Path | str]:
+    """Create the backing stores that do not exist yet; returns the created ones (the path of
+    a file, pool/image of an RBD image)."""
+    return [lc.path if lc.path is not None else lc.location
+            for tc in config.targets for lc in tc.luns if create_backing(config, tc, lc)]
 
 
 def local_port(config: Config) -> tuple[int, int]:
@@ -143,10 +156,18 @@ def build_node(tc: TargetConfig, config: Config) -> TargetNode[LogicalUnit]:
                       auth=tc.auth, max_sessions=tc.max_sessions)
 
 
+def open_backing(config: Config, tc: TargetConfig, lc: LunConfig) -> Backstore:
+    """Open a LUN's backing store, which must exist (blocking: an RBD image connects to its
+    cluster)."""
+    return backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
+
+
 def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
-             node: TargetNode[LogicalUnit]) -> LogicalUnit:
-    """Open a LUN's backing store (which must exist) and make its device server."""
-    backstore = backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
+             node: TargetNode[LogicalUnit], backstore: Backstore | None = None) -> LogicalUnit:
+    """Make a LUN's device server on its backing store, opened here unless given (and closed
+    if this fails)."""
+    if backstore is None:
+        backstore = open_backing(config, tc, lc)
     try:
         serial, naa = lu_identity(tc.name, lc.id, lc.serial)
         owner = lun_owner(config, lc)

@@ -202,6 +202,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(poller)) as runner:
             runner.run(run())
+    except ConfigError as exc:  # known only once a medium is reached (an RBD image)
+        print(f"pytarget: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"pytarget: {exc}", file=sys.stderr)
         return 1
@@ -365,9 +368,9 @@ def lun(args: argparse.Namespace) -> int:
             if lc is None:
                 raise CliError(f"target {target_name} has no LUN {args.id}", EXIT_CONFIG)
             size = _size(args.size)
-            current = lc.path.stat().st_size if lc.path.is_file() else None
+            current = lc.path.stat().st_size if lc.path and lc.path.is_file() else None
             if current is not None and size < current:
-                raise CliError(f"{lc.path} holds {size_text(current)}: LUNs never shrink",
+                raise CliError(f"{lc.location} holds {size_text(current)}: LUNs never shrink",
                                EXIT_CONFIG)
             result = confedit.set_lun_size(text, target_name, args.id, args.size)
             summary = f"LUN {args.id} of {target_name} set to {size_text(size)}"

@@ -51,7 +51,7 @@ class ReservationsConfig:
 @dataclass
 class LunConfig:
     id: int
-    path: Path
+    path: Path | None  # the backing file (backstore: file); None for other kinds
     size: int | None = None
     block_size: int = 512
     readonly: bool = False
@@ -61,6 +61,19 @@ class LunConfig:
     backstore: str = "file"  # the kind of backing store (backstore.KINDS)
     reservations: ReservationsConfig | None = None  # None: this process's own (APTPL file)
     owner: str | None = None  # the gateway that owns the LUN (None: spread, `lun_owner`)
+    rbd: dict[str, Any] = field(default_factory=dict)  # backstore: rbd: pool, image, ...
+
+    @property
+    def location(self) -> str:
+        """Where the data lives, for messages: the file, or pool/image."""
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.rbd.get('pool')}/{self.rbd.get('image')}"
+
+
+# backstore: rbd: the LUN's keys and their types (pool and image are required).
+RBD_KEYS: dict[str, type] = {"pool": str, "image": str, "conf": str, "keyring": str,
+                             "client_id": str, "object_size": int}
 
 
 @dataclass
@@ -261,6 +274,7 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
     targets: list[TargetConfig] = []
     names: set[str] = set()
     paths: dict[Path, str] = {}
+    images: dict[tuple[Any, ...], str] = {}
     for ti, t in enumerate(targets_raw):
         tkey = f"targets[{ti}]"
         t = r.mapping(t, tkey, {"name", "alias", "luns", "auth", "acl", "max_sessions"},
@@ -287,10 +301,16 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
             if lun.id in ids:
                 raise r.fail(f"{lkey}.id", f"duplicate LUN id {lun.id}")
             ids.add(lun.id)
-            resolved = lun.path.resolve()
-            if resolved in paths:
-                raise r.fail(f"{lkey}.path", f"same file as {paths[resolved]}")
-            paths[resolved] = f"{lkey}.path"
+            if lun.path is not None:
+                resolved = lun.path.resolve()
+                if resolved in paths:
+                    raise r.fail(f"{lkey}.path", f"same file as {paths[resolved]}")
+                paths[resolved] = f"{lkey}.path"
+            else:
+                image = (lun.rbd["pool"], lun.rbd["image"], lun.rbd.get("conf"))
+                if image in images:
+                    raise r.fail(f"{lkey}.image", f"same image as {images[image]}")
+                images[image] = f"{lkey}.image"
             luns.append(lun)
         target = TargetConfig(name, alias, luns)
         _target_security(r, t, tkey, target, ids)
@@ -601,18 +621,27 @@ def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, st
 
 
 def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
-    item = r.mapping(item, key, {"id", "path", "size", "block_size", "readonly", "thin",
-                                 "removable", "serial", "backstore", "reservations"},
-                     {"id", "path"})
+    backstore = item.get("backstore", "file") if isinstance(item, dict) else "file"
+    common = {"id", "size", "block_size", "readonly", "thin", "removable", "serial",
+              "backstore", "reservations"}
+    if backstore == "rbd":
+        item = r.mapping(item, key, common | set(RBD_KEYS), {"id", "pool", "image"})
+    else:
+        item = r.mapping(item, key, common | {"path"}, {"id", "path"})
     lun_id = item["id"]
     if isinstance(lun_id, bool) or not isinstance(lun_id, int) or not 0 <= lun_id <= MAX_LUN:
         raise r.fail(f"{key}.id", f"expected an integer 0..{MAX_LUN}")
-    path_raw = item["path"]
-    if not isinstance(path_raw, str) or not path_raw:
-        raise r.fail(f"{key}.path", "expected a file path")
-    path = Path(path_raw)
-    if not path.is_absolute():
-        path = base / path
+    path: Path | None = None
+    rbd: dict[str, Any] = {}
+    if backstore == "rbd":
+        rbd = _rbd_keys(r, item, key, base)
+    else:
+        path_raw = item["path"]
+        if not isinstance(path_raw, str) or not path_raw:
+            raise r.fail(f"{key}.path", "expected a file path")
+        path = Path(path_raw)
+        if not path.is_absolute():
+            path = base / path
     block_size = item.get("block_size", 512)
     if block_size not in (512, 4096):
         raise r.fail(f"{key}.block_size", "must be 512 or 4096")
@@ -631,14 +660,42 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     if serial is not None and (not isinstance(serial, str) or not serial.isascii()
                                or not 0 < len(serial) <= 32):
         raise r.fail(f"{key}.serial", "expected 1-32 ASCII characters")
-    backstore = item.get("backstore", "file")
     if not isinstance(backstore, str) or not backstore:
         raise r.fail(f"{key}.backstore", "expected the name of a kind of backing store")
-    lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore)
+    lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore,
+                    rbd=rbd)
     if "reservations" in item:
         lun.reservations = _reservations(r, item["reservations"], f"{key}.reservations", base)
-    _check_path(r, lun, key)
+    if path is not None:
+        _check_path(r, lun, key)
     return lun
+
+
+def _rbd_keys(r: _Reader, item: dict[str, Any], key: str, base: Path) -> dict[str, Any]:
+    """The keys of a `backstore: rbd` LUN, as the RBD backstore's parameters. Whether the
+    image exists is known only once the cluster is reached: `size` creates it when missing,
+    and a missing image without a size fails the start naming the LUN."""
+    out: dict[str, Any] = {}
+    for name, kind in RBD_KEYS.items():
+        if name not in item:
+            continue
+        value = item[name]
+        if kind is int:
+            try:
+                value = parse_size(value)
+            except ValueError as exc:
+                raise r.fail(f"{key}.{name}", str(exc)) from None
+            if value < 4096 or value & (value - 1):
+                raise r.fail(f"{key}.{name}", "expected a power of two from 4KiB")
+        elif not isinstance(value, str) or not value or "\0" in value:
+            raise r.fail(f"{key}.{name}", "expected a non-empty string")
+        elif name in ("conf", "keyring"):
+            file = Path(value) if Path(value).is_absolute() else base / value
+            if not os.access(file, os.R_OK):
+                raise r.fail(f"{key}.{name}", f"{file} is not a readable file")
+            value = str(file)
+        out[name] = value
+    return out
 
 
 RESERVATION_STORES = ("rados",)
@@ -675,6 +732,7 @@ def _reservations(r: _Reader, raw: Any, key: str, base: Path) -> ReservationsCon
 
 def _check_path(r: _Reader, lun: LunConfig, key: str) -> None:
     path = lun.path
+    assert path is not None
     if path.exists():
         mode = os.R_OK if lun.readonly else os.R_OK | os.W_OK
         if not path.is_file() and not path.is_block_device():

@@ -120,7 +120,8 @@ def render(server: Measured) -> str:
 
     size = family("pytarget_lun_size_bytes", "gauge", "Capacity of a LUN.")
     allocated = family("pytarget_lun_allocated_bytes", "gauge",
-                       "Bytes the host file system has allocated to a LUN's backing file.")
+                       "Bytes a LUN's backing store uses: the host file system's blocks of its "
+                       "file, or the RBD objects of its image.")
     commands = family("pytarget_scsi_commands_total", "counter",
                       "SCSI commands completed, by LUN and operation code.")
     failed = family("pytarget_scsi_commands_failed_total", "counter",

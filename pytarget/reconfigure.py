@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import assembly
+from .backstore.threads import run_blocking
 from .config import Config, ConfigError, LunConfig, TargetConfig, lun_owner
 from .core.sense import Asc
 from .iscsi.bounds import Bounds
@@ -49,8 +50,8 @@ if TYPE_CHECKING:
 _REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "ledger"})
 _NODE_STATE = frozenset({"name", "luns"})
 # A change to any of these replaces the LUN with a new logical unit.
-_IDENTITY = ("path", "block_size", "readonly", "thin", "removable", "serial", "backstore",
-             "reservations")
+_IDENTITY = ("path", "rbd", "block_size", "readonly", "thin", "removable", "serial",
+             "backstore", "reservations")
 
 
 class ReloadRefused(Exception):
@@ -107,7 +108,8 @@ class Reconfigurable(Protocol):
 
 
 def _identity(lc: LunConfig) -> tuple[Any, ...]:
-    return tuple(lc.path.resolve() if f == "path" else getattr(lc, f) for f in _IDENTITY)
+    return tuple(lc.path.resolve() if f == "path" and lc.path is not None else getattr(lc, f)
+                 for f in _IDENTITY)
 
 
 @dataclasses.dataclass
@@ -222,11 +224,11 @@ class Reload:
         if lc.size is not None and lc.size != before.size and lc.size != current:
             where = f"{self.new.file}: target {tc.name} LUN {lun}: size"
             if lc.size < current:
-                raise ReloadRefused(f"{where}: {size_text(lc.size)} is smaller than {lc.path} "
+                raise ReloadRefused(f"{where}: {size_text(lc.size)} is smaller than {lc.location} "
                                     f"({size_text(current)}); LUNs never shrink")
             if lu.readonly:
                 raise ReloadRefused(f"{where}: a read-only LUN cannot be grown")
-            if not lc.path.is_file():
+            if lc.path is not None and not lc.path.is_file():
                 raise ReloadRefused(f"{where}: {lc.path} is not a regular file; grow the "
                                     "device itself, then reload")
             grow_to = lc.size
@@ -238,13 +240,14 @@ class Reload:
         for change in self.lun_changes:
             if change.kind in ("add", "replace"):
                 assert change.tc is not None and change.lc is not None
-                self._create(change.tc, change.lc)
-                change.new = assembly.build_lu(self.new, change.tc, change.lc, change.node)
+                store = await run_blocking(self._create_and_open, change.tc, change.lc)
+                change.new = assembly.build_lu(self.new, change.tc, change.lc, change.node,
+                                               store)
                 self._opened.append(change.new)
         for tc, node in self.added_targets:
             for lc in tc.luns:
-                self._create(tc, lc)
-                lu = assembly.build_lu(self.new, tc, lc, node)
+                store = await run_blocking(self._create_and_open, tc, lc)
+                lu = assembly.build_lu(self.new, tc, lc, node, store)
                 self._opened.append(lu)
                 node.luns[lc.id] = lu
         for host, port in self.added_portals:
@@ -256,12 +259,15 @@ class Reload:
                 assert change.live is not None and change.live.backstore is not None
                 backstore = change.live.backstore
                 before = backstore.medium_size()
-                backstore.resize(change.grow_to)
+                await run_blocking(backstore.resize, change.grow_to)
                 self._grown.append((backstore, before))
 
-    def _create(self, tc: TargetConfig, lc: LunConfig) -> None:
-        if assembly.create_backing(self.new, tc, lc):
+    def _create_and_open(self, tc: TargetConfig, lc: LunConfig) -> Backstore:
+        """Create a missing backing store and open it, off the event loop (an RBD image is
+        reached over the network)."""
+        if assembly.create_backing(self.new, tc, lc) and lc.path is not None:
             self._created.append(lc.path)
+        return assembly.open_backing(self.new, tc, lc)
 
     async def rollback(self) -> None:
         for lu in self._opened:
@@ -374,13 +380,13 @@ class Reload:
             server.serve_lu(node, change.new)
             size = size_text(change.new.nblocks * change.new.block_size)
             if change.kind == "add":
-                self.changes.append(f"{name} added: {change.lc.path} ({size})")
+                self.changes.append(f"{name} added: {change.lc.location} ({size})")
             else:
                 assert change.live is not None
                 server.retire(change.live)
                 replaced.append(change.new)
                 self.changes.append(f"{name} replaced ({change.why} changed): "
-                                    f"{change.lc.path} ({size})")
+                                    f"{change.lc.location} ({size})")
         else:
             lu = change.live
             assert lu is not None and lu.backstore is not None

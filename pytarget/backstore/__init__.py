@@ -1,7 +1,8 @@
 """Backing stores for logical units, by the configuration key that names their kind.
 
 `KINDS` maps `backstore: <kind>` to the class; `open_backstore` and `provision_backstore` build
-one from plain parameters (for a file: `{"path": ...}`). The interface itself is
+one from plain parameters (for a file: `{"path": ...}`; for RBD: `{"pool": ..., "image": ...}`
+and the connection's). The interface itself is
 `base.Backstore`.
 """
 
@@ -12,9 +13,11 @@ from typing import Any
 
 from .base import Backstore
 from .file import FileBackstore
+from .rbd import RbdBackstore
 
 KINDS: dict[str, type[Backstore]] = {
     FileBackstore.kind: FileBackstore,
+    RbdBackstore.kind: RbdBackstore,
 }
 
 

@@ -1,4 +1,5 @@
-"""A logical unit's blocks in one Ceph RBD image, reached through librbd's C API.
+"""A logical unit's blocks in one Ceph RBD image, reached through librbd's C API: `RbdImage`
+(librbd's calls) and `RbdBackstore` (`backstore: rbd`, the backstore interface on it).
 
 Everything goes through ctypes on librados.so.2 and librbd.so.1, over ONE image handle per
 open: Debian's Python binding hides the C `rbd_image_t`, and COMPARE AND WRITE and WRITE SAME
@@ -8,8 +9,9 @@ lock move at every write. The C API also reads straight into the caller's buffer
 
 I/O is asynchronous: each call submits an `rbd_aio_*` request with a completion whose callback
 librbd runs on its own thread; the callback only hands the return value to the event loop
-(`call_soon_threadsafe`), which resolves the request's future. A caller that is cancelled
-stops waiting, but the request's future, its buffers and `close` still wait for librbd.
+(`call_soon_threadsafe`), which resolves the request's future, and is counted as work in
+flight for the event loop's polling (`threads.io_started`). A caller that is cancelled still
+waits for librbd to finish with its buffers, and so does `close`.
 Opening, closing, snapshots and `rbd_diff_iterate2` are synchronous in librbd and run on a
 worker thread (ctypes releases the GIL around every C call). Failures are raised as OSError
 with librbd's errno, except the two outcomes of COMPARE AND WRITE that the device server
@@ -26,11 +28,15 @@ import errno
 import itertools
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from . import threads
+from .base import Backstore, Capabilities, Extent, ReadHook
 
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 
@@ -95,8 +101,13 @@ class _Lib:
     def __init__(self) -> None:
         vp, u64, sz, i, cp = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
                               ctypes.c_int, ctypes.c_char_p)
-        rados = ctypes.CDLL("librados.so.2")
-        rbd = ctypes.CDLL("librbd.so.1")
+        try:
+            rados = ctypes.CDLL("librados.so.2")
+            rbd = ctypes.CDLL("librbd.so.1")
+        except OSError as exc:
+            raise OSError(errno.ENOENT, f"librbd is not installed ({exc}); RBD LUNs need "
+                          "Ceph's client libraries (ceph-common, see tools/install-ceph)"
+                          ) from None
         self.rados = rados
         self.rbd = rbd
         prototypes: list[tuple[Any, str, Any, list[Any]]] = [
@@ -134,6 +145,12 @@ class _Lib:
             (rbd, "rbd_snap_remove", i, [vp, cp]),
             (rbd, "rbd_snap_list", i, [vp, ctypes.POINTER(_SnapInfo), ctypes.POINTER(i)]),
             (rbd, "rbd_snap_list_end", None, [ctypes.POINTER(_SnapInfo)]),
+            (rbd, "rbd_read", ctypes.c_ssize_t, [vp, u64, sz, vp]),
+            (rbd, "rbd_write", ctypes.c_ssize_t, [vp, u64, sz, vp]),
+            (rbd, "rbd_flush", i, [vp]),
+            (rbd, "rbd_discard", i, [vp, u64, u64]),
+            (rbd, "rbd_write_zeroes", ctypes.c_ssize_t, [vp, u64, sz, i, i]),
+            (rbd, "rbd_resize", i, [vp, u64]),
         ]
         for lib, name, restype, argtypes in prototypes:
             function = getattr(lib, name)
@@ -185,6 +202,16 @@ def _on_complete(completion: int | None, arg: int | None) -> None:
         pass
 
 
+async def _until_complete(future: asyncio.Future[int]) -> int:
+    """The request's result; a caller cancelled meanwhile still waits for librbd to finish
+    with its buffers before the cancellation goes on."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 def _address(buffer: Any) -> tuple[int, Any]:
     """The address of a contiguous buffer (read-only or not) and the object keeping it alive."""
     array = np.frombuffer(buffer, dtype=np.uint8)
@@ -214,33 +241,24 @@ class RbdImage:
         """Connect as client.`client_id` with `conf` (and `keyring` if given) and open
         `pool`/`name`, creating it with `size` bytes if it does not exist and `size` is given.
         `options` are librados/librbd configuration values over TARGET_OPTIONS."""
-        settings = dict(TARGET_OPTIONS)
-        if keyring is not None:
-            settings["keyring"] = keyring
-        settings.update(options or {})
-        return await asyncio.to_thread(cls._open_sync, pool, name, conf, client_id, size,
-                                       settings)
+        return await asyncio.to_thread(cls.open_blocking, pool, name, conf=conf,
+                                       keyring=keyring, client_id=client_id, size=size,
+                                       options=options)
 
     @classmethod
-    def _open_sync(cls, pool: str, name: str, conf: str, client_id: str, size: int | None,
-                   settings: dict[str, str]) -> RbdImage:
+    def open_blocking(cls, pool: str, name: str, *, conf: str = DEFAULT_CONF,
+                      keyring: str | None = None, client_id: str = "admin",
+                      size: int | None = None, options: dict[str, str] | None = None,
+                      object_size: int = 0) -> RbdImage:
+        """`open`, on the calling thread; a created image has objects of `object_size`
+        bytes (a power of two from 4 KiB; 0: librbd's default, 4 MiB)."""
         lib = _Lib.get()
-        cluster = ctypes.c_void_p()
-        _check(lib.rados_create(ctypes.byref(cluster), client_id.encode()), "rados_create")
-        ioctx = ctypes.c_void_p()
+        cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, options)
         image = ctypes.c_void_p()
         try:
-            _check(lib.rados_conf_read_file(cluster, conf.encode()), f"reading {conf}")
-            for key, value in settings.items():
-                _check(lib.rados_conf_set(cluster, key.encode(), value.encode()),
-                       f"setting {key}")
-            _check(lib.rados_connect(cluster), f"connecting to the cluster of {conf}")
-            _check(lib.rados_ioctx_create(cluster, pool.encode(), ctypes.byref(ioctx)),
-                   f"opening pool {pool}")
             ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
             if ret == -errno.ENOENT and size is not None:
-                order = ctypes.c_int(0)
-                ret = lib.rbd_create(ioctx, name.encode(), size, ctypes.byref(order))
+                ret = _create(lib, ioctx, name, size, object_size)
                 if ret not in (0, -errno.EEXIST):
                     _check(ret, f"creating image {pool}/{name}")
                 ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
@@ -264,8 +282,7 @@ class RbdImage:
         except BaseException:
             if image.value:
                 lib.rbd_close(image)
-            if ioctx.value:
-                lib.rados_ioctx_destroy(ioctx)
+            lib.rados_ioctx_destroy(ioctx)
             lib.rados_shutdown(cluster)
             raise
         return cls(pool, name, int(info.size), caps, lib, cluster, ioctx, image)
@@ -289,11 +306,13 @@ class RbdImage:
             raise _errno_error(ret, what)
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
+        threads.io_started()
+        future.add_done_callback(threads.io_finished)
         return future
 
     async def _run(self, start: Callable[[ctypes.c_void_p], int], what: str,
                    *keep: Any) -> int:
-        return _check(await asyncio.shield(self._submit(start, what, *keep)), what)
+        return _check(await _until_complete(self._submit(start, what, *keep)), what)
 
     async def read(self, buf: Any, offset: int) -> int:
         """Fill the writable buffer `buf` from `offset`; returns the byte count."""
@@ -351,7 +370,7 @@ class RbdImage:
             raise ValueError(f"compare-and-write buffers differ in length: {length} "
                              f"and {len(keep)}")
         mismatch = ctypes.c_uint64(0)
-        ret = await asyncio.shield(self._submit(
+        ret = await _until_complete(self._submit(
             lambda c: self._lib.rbd_aio_compare_and_write(
                 self._image, offset, length, cmp_address, address, c,
                 ctypes.byref(mismatch), 0),
@@ -370,7 +389,7 @@ class RbdImage:
         it were an offset inside the object: it reports the object's first byte plus the
         index, not `offset` plus the index (measured; see docs/ceph.md). A librbd that
         reports `offset` plus the index is recognised too."""
-        object_start = offset - offset % self.caps["object_size"]
+        object_start = offset - offset % int(self.caps["object_size"])
         index = reported - object_start
         if 0 <= index < length:
             return index
@@ -452,10 +471,362 @@ class RbdImage:
             await asyncio.wait(list(self._in_flight))
         await asyncio.to_thread(self._close_sync)
 
+    def close_blocking(self) -> None:
+        """Close on the calling thread; librbd finishes the requests in flight first."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_sync()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _close_sync(self) -> None:
         self._lib.rbd_close(self._image)
         self._lib.rados_ioctx_destroy(self._ioctx)
         self._lib.rados_shutdown(self._cluster)
+
+    # -- blocking calls, for worker threads (librbd waits for its own completion)
+    def _handle(self) -> ctypes.c_void_p:
+        if self._closed:
+            raise OSError(errno.EBADF, f"{self.pool}/{self.name} is closed")
+        return self._image
+
+    def read_blocking(self, buf: Any, offset: int) -> None:
+        address, keep = _address(buf)
+        what = f"read of {len(keep)} at {offset}"
+        got = _check(self._lib.rbd_read(self._handle(), offset, len(keep), address), what)
+        if got != len(keep):
+            raise OSError(errno.EIO, f"{what}: {got} bytes")
+
+    def write_blocking(self, data: Any, offset: int) -> None:
+        address, keep = _address(data)
+        what = f"write of {len(keep)} at {offset}"
+        done = _check(self._lib.rbd_write(self._handle(), offset, len(keep), address), what)
+        if done != len(keep):
+            raise OSError(errno.EIO, f"{what}: {done} bytes")
+
+    def flush_blocking(self) -> None:
+        _check(self._lib.rbd_flush(self._handle()), "flush")
+
+    def discard_blocking(self, offset: int, length: int) -> None:
+        _check(self._lib.rbd_discard(self._handle(), offset, length),
+               f"discard of {length} at {offset}")
+
+    def write_zeroes_blocking(self, offset: int, length: int) -> None:
+        _check(self._lib.rbd_write_zeroes(self._handle(), offset, length, 0, 0),
+               f"write-zeroes of {length} at {offset}")
+
+    def extents_blocking(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """`extents`, on the calling thread."""
+        self._handle()
+        return self._extents_sync(offset, length)
+
+    def size_now(self) -> int:
+        """The image's size as the cluster has it now (another client may have resized it)."""
+        size = ctypes.c_uint64()
+        _check(self._lib.rbd_get_size(self._handle(), ctypes.byref(size)), "rbd_get_size")
+        return int(size.value)
+
+    def resize_blocking(self, size: int) -> None:
+        _check(self._lib.rbd_resize(self._handle(), size),
+               f"resizing {self.pool}/{self.name} to {size}")
+        self.size = size
+
+
+class RbdBackstore(Backstore):
+    """`backstore: rbd`: a logical unit in one RBD image, every I/O through librbd's aio.
+
+    Parameters: `pool` and `image`; optional `conf` (ceph.conf, default /etc/ceph/ceph.conf),
+    `keyring` (default: what the conf names), `client_id` (default `admin`, for
+    client.admin) and `object_size` (bytes per RADOS object of an image `provision` creates;
+    default librbd's 4 MiB). The awaitable calls are librbd aio completed on the event loop;
+    the blocking calls (the copy engine's, `close`) are librbd's synchronous calls on the
+    calling thread. No cache of its own, so no fast path on the loop (`read_nowait`,
+    `write_inline`, `lend` are off).
+    """
+
+    kind = "rbd"
+    PARAMS = ("pool", "image")
+    OPTIONAL_PARAMS = ("conf", "keyring", "client_id", "object_size")
+    ALLOCATED_REFRESH = 1.0  # seconds a figure given on the event loop may be old
+
+    def __init__(self, image: RbdImage, readonly: bool = False) -> None:
+        self.image = image
+        self.readonly = readonly
+        self.size = image.size
+        self.location = f"{image.pool}/{image.name}"
+        granule = image.caps["discard_granularity"] if image.caps["skip_partial_discard"] else 0
+        self.granule = granule  # discards keep partial granules: zeroed here instead
+        caw = image.caps["caw_atomic_max"]
+        self.caps = Capabilities(
+            thin=True, deallocated_reads_zero=True,
+            deallocate_granularity=granule or 512, deallocate_alignment=0,
+            compare_and_write_max=caw, compare_and_write_boundary=caw)
+        self._allocated = 0
+        self._allocated_at = -1.0
+        self._refreshing = False
+        self._measure_allocated()
+
+    @staticmethod
+    def _connection(params: Mapping[str, Any]) -> dict[str, Any]:
+        keyring = params.get("keyring")
+        return {"conf": str(params.get("conf", DEFAULT_CONF)),
+                "keyring": None if keyring is None else str(keyring),
+                "client_id": str(params.get("client_id", "admin"))}
+
+    @classmethod
+    def open(cls, params: Mapping[str, Any], *, readonly: bool = False) -> RbdBackstore:
+        try:
+            image = RbdImage.open_blocking(str(params["pool"]), str(params["image"]),
+                                           **cls._connection(params))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise FileNotFoundError(exc.errno, exc.strerror) from None
+            raise
+        return cls(image, readonly)
+
+    @classmethod
+    def exists(cls, params: Mapping[str, Any]) -> bool:
+        return image_exists(str(params["pool"]), str(params["image"]),
+                            **cls._connection(params))
+
+    @classmethod
+    def provision(cls, params: Mapping[str, Any], size: int) -> None:
+        create_image(str(params["pool"]), str(params["image"]), size,
+                     object_size=int(params.get("object_size", 0)), **cls._connection(params))
+
+    @property
+    def closed(self) -> bool:
+        return self.image.closed
+
+    def close(self) -> None:
+        self.image.close_blocking()
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise OSError(errno.EROFS, f"{self.location} is read-only")
+
+    def _granules(self, offset: int, length: int) -> tuple[int, int]:
+        """[start, end) of the whole discard granules inside the range (start >= end: none)."""
+        g = self.granule
+        if not g:
+            return offset, offset + length
+        return -(-offset // g) * g, (offset + length) // g * g
+
+    # -- allocation
+    def allocated_bytes(self) -> int:
+        """Exact off the event loop; on it, the last figure, refreshed on an I/O thread when
+        older than ALLOCATED_REFRESH (rbd_diff_iterate2 blocks)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._measure_allocated()
+        stale = time.monotonic() - self._allocated_at > self.ALLOCATED_REFRESH
+        if stale and not self._refreshing and not self.closed:
+            self._refreshing = True
+            threads.io_executor().submit(self._measure_allocated)
+        return self._allocated
+
+    def _measure_allocated(self) -> int:
+        try:
+            if not self.closed:
+                self._allocated = sum(n for _, n in self.image.extents_blocking(0, self.size))
+                self._allocated_at = time.monotonic()
+        except OSError:
+            pass
+        finally:
+            self._refreshing = False
+        return self._allocated
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        """The range to ask librbd about: [offset, offset + length) within the image, widened
+        to whole discard granules."""
+        g = self.caps.deallocate_granularity
+        end = min(offset + length, self.size)
+        return offset - offset % g, min(-(-end // g) * g, self.size)
+
+    def _extents(self, found: list[tuple[int, int]], span: tuple[int, int], offset: int,
+                 length: int) -> list[Extent]:
+        """Runs over [offset, end) from librbd's extents over `span`: holes are shrunk to the
+        whole granules they hold (a truncated object's tail inside a granule counts as mapped),
+        as deallocation is advertised (UNMAP GRANULARITY); never a hole where data is."""
+        g = self.caps.deallocate_granularity
+        end = min(offset + length, self.size)
+        holes: list[tuple[int, int]] = []
+        pos = span[0]
+        for start, count in [*found, (span[1], 0)]:
+            if start > pos:
+                a, b = -(-pos // g) * g, start if start == self.size else start // g * g
+                if b > a:
+                    holes.append((a, b))
+            pos = max(pos, start + count)
+        out: list[Extent] = []
+        pos = offset
+        for a, b in holes:
+            a, b = max(a, offset), min(b, end)
+            if b <= a:
+                continue
+            if a > pos:
+                out.append(Extent(pos, a - pos, True))
+            out.append(Extent(a, b - a, False))
+            pos = b
+        if pos < end:
+            out.append(Extent(pos, end - pos, True))
+        return out
+
+    # -- blocking calls
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        self.image.read_blocking(buf, offset)
+
+    def write(self, data: memoryview, offset: int) -> None:
+        self._writable()
+        self.image.write_blocking(data, offset)
+
+    def flush(self) -> None:
+        self.image.flush_blocking()
+
+    def deallocate(self, offset: int, length: int) -> None:
+        self._writable()
+        start, end = self._granules(offset, length)
+        if start >= end:
+            self.image.write_zeroes_blocking(offset, length)
+            return
+        if start > offset:
+            self.image.write_zeroes_blocking(offset, start - offset)
+        self.image.discard_blocking(start, end - start)
+        if offset + length > end:
+            self.image.write_zeroes_blocking(end, offset + length - end)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._writable()
+        self.image.write_zeroes_blocking(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        if min(offset + length, self.size) <= offset:
+            return []
+        span = self._span(offset, length)
+        found = self.image.extents_blocking(span[0], span[1] - span[0])
+        return self._extents(found, span, offset, length)
+
+    def medium_size(self) -> int:
+        return self.image.size_now()
+
+    def resize(self, size: int) -> None:
+        self._writable()
+        self.image.resize_blocking(size)
+        self.size = size
+
+    # -- awaitable calls: librbd aio, completed on the event loop
+    async def aread(self, buf: memoryview, offset: int,
+                    then: ReadHook | None = None) -> None:
+        await self.image.read(buf, offset)
+        if then is not None:
+            then(buf)
+
+    async def awrite(self, data: memoryview, offset: int) -> None:
+        self._writable()
+        await self.image.write(data, offset)
+
+    async def aflush(self) -> None:
+        await self.image.flush()
+
+    async def adeallocate(self, offset: int, length: int) -> None:
+        self._writable()
+        start, end = self._granules(offset, length)
+        if start >= end:
+            await self.image.write_zeroes(offset, length)
+            return
+        if start > offset:
+            await self.image.write_zeroes(offset, start - offset)
+        await self.image.deallocate(start, end - start)
+        if offset + length > end:
+            await self.image.write_zeroes(end, offset + length - end)
+
+    async def azero(self, offset: int, length: int) -> None:
+        self._writable()
+        await self.image.write_zeroes(offset, length)
+
+    async def aextents(self, offset: int, length: int
+                       ) -> list[Extent]:
+        if min(offset + length, self.size) <= offset:
+            return []
+        span = self._span(offset, length)
+        found = await threads.run_blocking(self.image.extents_blocking, span[0],
+                                           span[1] - span[0])
+        return self._extents(found, span, offset, length)
+
+    async def acompare_and_write(self, compare: memoryview, data: memoryview,
+                                 offset: int) -> int | None:
+        self._writable()
+        return await self.image.compare_and_write(offset, compare, data)
+
+
+def _connect(lib: _Lib, pool: str, conf: str, keyring: str | None, client_id: str,
+             options: dict[str, str] | None) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
+    """A cluster handle connected as client.`client_id` and an I/O context on `pool`."""
+    settings = dict(TARGET_OPTIONS)
+    if keyring is not None:
+        settings["keyring"] = keyring
+    settings.update(options or {})
+    cluster = ctypes.c_void_p()
+    _check(lib.rados_create(ctypes.byref(cluster), client_id.encode()), "rados_create")
+    ioctx = ctypes.c_void_p()
+    try:
+        _check(lib.rados_conf_read_file(cluster, conf.encode()), f"reading {conf}")
+        for key, value in settings.items():
+            _check(lib.rados_conf_set(cluster, key.encode(), value.encode()), f"setting {key}")
+        _check(lib.rados_connect(cluster), f"connecting to the cluster of {conf}")
+        _check(lib.rados_ioctx_create(cluster, pool.encode(), ctypes.byref(ioctx)),
+               f"opening pool {pool}")
+    except BaseException:
+        lib.rados_shutdown(cluster)
+        raise
+    return cluster, ioctx
+
+
+def _create(lib: _Lib, ioctx: ctypes.c_void_p, name: str, size: int, object_size: int) -> int:
+    """rbd_create with the image's default format and features; objects of `object_size`."""
+    if object_size and (object_size < 4096 or object_size & (object_size - 1)):
+        raise ValueError(f"object size {object_size} is not a power of two from 4096")
+    order = ctypes.c_int(object_size.bit_length() - 1 if object_size else 0)
+    return int(lib.rbd_create(ioctx, name.encode(), size, ctypes.byref(order)))
+
+
+def image_exists(pool: str, name: str, *, conf: str = DEFAULT_CONF, keyring: str | None = None,
+                 client_id: str = "admin") -> bool:
+    """Whether `pool`/`name` exists (connects, opens and closes it; blocking)."""
+    lib = _Lib.get()
+    cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, None)
+    try:
+        image = ctypes.c_void_p()
+        ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
+        if ret == -errno.ENOENT:
+            return False
+        _check(ret, f"opening image {pool}/{name}")
+        lib.rbd_close(image)
+        return True
+    finally:
+        lib.rados_ioctx_destroy(ioctx)
+        lib.rados_shutdown(cluster)
+
+
+def create_image(pool: str, name: str, size: int, *, conf: str = DEFAULT_CONF,
+                 keyring: str | None = None, client_id: str = "admin",
+                 object_size: int = 0) -> None:
+    """Create `pool`/`name` with `size` bytes (thin, as every RBD image); FileExistsError when
+    it exists (blocking)."""
+    lib = _Lib.get()
+    cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, None)
+    try:
+        ret = _create(lib, ioctx, name, size, object_size)
+        if ret == -errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, f"image {pool}/{name} exists")
+        _check(ret, f"creating image {pool}/{name}")
+    finally:
+        lib.rados_ioctx_destroy(ioctx)
+        lib.rados_shutdown(cluster)
 
 
 def _conf_get(lib: _Lib, cluster: ctypes.c_void_p, key: str) -> str:
@@ -473,19 +844,10 @@ async def remove_image(pool: str, name: str, *, conf: str = DEFAULT_CONF,
     """Delete `pool`/`name` (its snapshots must be gone first)."""
     def remove() -> None:
         lib = _Lib.get()
-        cluster = ctypes.c_void_p()
-        _check(lib.rados_create(ctypes.byref(cluster), client_id.encode()), "rados_create")
-        ioctx = ctypes.c_void_p()
+        cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, None)
         try:
-            _check(lib.rados_conf_read_file(cluster, conf.encode()), f"reading {conf}")
-            if keyring is not None:
-                _check(lib.rados_conf_set(cluster, b"keyring", keyring.encode()), "keyring")
-            _check(lib.rados_connect(cluster), "connecting")
-            _check(lib.rados_ioctx_create(cluster, pool.encode(), ctypes.byref(ioctx)),
-                   f"opening pool {pool}")
             _check(lib.rbd_remove(ioctx, name.encode()), f"removing image {pool}/{name}")
         finally:
-            if ioctx.value:
-                lib.rados_ioctx_destroy(ioctx)
+            lib.rados_ioctx_destroy(ioctx)
             lib.rados_shutdown(cluster)
     await asyncio.to_thread(remove)

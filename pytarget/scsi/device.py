@@ -145,7 +145,19 @@ class LogicalUnit:
         self.nblocks = backstore.size // config.block_size if backstore else 0
         self.readonly = config.readonly or bool(backstore and backstore.readonly)
         self.thin = config.thin and (backstore is None or self.caps.thin)
-        self.table: OpTable = lu_table(self.thin, services)
+        # COMPARE AND WRITE: in this process under the range lock, unless the medium is shared
+        # and offers its own atomic compare-and-write (caps.compare_and_write_max), which then
+        # bounds the length advertised and done (never a non-atomic fallback).
+        self.medium_compare_and_write = self.caps.compare_and_write_max > 0
+        self.max_compare_and_write_blocks = limits.MAX_COMPARE_AND_WRITE_BLOCKS
+        if self.medium_compare_and_write:
+            unit = self.caps.compare_and_write_max
+            if self.caps.compare_and_write_boundary:
+                unit = min(unit, self.caps.compare_and_write_boundary)
+            self.max_compare_and_write_blocks = min(self.max_compare_and_write_blocks,
+                                                    unit // config.block_size)
+        self.table: OpTable = lu_table(self.thin, services,
+                                       compare_and_write=self.max_compare_and_write_blocks > 0)
         # The fast paths the backstore offers, as the lengths they start or stop at.
         self._inline_write_max = INLINE_WRITE_MAX if self.caps.write_inline else -1
         self._lend_min = LEND_MIN if self.caps.lend else NEVER
@@ -156,7 +168,6 @@ class LogicalUnit:
         self.serial = config.serial
         self.naa = config.naa
         self.third_party_copy = False
-        self.max_compare_and_write_blocks = limits.MAX_COMPARE_AND_WRITE_BLOCKS
         self.max_write_same_blocks = limits.MAX_WRITE_SAME_BYTES // config.block_size
         self.vpd: dict[int, Callable[..., bytes]] = dict(vpd.PAGES)
         if not self.thin:

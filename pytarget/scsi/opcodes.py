@@ -212,12 +212,17 @@ UNMAP_SPEC = OpSpec(Op.UNMAP, None, "UNMAP", _u(Op.UNMAP, 0x01, 0, 0, 0, 0, GROU
                     layout=Layout(parameter_list_length=ALLOC_10))
 
 
-def lu_table(thin: bool, services: Iterable[OpSpec] = ()) -> OpTable:
+def lu_table(thin: bool, services: Iterable[OpSpec] = (),
+             compare_and_write: bool = True) -> OpTable:
     """The table of a direct-access logical unit, with the rows of the services that serve it.
 
     Thin LUNs accept UNMAP; fully provisioned ones do not know the command, as a disk would not.
+    A unit whose medium offers no atomic COMPARE AND WRITE of one block does not know that
+    command either (MAXIMUM COMPARE AND WRITE LENGTH 0, SBC-3 6.6.3).
     """
-    return OpTable([*SBC_SPECS, *services, *((UNMAP_SPEC,) if thin else ())])
+    specs = SBC_SPECS if compare_and_write else [
+        s for s in SBC_SPECS if s.opcode != Op.COMPARE_AND_WRITE]
+    return OpTable([*specs, *services, *((UNMAP_SPEC,) if thin else ())])
 
 
 # A LUN with no logical unit answers only these (SPC-4 4.6.4); the rest get LOGICAL UNIT NOT

@@ -169,6 +169,9 @@ async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
         raise S.invalid_field_in_cdb(13, 7)
     lu.check_range(lba, blocks)
     fua = cdb.fua
+    if lu.medium_compare_and_write:
+        await _compare_and_write_on_medium(lu, task, lba, nbytes, fua)
+        return
     async with lu.ranges.exclusive(lba, blocks):
         data = await task.receive_data_out(2 * nbytes)
         current = bytearray(nbytes)
@@ -178,6 +181,29 @@ async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
             lu.stats_miscompares += 1
             raise S.miscompare(offset)
         await lu.write_blocks(data[nbytes:], lba, fua)
+
+
+async def _compare_and_write_on_medium(lu: LogicalUnit, task: ScsiTask, lba: int,
+                                       nbytes: int, fua: bool) -> None:
+    """COMPARE AND WRITE by the medium's own atomic compare-and-write, for a medium other
+    gateways write too (RBD): the range lock still orders it against this process's commands,
+    the medium makes it atomic against everyone else's. Lengths are within what the medium
+    does atomically (`max_compare_and_write_blocks`)."""
+    backstore = lu.backstore
+    assert backstore is not None
+    blocks = nbytes // lu.block_size
+    async with lu.ranges.exclusive(lba, blocks):
+        data = await task.receive_data_out(2 * nbytes)
+        try:
+            offset = await backstore.acompare_and_write(data[:nbytes], data[nbytes:],
+                                                        lba * lu.block_size)
+            if offset is None and (fua or not lu.mode.write_cache):
+                await backstore.aflush()
+        except OSError as exc:
+            raise lu.io_error(exc, lba, write=True) from exc
+        if offset is not None:
+            lu.stats_miscompares += 1
+            raise S.miscompare(offset)
 
 
 async def synchronize_cache(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
