@@ -58,6 +58,12 @@ def pr_state_path(config: Config, lc: LunConfig) -> Path:
     return config.base / f"{lc.path.name}.pr.json"
 
 
+def sanitize_state_path(lc: LunConfig) -> Path:
+    """A sanitize in progress or failed is recorded next to the backing store:
+    <backing file>.sanitize.json (SBC-4 4.11.4: failure mode survives a restart)."""
+    return lc.path.with_name(f"{lc.path.name}.sanitize.json")
+
+
 def check(config: Config) -> None:
     """What only assembly can refuse, before anything is created."""
     check_backstores(config)
@@ -114,7 +120,11 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
         serial, naa = lu_identity(tc.name, lc.id, lc.serial)
         lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
                              thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
-                             pr_state_path=str(pr_state_path(config, lc)))
+                             pr_state_path=str(pr_state_path(config, lc)),
+                             sanitize_state_path=str(sanitize_state_path(lc)),
+                             sanitize_rate=lc.sanitize_rate)
+        if lc.atomic_write_size is not None:
+            lu_config.atomic_write_bytes = lc.atomic_write_size
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
         return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS)
     except BaseException:

@@ -45,6 +45,8 @@ class LunConfig:
     removable: bool = False
     serial: str | None = None
     backstore: str = "file"  # the kind of backing store (backstore.KINDS)
+    sanitize_rate: int = 0  # bytes per second of a SANITIZE OVERWRITE; 0: unlimited
+    atomic_write_size: int | None = None  # the WRITE ATOMIC(16) length; None: the default
 
 
 @dataclass
@@ -419,7 +421,9 @@ def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, st
 
 def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     item = r.mapping(item, key, {"id", "path", "size", "block_size", "readonly", "thin",
-                                 "removable", "serial", "backstore"}, {"id", "path"})
+                                 "removable", "serial", "backstore", "sanitize_rate",
+                                 "atomic_write_size"},
+                     {"id", "path"})
     lun_id = item["id"]
     if isinstance(lun_id, bool) or not isinstance(lun_id, int) or not 0 <= lun_id <= MAX_LUN:
         raise r.fail(f"{key}.id", f"expected an integer 0..{MAX_LUN}")
@@ -450,7 +454,23 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     backstore = item.get("backstore", "file")
     if not isinstance(backstore, str) or not backstore:
         raise r.fail(f"{key}.backstore", "expected the name of a kind of backing store")
-    lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore)
+    sanitize_rate = 0
+    if "sanitize_rate" in item:
+        try:
+            sanitize_rate = parse_size(item["sanitize_rate"])
+        except ValueError as exc:
+            raise r.fail(f"{key}.sanitize_rate", f"{exc} (bytes per second)") from None
+    atomic_write_size = None
+    if "atomic_write_size" in item:
+        try:
+            atomic_write_size = parse_size(item["atomic_write_size"])
+        except ValueError as exc:
+            raise r.fail(f"{key}.atomic_write_size", str(exc)) from None
+        if atomic_write_size & (atomic_write_size - 1) or atomic_write_size < block_size:
+            raise r.fail(f"{key}.atomic_write_size",
+                         f"must be a power of two of at least the block size {block_size}")
+    lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore,
+                    sanitize_rate, atomic_write_size)
     _check_path(r, lun, key)
     return lun
 

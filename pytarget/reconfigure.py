@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 _REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "ledger"})
 _NODE_STATE = frozenset({"name", "luns"})
 # A change to any of these replaces the LUN with a new logical unit.
-_IDENTITY = ("path", "block_size", "readonly", "thin", "removable", "serial", "backstore")
+_IDENTITY = ("path", "block_size", "readonly", "thin", "removable", "serial", "backstore",
+             "sanitize_rate", "atomic_write_size")
 
 
 class ReloadRefused(Exception):

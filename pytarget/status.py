@@ -125,6 +125,7 @@ def collect(server: Running) -> dict[str, Any]:
                 "allocated_bytes": allocated,
                 "readonly": lu.readonly,
                 "thin": lu.thin,
+                "sanitize": lu.sanitize.describe(),
             })
             pr = _reservation(lu)
             if pr is not None:

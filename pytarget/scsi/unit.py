@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..core.table import OpTable
     from ..core.task import Nexus
     from .modes import ModePages
+    from .sanitize import SanitizeState
 
 T = TypeVar("T")
 
@@ -60,6 +61,8 @@ class Unit(Protocol):
     def third_party_copy(self) -> bool: ...
     @property
     def copy_service(self) -> CopyServiceHooks | None: ...
+    @property
+    def atomic_write_blocks(self) -> int: ...
 
     # the device server's state
     @property
@@ -84,6 +87,8 @@ class Unit(Protocol):
     def prevent(self) -> set[tuple[Any, ...]]: ...
     @property
     def write_protected(self) -> bool: ...
+    @property
+    def sanitize(self) -> SanitizeState: ...
     reservation: tuple[Any, ...] | None
     medium_present: bool
     stats_miscompares: int
