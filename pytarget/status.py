@@ -220,8 +220,12 @@ def render(doc: dict[str, Any]) -> str:
         if not t["luns"]:
             rows.append((t["name"], "-", "-", "-", "-", "-", "-", t["sessions"]))
         for lun in t["luns"]:
-            flags = ",".join(f for f, on in (("ro", lun["readonly"]), ("thin", lun["thin"]))
-                             if on) or "-"
+            sanitize = lun.get("sanitize") or {}
+            state = sanitize.get("state")
+            flags = ",".join(f for f, on in (
+                ("ro", lun["readonly"]), ("thin", lun["thin"]),
+                (f"sanitizing {100 * sanitize.get('progress', 0):.0f}%", state == "running"),
+                ("sanitize-failed", state == "failed")) if on) or "-"
             rows.append((t["name"], lun["lun"], size_text(lun["size_bytes"]),
                          size_text(lun["allocated_bytes"]), lun["block_size"], flags,
                          lun["path"], t["sessions"]))
