@@ -231,7 +231,7 @@ def test_persistent_reservations(pr_target: LiveTarget, tmp_path: Path) -> None:
 def sanitize_target(tmp_path: Path) -> Iterator[LiveTarget]:
     with xfs_mount(tmp_path) as xfs:
         yield from _target(tmp_path, [
-            {"id": 0, "path": "sanitize.img", "size": "64MiB", "sanitize_rate": "16MiB"},
+            {"id": 0, "path": "sanitize.img", "size": "64MiB", "sanitize_rate": "4MiB"},
             {"id": 1, "path": str(xfs / "atomic.img"), "size": "64MiB"},
         ])
 
