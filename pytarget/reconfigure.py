@@ -186,6 +186,13 @@ class Reload:
         olds = {lc.id: lc for lc in old.luns}
         news = {lc.id: lc for lc in new.luns}
         for lun, lu in sorted(node.luns.items()):
+            if lu.sanitize.run is not None and (
+                    lun not in news or lun not in olds
+                    or _identity(olds[lun]) != _identity(news[lun])
+                    or news[lun].size != olds[lun].size):
+                # the operation belongs to this logical unit and covers its whole medium
+                raise ReloadRefused(f"{self.new.file}: target {new.name} LUN {lun}: a SANITIZE "
+                                    "is in progress; change the LUN once it has completed")
             if lun not in news:
                 self.lun_changes.append(_LunChange("remove", node, new, lun, live=lu))
         for lun, lc in sorted(news.items()):
