@@ -241,5 +241,5 @@ def test_sanitize_and_write_atomic(sanitize_target: LiveTarget, tmp_path: Path) 
     --progress, a READ meanwhile refused with SANITIZE IN PROGRESS) and BLOCK ERASE (both ways),
     the data read back as the pattern / as zeros, CRYPTOGRAPHIC ERASE rejected; sg_raw WRITE
     ATOMIC(16) within the advertised length succeeds and beyond it is rejected."""
-    run = run_guest(sanitize_target, "sanitize.sh", tmp_path / "guest-out", timeout=420)
+    run = run_guest(sanitize_target, "sanitize.sh", tmp_path / "guest-out", timeout=540)
     _assert_passed(run, sanitize_target)

@@ -39,11 +39,14 @@ medium_is() {
   done
 }
 
-# pattern_mib BYTES OUT: one MiB of the initialization pattern BYTES (a file) repeated.
+# pattern_mib BYTES OUT: one MiB of the initialization pattern BYTES (a file) repeated (the
+# file doubled until it is long enough: a few commands, not one per repetition).
 pattern_mib() {
-  local n=$(($(stat -c %s "$1")))
-  local reps=$((MiB / n + 1))
-  for ((i = 0; i < reps; i++)); do cat "$1"; done | head -c $MiB >"$2"
+  cp "$1" /tmp/pattern.x
+  while (($(stat -c %s /tmp/pattern.x) < MiB)); do
+    cat /tmp/pattern.x /tmp/pattern.x >/tmp/pattern.y && mv /tmp/pattern.y /tmp/pattern.x
+  done
+  head -c $MiB /tmp/pattern.x >"$2"
 }
 
 step "LUN ${luns[0]}: $sd $sg, $blocks blocks of $bs bytes  [t=$(t)s]"
