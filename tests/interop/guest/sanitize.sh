@@ -66,7 +66,7 @@ check "sg_sanitize --overwrite --early" sg_sanitize --quick --overwrite --patter
 out=$(sg_requests --progress "$sg" 2>&1)
 echo "$out" | sed 's/^/    /'
 grep -qi 'progress indication' <<<"$out" || fail "sg_requests --progress showed no progress indication while the sanitize ran"
-rc=0; out=$(sg_dd if="$sg" of=/dev/null bs="$bs" count=1 2>&1) || rc=$?
+rc=0; out=$(sg_raw -r "$bs" "$sg" 28 00 00 00 00 00 00 00 01 00 2>&1) || rc=$?   # READ(10)
 echo "$out" | sed 's/^/    /'
 grep -qi 'sanitize in progress' <<<"$out" || fail "a READ during the sanitize did not fail with SANITIZE IN PROGRESS (exit $rc)"
 check "sg_requests --progress --num=20 until done" sg_requests --progress --num=20 "$sg"
