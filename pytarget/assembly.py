@@ -80,6 +80,16 @@ def reservation_store(lc: LunConfig, naa: bytes) -> ReservationStore | None:
                                  client_id=rc.client_id)
 
 
+def sanitize_state_path(config: Config, lc: LunConfig) -> Path:
+    """A sanitize in progress or failed is recorded next to the backing file,
+    <backing file>.sanitize.json, and for an RBD image in
+    <config dir>/rbd.<pool>.<image>.sanitize.json (SBC-4 4.11.4: the failure mode survives a
+    restart)."""
+    if lc.path is None:
+        return config.base / f"rbd.{lc.rbd['pool']}.{lc.rbd['image']}.sanitize.json"
+    return lc.path.with_name(f"{lc.path.name}.sanitize.json")
+
+
 def check(config: Config) -> None:
     """What only assembly can refuse, before anything is created."""
     local_gateway(config)
@@ -175,7 +185,11 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
                              thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
                              pr_state_path=str(pr_state_path(config, lc)),
                              port_groups=lu_port_groups(config),
-                             owner=owner.id if owner is not None else None)
+                             owner=owner.id if owner is not None else None,
+                             sanitize_state_path=str(sanitize_state_path(config, lc)),
+                             sanitize_rate=lc.sanitize_rate)
+        if lc.atomic_write_size is not None:
+            lu_config.atomic_write_bytes = lc.atomic_write_size
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
         return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
                            reservations=reservation_store(lc, naa))

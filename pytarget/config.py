@@ -62,6 +62,8 @@ class LunConfig:
     reservations: ReservationsConfig | None = None  # None: this process's own (APTPL file)
     owner: str | None = None  # the gateway that owns the LUN (None: spread, `lun_owner`)
     rbd: dict[str, Any] = field(default_factory=dict)  # backstore: rbd: pool, image, ...
+    sanitize_rate: int = 0  # bytes per second of a SANITIZE OVERWRITE; 0: unlimited
+    atomic_write_size: int | None = None  # the WRITE ATOMIC(16) length; None: the default
 
     @property
     def location(self) -> str:
@@ -623,7 +625,8 @@ def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, st
 def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     backstore = item.get("backstore", "file") if isinstance(item, dict) else "file"
     common = {"id", "size", "block_size", "readonly", "thin", "removable", "serial",
-              "backstore", "reservations"}
+              "backstore", "reservations", "sanitize_rate",
+              "atomic_write_size"}
     if backstore == "rbd":
         item = r.mapping(item, key, common | set(RBD_KEYS), {"id", "pool", "image"})
     else:
@@ -662,8 +665,23 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
         raise r.fail(f"{key}.serial", "expected 1-32 ASCII characters")
     if not isinstance(backstore, str) or not backstore:
         raise r.fail(f"{key}.backstore", "expected the name of a kind of backing store")
+    sanitize_rate = 0
+    if "sanitize_rate" in item:
+        try:
+            sanitize_rate = parse_size(item["sanitize_rate"])
+        except ValueError as exc:
+            raise r.fail(f"{key}.sanitize_rate", f"{exc} (bytes per second)") from None
+    atomic_write_size = None
+    if "atomic_write_size" in item:
+        try:
+            atomic_write_size = parse_size(item["atomic_write_size"])
+        except ValueError as exc:
+            raise r.fail(f"{key}.atomic_write_size", str(exc)) from None
+        if atomic_write_size & (atomic_write_size - 1) or atomic_write_size < block_size:
+            raise r.fail(f"{key}.atomic_write_size",
+                         f"must be a power of two of at least the block size {block_size}")
     lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore,
-                    rbd=rbd)
+                    rbd=rbd, sanitize_rate=sanitize_rate, atomic_write_size=atomic_write_size)
     if "reservations" in item:
         lun.reservations = _reservations(r, item["reservations"], f"{key}.reservations", base)
     if path is not None:

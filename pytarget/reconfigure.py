@@ -51,7 +51,7 @@ _REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "le
 _NODE_STATE = frozenset({"name", "luns"})
 # A change to any of these replaces the LUN with a new logical unit.
 _IDENTITY = ("path", "rbd", "block_size", "readonly", "thin", "removable", "serial",
-             "backstore", "reservations")
+             "backstore", "reservations", "sanitize_rate", "atomic_write_size")
 
 
 class ReloadRefused(Exception):
@@ -198,6 +198,13 @@ class Reload:
         olds = {lc.id: lc for lc in old.luns}
         news = {lc.id: lc for lc in new.luns}
         for lun, lu in sorted(node.luns.items()):
+            if lu.sanitize.run is not None and (
+                    lun not in news or lun not in olds
+                    or _identity(olds[lun]) != _identity(news[lun])
+                    or news[lun].size != olds[lun].size):
+                # the operation belongs to this logical unit and covers its whole medium
+                raise ReloadRefused(f"{self.new.file}: target {new.name} LUN {lun}: a SANITIZE "
+                                    "is in progress; change the LUN once it has completed")
             if lun not in news:
                 self.lun_changes.append(_LunChange("remove", node, new, lun, live=lu))
         for lun, lc in sorted(news.items()):

@@ -140,6 +140,7 @@ def collect(server: Running) -> dict[str, Any]:
                 "readonly": lu.readonly,
                 "thin": lu.thin,
                 **_access(lu),
+                "sanitize": lu.sanitize.describe(),
             })
             pr = _reservation(lu)
             if pr is not None:
@@ -251,8 +252,12 @@ def render(doc: dict[str, Any]) -> str:
             rows.append((t["name"], "-", "-", "-", "-", "-", "-", t["sessions"])
                         + (("-", "-") if gateways else ()))
         for lun in t["luns"]:
-            flags = ",".join(f for f, on in (("ro", lun["readonly"]), ("thin", lun["thin"]))
-                             if on) or "-"
+            sanitize = lun.get("sanitize") or {}
+            state = sanitize.get("state")
+            flags = ",".join(f for f, on in (
+                ("ro", lun["readonly"]), ("thin", lun["thin"]),
+                (f"sanitizing {100 * sanitize.get('progress', 0):.0f}%", state == "running"),
+                ("sanitize-failed", state == "failed")) if on) or "-"
             row: tuple[Any, ...] = (t["name"], lun["lun"], size_text(lun["size_bytes"]),
                                     size_text(lun["allocated_bytes"]), lun["block_size"],
                                     flags, lun["path"], t["sessions"])

@@ -7,7 +7,15 @@ cache from the loop; `mapped` lends a read-only view of a range that is in the p
 Durability is `fdatasync`; space is given back with `fallocate(PUNCH_HOLE|KEEP_SIZE)`;
 allocation is found with SEEK_DATA/SEEK_HOLE; copies between files use FICLONERANGE or
 `copy_file_range` where the filesystem offers them. The awaitable calls are the blocking ones
-on the I/O threads (`Backstore`'s defaults). No atomic compare-and-write or atomic write yet.
+on the I/O threads (`Backstore`'s defaults). No atomic compare-and-write.
+
+Atomic writes (`awrite_atomic`, WRITE ATOMIC(16)) are offered where the kernel and the filesystem
+guarantee them across a power loss: Linux 6.11 and later, `pwritev(RWF_ATOMIC)` on a second
+descriptor opened with O_DIRECT, for power-of-two lengths within the unit range
+`statx(STATX_WRITE_ATOMIC)` reports, at offsets aligned to the length (XFS: 4 KiB to 1 MiB with
+reflink=1; ext4 with bigalloc: its cluster; elsewhere nothing, and nothing is advertised). The
+normal descriptor and its page-cache path are untouched; the kernel writes back and drops the
+cached pages of a range before a direct write to it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .base import Backstore, Capabilities, Extent
+from .threads import run_blocking
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -43,6 +52,18 @@ _mincore = _libc_gil.mincore
 _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _mincore.restype = ctypes.c_int
 
+_statx = _libc.statx if hasattr(_libc, "statx") else None
+AT_EMPTY_PATH = 0x1000
+STATX_WRITE_ATOMIC = 0x00010000
+STATX_DIOALIGN = 0x00002000
+STATX_ATTR_WRITE_ATOMIC = 0x00400000
+_STATX_SIZE = 256
+_STATX_ATTRIBUTES = struct.Struct("<Q")  # stx_attributes, at 8
+_STATX_MASK = struct.Struct("<I")  # stx_mask, at 0
+_STATX_DIO = struct.Struct("<II")  # stx_dio_mem_align, stx_dio_offset_align, at 0x98
+_STATX_ATOMIC = struct.Struct("<II")  # stx_atomic_write_unit_min, _max, at 0xA8
+RWF_ATOMIC = 0x00000040
+
 _ZEROS = bytes(1 << 20)
 _PAGE = mmap.PAGESIZE
 
@@ -57,6 +78,26 @@ CLONE_ALIGNMENT = 4096
 MAP_WINDOW_SHIFT = 27
 MAP_WINDOW = 1 << MAP_WINDOW_SHIFT
 MAP_WINDOWS = 32
+
+
+def atomic_write_units(fd: int) -> tuple[int, int, int]:
+    """(unit min, unit max, memory alignment) of RWF_ATOMIC direct writes to the open file, from
+    statx(STATX_WRITE_ATOMIC); (0, 0, 0) when the kernel or the filesystem offers none."""
+    if _statx is None:
+        return 0, 0, 0
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx(fd, b"", AT_EMPTY_PATH, STATX_WRITE_ATOMIC | STATX_DIOALIGN, buf) != 0:
+        return 0, 0, 0
+    raw = buf.raw
+    mask, = _STATX_MASK.unpack_from(raw, 0)
+    attributes, = _STATX_ATTRIBUTES.unpack_from(raw, 8)
+    if not mask & STATX_WRITE_ATOMIC or not attributes & STATX_ATTR_WRITE_ATOMIC:
+        return 0, 0, 0
+    unit_min, unit_max = _STATX_ATOMIC.unpack_from(raw, 0xA8)
+    mem_align = _STATX_DIO.unpack_from(raw, 0x98)[0] if mask & STATX_DIOALIGN else _PAGE
+    if not unit_min or unit_max < unit_min:
+        return 0, 0, 0
+    return unit_min, unit_max, max(mem_align, 1)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -95,6 +136,21 @@ class FileBackstore(Backstore):
         self._residency = bytearray(0)  # mincore's answer, one byte per page
         self._residency_c: ctypes.Array[ctypes.c_char] | None = None  # pins its address
         self._residency_at = 0
+        self._direct_fd = -1  # O_DIRECT descriptor for atomic writes
+        if not readonly:
+            self._open_atomic()
+
+    def _open_atomic(self) -> None:
+        """Offer atomic writes when the file takes RWF_ATOMIC direct writes."""
+        unit_min, unit_max, _align = atomic_write_units(self.fd)
+        if not unit_max:
+            return
+        try:
+            self._direct_fd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            return
+        self.caps.atomic_write_unit_min = unit_min
+        self.caps.atomic_write_unit_max = unit_max
 
     def _block_device_size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)
@@ -136,6 +192,9 @@ class FileBackstore(Backstore):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
         self._windows.clear()  # views still lent out keep their window mapped until they go
 
     # -- data
@@ -225,6 +284,29 @@ class FileBackstore(Backstore):
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+
+    async def awrite_atomic(self, data: memoryview, offset: int) -> None:
+        """All of `data` or none of it, across a power loss: one RWF_ATOMIC direct write from a
+        page-aligned copy (O_DIRECT wants aligned memory). Durable after the next `flush`."""
+        if self._direct_fd < 0:
+            raise NotImplementedError(f"{self.path} takes no atomic writes")
+        n = len(data)
+        caps = self.caps
+        if n & (n - 1) or offset % n \
+                or not caps.atomic_write_unit_min <= n <= caps.atomic_write_unit_max:
+            raise OSError(errno.EINVAL, "not an atomic write unit of this file")
+        await run_blocking(self._write_atomic, data, offset)
+
+    def _write_atomic(self, data: memoryview, offset: int) -> None:
+        with mmap.mmap(-1, len(data)) as aligned:
+            aligned[:] = data
+            view = memoryview(aligned)
+            try:
+                written = os.pwritev(self._direct_fd, (view,), offset, RWF_ATOMIC)
+            finally:
+                view.release()
+        if written != len(data):
+            raise OSError(errno.EIO, f"atomic write of {len(data)} bytes wrote {written}")
 
     def prefetch(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)

@@ -26,6 +26,14 @@ MAX_WRITE_SAME_BYTES = 16 << 20
 # gives gateways, in seconds: how long an initiator should allow an ownership move to take.
 ALUA_IMPLICIT_TRANSITION_SECONDS = 30
 
+# WRITE ATOMIC(16) (SBC-4 5.48): the one atomic write size a LUN offers by default, in bytes,
+# when its backstore writes that size atomically (clamped into the backstore's unit range; a
+# LUN's `atomic_write_size` changes it). The device server can only pass on power-of-two writes
+# aligned to their length, and SBC-4 cannot say "powers of two" in VPD B0h: granularity =
+# alignment = maximum = one size is the only claim true of every write it admits, and Linux's
+# sd accepts it (atomic unit min = max). 16 KiB is InnoDB's page, twice PostgreSQL's.
+ATOMIC_WRITE_BYTES = 16 * 1024
+
 MAX_PARAMETER_LIST = 65536  # MODE SELECT, UNMAP and other parameter lists, in bytes
 
 

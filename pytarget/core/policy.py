@@ -12,6 +12,7 @@ class Flag(IntFlag):
     MEDIUM = 0x02  # needs the medium: NOT READY while stopped
     WRITES = 0x04  # changes blocks: DATA PROTECT when write protected
     CONFLICTS_SPC2 = 0x08  # RESERVATION CONFLICT under another nexus's RESERVE (SPC-2 5.5.1)
+    DURING_SANITIZE = 0x10  # runs while a sanitize operation is in progress (SBC-4 4.11.3)
 
 
 class Pr(Enum):

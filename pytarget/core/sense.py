@@ -50,6 +50,7 @@ class Asc(IntEnum):
     LUN_NOT_READY_MANUAL_INTERVENTION_REQUIRED = 0x0403
     LUN_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION = 0x040A
     LUN_NOT_ACCESSIBLE_TARGET_PORT_UNAVAILABLE = 0x040C
+    LUN_NOT_READY_SANITIZE_IN_PROGRESS = 0x041B
     LUN_COMMUNICATION_FAILURE = 0x0800
     WRITE_ERROR = 0x0C00
     THIRD_PARTY_DEVICE_FAILURE = 0x0D01
@@ -106,6 +107,7 @@ class Asc(IntEnum):
     COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = 0x2F00
     COMMANDS_CLEARED_BY_DEVICE_SERVER = 0x2F02
     MEDIUM_NOT_PRESENT = 0x3A00
+    SANITIZE_COMMAND_FAILED = 0x3103
     SAVING_PARAMETERS_NOT_SUPPORTED = 0x3900
     INQUIRY_DATA_HAS_CHANGED = 0x3F03
     REPORTED_LUNS_DATA_HAS_CHANGED = 0x3F0E
@@ -294,6 +296,27 @@ def saving_parameters_not_supported(byte: int, bit: int) -> SenseError:
 def medium_removal_prevented() -> SenseError:
     """LOEJ while a nexus prevents medium removal (SBC-3 5.20)."""
     return SenseError(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_REMOVAL_PREVENTED)
+
+
+def progress_indication(done: int, total: int) -> bytes:
+    """Sense-key specific progress indication (SPC-4 4.5.2.4.4): SKSV, then the fraction done
+    of 65536."""
+    fraction = min(0xFFFF, done * 0x10000 // total) if total else 0
+    return bytes((0x80, fraction >> 8, fraction & 0xFF))
+
+
+def sanitize_in_progress(done: int, total: int) -> SenseError:
+    """NOT READY, LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS with how far it is (SBC-4
+    4.11.3): the answer to every command but the few a sanitize lets through, and to REQUEST
+    SENSE."""
+    return SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_READY_SANITIZE_IN_PROGRESS,
+                      sks=progress_indication(done, total))
+
+
+def sanitize_failed() -> SenseError:
+    """MEDIUM ERROR, SANITIZE COMMAND FAILED (SBC-4 4.11.4): the sanitize operation did not
+    complete, and the unit stays in failure mode until one does or EXIT FAILURE MODE."""
+    return SenseError(SenseKey.MEDIUM_ERROR, Asc.SANITIZE_COMMAND_FAILED)
 
 
 def no_sense() -> SenseError:

@@ -48,6 +48,7 @@ class Opcode(IntEnum):
     READ_DEFECT_DATA_10 = 0x37
     WRITE_SAME_10 = 0x41
     UNMAP = 0x42
+    SANITIZE = 0x48
     MODE_SELECT_10 = 0x55
     RESERVE_10 = 0x56
     RELEASE_10 = 0x57
@@ -65,6 +66,7 @@ class Opcode(IntEnum):
     PRE_FETCH_16 = 0x90
     SYNCHRONIZE_CACHE_16 = 0x91
     WRITE_SAME_16 = 0x93
+    WRITE_ATOMIC_16 = 0x9C
     SERVICE_ACTION_IN_16 = 0x9E
     REPORT_LUNS = 0xA0
     MAINTENANCE_IN = 0xA3
@@ -81,6 +83,15 @@ class ServiceActionIn16(IntEnum):
 
     READ_CAPACITY_16 = 0x10
     GET_LBA_STATUS = 0x12
+
+
+class SanitizeAction(IntEnum):
+    """Service actions of SANITIZE (SBC-4 5.30, table 103)."""
+
+    OVERWRITE = 0x01
+    BLOCK_ERASE = 0x02
+    CRYPTOGRAPHIC_ERASE = 0x03
+    EXIT_FAILURE_MODE = 0x1F
 
 
 class MaintenanceIn(IntEnum):
@@ -284,6 +295,7 @@ class OpSpec:
     medium: bool = field(init=False, default=False, repr=False, compare=False)
     writes: bool = field(init=False, default=False, repr=False, compare=False)
     spc2: bool = field(init=False, default=False, repr=False, compare=False)
+    during_sanitize: bool = field(init=False, default=False, repr=False, compare=False)
     _cdb: type[Cdb] = field(init=False, default=Cdb, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -298,6 +310,7 @@ class OpSpec:
         object.__setattr__(self, "medium", bool(self.flags & Flag.MEDIUM))
         object.__setattr__(self, "writes", bool(self.flags & Flag.WRITES))
         object.__setattr__(self, "spc2", bool(self.flags & Flag.CONFLICTS_SPC2))
+        object.__setattr__(self, "during_sanitize", bool(self.flags & Flag.DURING_SANITIZE))
         object.__setattr__(self, "_cdb", _cdb_class(self))
 
     @property

@@ -47,6 +47,7 @@ from .alua import U_SUP, AluaState, PortGroups, TpgStatus
 from .modes import ModePages
 from .opcodes import NO_LU_TABLE, lu_table
 from .pr import PersistentReservations
+from .sanitize import SanitizeState
 from .unit import LunDirectory
 
 if TYPE_CHECKING:
@@ -120,6 +121,9 @@ class LuConfig:
     # (None: the local one).
     port_groups: PortGroups = field(default_factory=PortGroups.single)
     owner: int | None = None
+    sanitize_state_path: str | None = None  # sanitize in progress or failed; None: not kept
+    sanitize_rate: int = 0  # bytes per second a sanitize OVERWRITE writes; 0: unlimited
+    atomic_write_bytes: int = limits.ATOMIC_WRITE_BYTES  # the WRITE ATOMIC(16) length wanted
 
 
 class LogicalUnit:
@@ -156,8 +160,11 @@ class LogicalUnit:
                 unit = min(unit, self.caps.compare_and_write_boundary)
             self.max_compare_and_write_blocks = min(self.max_compare_and_write_blocks,
                                                     unit // config.block_size)
+        self.atomic_write_blocks = atomic_write_blocks(self.caps, config.block_size,
+                                                       config.atomic_write_bytes)
         self.table: OpTable = lu_table(self.thin, services,
-                                       compare_and_write=self.max_compare_and_write_blocks > 0)
+                                       compare_and_write=self.max_compare_and_write_blocks > 0,
+                                       atomic=bool(self.atomic_write_blocks))
         # The fast paths the backstore offers, as the lengths they start or stop at.
         self._inline_write_max = INLINE_WRITE_MAX if self.caps.write_inline else -1
         self._lend_min = LEND_MIN if self.caps.lend else NEVER
@@ -186,6 +193,7 @@ class LogicalUnit:
         self.pr = PersistentReservations(self, reservations)
         self.alua = AluaState(config.port_groups, config.owner,
                               unavailable=reservations is not None)
+        self.sanitize = SanitizeState(config.sanitize_state_path, config.sanitize_rate)
         self.closed = False
         self.stats_miscompares = 0
         self._inline_after = 0.0  # perf_counter() before which writes go to the I/O threads
@@ -279,6 +287,11 @@ class LogicalUnit:
                 pending = self._ua_queue(nexus)
                 if pending:
                     raise S.unit_attention(pending.popleft())
+        if self.sanitize.active:
+            blocked = self.sanitize.blocks(spec.during_sanitize, spec.medium,
+                                           spec.opcode == Opcode.SANITIZE)
+            if blocked is not None:
+                raise blocked
         if spec.spc2 and self.reservation is not None and self.reservation != nexus.key:
             raise S.reservation_conflict()
         self.pr.check(nexus, spec.pr, task.cdb)
@@ -669,6 +682,7 @@ class LogicalUnit:
         return self.thin and dst.caps.deallocated_reads_zero
 
     def close(self) -> None:
+        self.sanitize.abandon()
         if self.backstore is not None and not self.closed:
             try:
                 if not self.readonly:
@@ -677,6 +691,19 @@ class LogicalUnit:
                 self.backstore.close()
                 self.pr.close()
         self.closed = True
+
+
+def atomic_write_blocks(caps: Capabilities, block_size: int,
+                        wanted: int = limits.ATOMIC_WRITE_BYTES) -> int:
+    """The one WRITE ATOMIC(16) length a LUN offers, in blocks (`wanted` bytes, a power of two,
+    within the backstore's atomic unit range); 0 when the backstore writes nothing atomically."""
+    if not caps.atomic_write_unit_max:
+        return 0
+    unit = min(max(wanted, caps.atomic_write_unit_min, block_size),
+               caps.atomic_write_unit_max, limits.MAX_TRANSFER_BYTES)
+    if unit < block_size or unit % block_size or unit < caps.atomic_write_unit_min:
+        return 0
+    return unit // block_size
 
 
 async def _resume(coro: Any, waiting: Any, task: ScsiTask) -> None:
@@ -722,9 +749,10 @@ class NoLogicalUnit(LogicalUnit):
 
 if TYPE_CHECKING:
     from .pr import LogicalUnit as PrUnit
+    from .sanitize import LogicalUnit as SanitizedUnit
     from .unit import Unit
 
-    def _interfaces(lu: LogicalUnit) -> tuple[Unit, PrUnit]:
-        """The interfaces handlers and persistent reservations type their unit with (checked
-        by mypy)."""
-        return lu, lu
+    def _interfaces(lu: LogicalUnit) -> tuple[Unit, PrUnit, SanitizedUnit]:
+        """The interfaces handlers, persistent reservations and sanitize type their unit with
+        (checked by mypy)."""
+        return lu, lu, lu

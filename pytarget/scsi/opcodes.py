@@ -27,10 +27,11 @@ from ..core.table import (
     OpTable,
     PrinAction,
     ProutAction,
+    SanitizeAction,
     ServiceActionIn16,
 )
 from ..core.table import usage as _u
-from . import pr, provisioning, sbc, spc
+from . import pr, provisioning, sanitize, sbc, spc
 
 C = CONTROL
 RW_FLAGS_READ = 0x1E  # DPO FUA RARC FUA_NV (RDPROTECT unsupported: no protection information)
@@ -38,6 +39,8 @@ RW_FLAGS_WRITE = 0x1A  # DPO FUA FUA_NV
 VERIFY_FLAGS = 0x16  # DPO BYTCHK
 
 A = Flag.UA_EXEMPT
+# INQUIRY, REPORT LUNS and REQUEST SENSE: also while a sanitize operation runs (SBC-4 4.11.3)
+AS = Flag.UA_EXEMPT | Flag.DURING_SANITIZE
 M = Flag.MEDIUM | Flag.CONFLICTS_SPC2
 W = Flag.MEDIUM | Flag.WRITES | Flag.CONFLICTS_SPC2
 R2 = Flag.CONFLICTS_SPC2
@@ -102,8 +105,8 @@ SBC_SPECS: list[OpSpec] = [
     OpSpec(Op.TEST_UNIT_READY, None, "TEST UNIT READY", _u(Op.TEST_UNIT_READY, 0, 0, 0, 0, C),
            spc.test_unit_ready, M),
     OpSpec(Op.REQUEST_SENSE, None, "REQUEST SENSE", _u(Op.REQUEST_SENSE, 0x01, 0, 0, 0xFF, C),
-           spc.request_sense, A, layout=Layout(allocation_length=ALLOC_6)),
-    OpSpec(Op.INQUIRY, None, "INQUIRY", _u(Op.INQUIRY, 0x01, 0xFF, 0xFF, 0xFF, C), spc.inquiry, A,
+           spc.request_sense, AS, layout=Layout(allocation_length=ALLOC_6)),
+    OpSpec(Op.INQUIRY, None, "INQUIRY", _u(Op.INQUIRY, 0x01, 0xFF, 0xFF, 0xFF, C), spc.inquiry, AS,
            layout=Layout(allocation_length=Field(3, 2))),
     OpSpec(Op.MODE_SELECT_6, None, "MODE SELECT(6)", _u(Op.MODE_SELECT_6, 0x11, 0, 0, 0xFF, C),
            spc.mode_select_6, R2, Pr.WRITE, layout=Layout(parameter_list_length=ALLOC_6)),
@@ -151,7 +154,7 @@ SBC_SPECS: list[OpSpec] = [
            _u(Op.READ_DEFECT_DATA_12, 0x1F, LEN4, LEN4, 0, C), sbc.read_defect_data_12, M,
            Pr.READ, layout=Layout(allocation_length=ALLOC_12)),
     OpSpec(Op.REPORT_LUNS, None, "REPORT LUNS", _u(Op.REPORT_LUNS, 0, 0xFF, 0, 0, 0, LEN4, 0, C),
-           spc.report_luns, A, layout=Layout(allocation_length=ALLOC_12)),
+           spc.report_luns, AS, layout=Layout(allocation_length=ALLOC_12)),
     _prin(PrinAction.READ_KEYS, "READ KEYS", pr.read_keys),
     _prin(PrinAction.READ_RESERVATION, "READ RESERVATION", pr.read_reservation),
     _prin(PrinAction.REPORT_CAPABILITIES, "REPORT CAPABILITIES", pr.report_capabilities),
@@ -207,22 +210,50 @@ SBC_SPECS: list[OpSpec] = [
               VERIFY_FLAGS, sbc.write_and_verify, W, Pr.WRITE, fua=False),
 ]
 
+
+
+def _sanitize(sa: SanitizeAction, name: str, flags: Flag) -> OpSpec:
+    """SANITIZE (SBC-4 5.30): byte 1 holds IMMED (bit 7), AUSE (bit 5) and the service action;
+    ZNR (bit 6, zoned devices only) is not honoured."""
+    return OpSpec(Op.SANITIZE, sa, f"SANITIZE ({name})",
+                  _u(Op.SANITIZE, 0xA0 | sa, 0, 0, 0, 0, 0, LEN2, C), sanitize.sanitize, flags,
+                  Pr.WRITE, timeout=sanitize.RECOMMENDED_TIMEOUT,
+                  layout=Layout(parameter_list_length=Field(7, 2)))
+
+
+# CRYPTOGRAPHIC ERASE has no row: no backstore keeps its blocks under a key the device server
+# could change, so the service action is rejected as unknown (INVALID FIELD IN CDB).
+SANITIZE_SPECS = [
+    _sanitize(SanitizeAction.OVERWRITE, "OVERWRITE", W),
+    _sanitize(SanitizeAction.BLOCK_ERASE, "BLOCK ERASE", W),
+    _sanitize(SanitizeAction.EXIT_FAILURE_MODE, "EXIT FAILURE MODE", M),
+]
+
+# WRITE ATOMIC(16) (SBC-4 5.48): ATOMIC BOUNDARY (bytes 10-11) is not honoured (MAXIMUM ATOMIC
+# BOUNDARY SIZE 0), so a non-zero boundary is an invalid field; TRANSFER LENGTH is 2 bytes.
+WRITE_ATOMIC_SPEC = OpSpec(
+    Op.WRITE_ATOMIC_16, None, "WRITE ATOMIC(16)",
+    _u(Op.WRITE_ATOMIC_16, 0x18, LBA8, 0, 0, LEN2, GROUP, C), sbc.write_atomic_16, W, Pr.WRITE,
+    fields=PROTECT, layout=_blocks(LBA_16, Field(12, 2), fua=True))
+
 UNMAP_SPEC = OpSpec(Op.UNMAP, None, "UNMAP", _u(Op.UNMAP, 0x01, 0, 0, 0, 0, GROUP, LEN2, C),
                     provisioning.unmap, W, Pr.WRITE,
                     layout=Layout(parameter_list_length=ALLOC_10))
 
 
-def lu_table(thin: bool, services: Iterable[OpSpec] = (),
-             compare_and_write: bool = True) -> OpTable:
+def lu_table(thin: bool, services: Iterable[OpSpec] = (), compare_and_write: bool = True,
+             atomic: bool = False) -> OpTable:
     """The table of a direct-access logical unit, with the rows of the services that serve it.
 
     Thin LUNs accept UNMAP; fully provisioned ones do not know the command, as a disk would not.
     A unit whose medium offers no atomic COMPARE AND WRITE of one block does not know that
-    command either (MAXIMUM COMPARE AND WRITE LENGTH 0, SBC-3 6.6.3).
+    command either (MAXIMUM COMPARE AND WRITE LENGTH 0, SBC-3 6.6.3). WRITE ATOMIC(16) exists
+    only where the backstore writes atomically.
     """
     specs = SBC_SPECS if compare_and_write else [
         s for s in SBC_SPECS if s.opcode != Op.COMPARE_AND_WRITE]
-    return OpTable([*specs, *services, *((UNMAP_SPEC,) if thin else ())])
+    return OpTable([*specs, *SANITIZE_SPECS, *services, *((UNMAP_SPEC,) if thin else ()),
+                    *((WRITE_ATOMIC_SPEC,) if atomic else ())])
 
 
 # A LUN with no logical unit answers only these (SPC-4 4.6.4); the rest get LOGICAL UNIT NOT

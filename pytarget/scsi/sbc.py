@@ -1,5 +1,6 @@
-"""Block command handlers (SBC-3): READ, WRITE, VERIFY, WRITE AND VERIFY, SYNCHRONIZE CACHE,
-PRE-FETCH, READ CAPACITY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, READ DEFECT DATA.
+"""Block command handlers (SBC-3, SBC-4): READ, WRITE, VERIFY, WRITE AND VERIFY, SYNCHRONIZE
+CACHE, PRE-FETCH, READ CAPACITY, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL, READ DEFECT DATA,
+WRITE ATOMIC(16).
 """
 
 from __future__ import annotations
@@ -91,6 +92,36 @@ async def write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
         await lu.write_blocks(data, lba, fua)
     finally:
         ranges.release(lock)
+
+
+async def write_atomic_16(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
+    """WRITE ATOMIC(16) (SBC-4 5.48): all of the blocks or none of them, against concurrent
+    readers and writers (an exclusive range lock) and across a power loss (the backstore's
+    atomic write). The LBA range is checked first, then the length and alignment the Block
+    Limits VPD page advertises (SBC-4 4.29): exactly `lu.atomic_write_blocks` blocks at an LBA
+    that is a multiple of it."""
+    lba, count = cdb.lba, cdb.transfer_length
+    lu.check_range(lba, count)
+    if not count:
+        return
+    unit = lu.atomic_write_blocks
+    if count != unit:
+        raise S.invalid_field_in_cdb(cdb.offset_of("transfer_length"), 7)
+    if lba % unit:
+        raise S.invalid_field_in_cdb(cdb.offset_of("lba"), 7)
+    fua = cdb.fua
+    data = await receive_blocks(lu, task, count)
+    if len(data) != count * lu.block_size:
+        raise S.invalid_field_in_information_unit()  # a part of an atomic write is not one
+    backstore = lu.backstore
+    assert backstore is not None
+    async with lu.ranges.exclusive(lba, count):
+        try:
+            await backstore.awrite_atomic(data, lba * lu.block_size)
+            if fua or not lu.mode.write_cache:
+                await backstore.aflush()
+        except OSError as exc:
+            raise lu.io_error(exc, lba, write=True) from exc
 
 
 def first_difference(a: memoryview | bytes | bytearray,

@@ -47,14 +47,18 @@ async def inquiry(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
 
 
 async def request_sense(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
-    """REQUEST SENSE (SPC-4 6.39): a pending unit attention or the LU's current state."""
+    """REQUEST SENSE (SPC-4 6.39): a pending unit attention or the LU's current state: a
+    sanitize in progress with its progress indication, or its failure (SBC-4 4.11)."""
     descriptor = bool(cdb[1] & 0x01)
     if not lu.exists:
         state = S.logical_unit_not_supported()
     else:
         asc = lu.take_unit_attention(task.nexus)
+        sanitizing = lu.sanitize.request_sense() if lu.sanitize.active else None
         if asc is not None:
             state = S.unit_attention(asc)
+        elif sanitizing is not None:
+            state = sanitizing
         elif not lu.medium_present:
             state = S.not_ready(Asc.MEDIUM_NOT_PRESENT)
         else:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .alua import AluaState
     from .modes import ModePages
     from .pr import PersistentReservations
+    from .sanitize import SanitizeState
 
 T = TypeVar("T")
 
@@ -65,6 +66,8 @@ class Unit(Protocol):
     def third_party_copy(self) -> bool: ...
     @property
     def copy_service(self) -> CopyServiceHooks | None: ...
+    @property
+    def atomic_write_blocks(self) -> int: ...
 
     # the device server's state
     @property
@@ -95,6 +98,8 @@ class Unit(Protocol):
     def reservation(self) -> tuple[Any, ...] | None: ...
     @property
     def pr(self) -> PersistentReservations: ...
+    @property
+    def sanitize(self) -> SanitizeState: ...
     medium_present: bool
     stats_miscompares: int
 

@@ -1,4 +1,4 @@
-"""Standard INQUIRY data and the vital product data pages (SPC-4 6.6, 7.8; SBC-3 6.6)."""
+"""Standard INQUIRY data and the vital product data pages (SPC-4 6.6, 7.8; SBC-4 6.6)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ VERSION_DESCRIPTORS = (
     0x00A0,  # SAM-5 (no version claimed)
     0x0460,  # SPC-4 (no version claimed)
     0x04C0,  # SBC-3 (no version claimed)
+    0x0600,  # SBC-4 (no version claimed): SANITIZE, WRITE ATOMIC(16)
     0x0960,  # iSCSI (no version claimed)
 )
 
@@ -80,8 +81,8 @@ def extended_inquiry(lu: LogicalUnit, task: ScsiTask) -> bytes:
 
 
 def block_limits(lu: LogicalUnit, task: ScsiTask) -> bytes:
-    """Block Limits (SBC-3 6.6.3): the values from `limits`, the unmap granularity from the
-    backstore's capabilities."""
+    """Block Limits (SBC-4 6.6.4): the values from `limits`, the unmap granularity and the
+    atomic write unit from the backstore's capabilities."""
     bs = lu.block_size
     body = bytearray(60)
     body[1] = lu.max_compare_and_write_blocks
@@ -96,13 +97,22 @@ def block_limits(lu: LogicalUnit, task: ScsiTask) -> bytes:
         alignment = lu.caps.deallocate_alignment // bs
         struct.pack_into(">I", body, 28, 0x80000000 | alignment)  # UGAVALID
     struct.pack_into(">Q", body, 32, lu.max_write_same_blocks)
+    unit = lu.atomic_write_blocks
+    if unit:
+        # SBC-4 6.6.4: MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT, ATOMIC TRANSFER LENGTH
+        # GRANULARITY (one length, at multiples of itself: limits.ATOMIC_WRITE_BYTES); no
+        # atomic boundaries (MAXIMUM ATOMIC TRANSFER LENGTH WITH ATOMIC BOUNDARY and MAXIMUM
+        # ATOMIC BOUNDARY SIZE 0).
+        struct.pack_into(">III", body, 40, unit, unit, unit)
     return bytes(body)
 
 
 def block_device_characteristics(lu: LogicalUnit, task: ScsiTask) -> bytes:
-    """Block Device Characteristics (SBC-3 6.6.2): non-rotating medium."""
+    """Block Device Characteristics (SBC-4 6.6.2): non-rotating medium; WABEREQ 01b: a read
+    after a SANITIZE BLOCK ERASE completes with GOOD status (zeros)."""
     body = bytearray(60)
     struct.pack_into(">H", body, 0, 0x0001)
+    body[3] = 0x40  # WABEREQ 01b, WACEREQ 00b (no CRYPTOGRAPHIC ERASE)
     return bytes(body)
 
 

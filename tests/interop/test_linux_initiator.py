@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from ..conftest import LiveTarget, start_target, write_config
+from ..xfs import xfs_mount
 from .run import GuestRun, run_guest, unavailable
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -223,3 +224,22 @@ def test_persistent_reservations(pr_target: LiveTarget, tmp_path: Path) -> None:
     checked after every step."""
     run = run_guest(pr_target, "pr.sh", tmp_path / "guest-out", timeout=240)
     _assert_passed(run, pr_target)
+
+
+# -------------------------------------------------------------------------------- sanitize.sh
+@pytest.fixture
+def sanitize_target(tmp_path: Path) -> Iterator[LiveTarget]:
+    with xfs_mount(tmp_path) as xfs:
+        yield from _target(tmp_path, [
+            {"id": 0, "path": "sanitize.img", "size": "64MiB", "sanitize_rate": "4MiB"},
+            {"id": 1, "path": str(xfs / "atomic.img"), "size": "64MiB"},
+        ])
+
+
+def test_sanitize_and_write_atomic(sanitize_target: LiveTarget, tmp_path: Path) -> None:
+    """sg_sanitize OVERWRITE (waiting, and --early polled to completion with sg_requests
+    --progress, a READ meanwhile refused with SANITIZE IN PROGRESS) and BLOCK ERASE (both ways),
+    the data read back as the pattern / as zeros, CRYPTOGRAPHIC ERASE rejected; sg_raw WRITE
+    ATOMIC(16) within the advertised length succeeds and beyond it is rejected."""
+    run = run_guest(sanitize_target, "sanitize.sh", tmp_path / "guest-out", timeout=540)
+    _assert_passed(run, sanitize_target)

@@ -54,6 +54,9 @@ def test_good_config(tmp_path: Path) -> None:
     (GOOD + "busy_poll_us: -1\n", "busy_poll_us"),
     (GOOD + "busy_poll_us: 20000\n", "busy_poll_us"),
     (GOOD + "busy_poll_us: fast\n", "busy_poll_us"),
+    (GOOD + "        sanitize_rate: fast\n", "targets[0].luns[0].sanitize_rate"),
+    (GOOD + "        atomic_write_size: 12KiB\n", "targets[0].luns[0].atomic_write_size"),
+    (GOOD + "        atomic_write_size: 256\n", "targets[0].luns[0].atomic_write_size"),
 ])
 def test_errors_name_the_key_and_create_nothing(tmp_path: Path, text: str, key: str) -> None:
     path = write(tmp_path, text)
@@ -62,6 +65,14 @@ def test_errors_name_the_key_and_create_nothing(tmp_path: Path, text: str, key: 
     assert info.value.key == key
     assert str(path) in str(info.value)
     assert not (tmp_path / "disk0.img").exists()
+
+
+def test_sanitize_and_atomic_write_keys(tmp_path: Path) -> None:
+    lun = load(write(tmp_path, GOOD + "        sanitize_rate: 200MiB\n"
+                                      "        atomic_write_size: 64KiB\n")).targets[0].luns[0]
+    assert (lun.sanitize_rate, lun.atomic_write_size) == (200 << 20, 64 << 10)
+    default = load(write(tmp_path, GOOD)).targets[0].luns[0]
+    assert (default.sanitize_rate, default.atomic_write_size) == (0, None)
 
 
 def test_busy_poll_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

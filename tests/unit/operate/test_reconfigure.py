@@ -16,6 +16,7 @@ from pytarget.iscsi.node import TargetNode
 from pytarget.metrics import MetricsServer
 from pytarget.reconfigure import Reload, ReloadRefused
 from pytarget.scsi.device import LogicalUnit
+from pytarget.scsi.sanitize import SanitizeRun
 from pytarget.server import Server
 
 TARGET = "iqn.2026-11.io.pytarget:disk"
@@ -187,3 +188,20 @@ def test_server_limits_keep_the_options_it_was_started_with(tmp_path: Path) -> N
         for node in server.registry.targets.values():
             for unit in node.luns.values():
                 unit.close()
+
+
+def test_a_lun_being_sanitized_is_not_replaced_removed_or_grown(server: FakeServer) -> None:
+    lu = server.registry.target(TARGET).luns[0]  # type: ignore[union-attr]
+
+    async def sanitizing() -> None:
+        lu.sanitize.run = SanitizeRun(lu.nblocks * lu.block_size)
+    asyncio.run(sanitizing())
+    removed = BASE.replace("      - id: 0\n        path: d0.img\n        size: 1MiB\n", "", 1)
+    removed = removed.replace("    luns:\n  - name", "    luns: []\n  - name", 1)
+    for text in (BASE.replace("path: d0.img", "path: d0.img\n        serial: NEW", 1),
+                 BASE.replace("size: 1MiB", "size: 2MiB", 1), removed):
+        with pytest.raises(ReloadRefused, match="a SANITIZE is in progress"):
+            reload(server, text)
+    node = server.registry.target(TARGET)
+    assert not server.retired and node is not None and node.luns[0] is lu
+    reload(server, BASE.replace(f"  - name: {OTHER}", f"  - name: {OTHER}\n    alias: o", 1))

@@ -125,6 +125,9 @@ SBC_LAYOUTS: list[Layout] = [
     Layout("WRITE SAME(10)", 0x41, None, 10, (PROTECT, Rejected(1, 0x07), Rejected(6, 0xE0))),
     Layout("WRITE SAME(16)", 0x93, None, 16, (PROTECT, Rejected(1, 0x06), Rejected(14, 0xE0))),
     Layout("UNMAP", 0x42, None, 10, (Rejected(1, 0xFE), *_reserved(2, 3, 4, 5), Rejected(6, 0xE0))),
+    # SBC-4 5.30: IMMED, ZNR (zoned devices only), AUSE, SERVICE ACTION; bytes 2-6 reserved
+    *[Layout(f"SANITIZE {sa:#x}", 0x48, sa, 10, (Rejected(1, 0x40), *_reserved(2, 3, 4, 5, 6)))
+      for sa in (0x01, 0x02, 0x1F)],
 ]
 
 # SPC-4 6.3, 6.4, 6.18; SBC-3 5.10, 5.22, 5.46.
