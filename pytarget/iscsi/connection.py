@@ -747,22 +747,24 @@ class Connection(PduReader):
         self.stat_sn = (sn + 1) & 0xFFFFFFFF
         return sn
 
-    def _queue(self, hdr: bytearray, data: bytes | bytearray | memoryview = b"",
+    def _queue(self, hdr: bytes | bytearray, data: bytes | bytearray | memoryview = b"",
                data_digest: bytes | None = None) -> None:
+        # header_digest and data_digest (framing) follow self.params from the final login
+        # response on (complete_login), the moment digests take effect
         out = self._out
         out.append(hdr)
         size = len(hdr)
-        if self.params.header_digest:
+        if self.header_digest:
             out.append(dg.digest((hdr,)))
             size += 4
         n = len(data)
         if n:
             out.append(data)
-            pad = pdu.pad_len(n)
+            pad = -n & 3
             size += n + pad
             if pad:
                 out.append(_PADDING[pad])
-            if self.params.data_digest:
+            if self.data_digest:
                 if data_digest is None:
                     parts: tuple[bytes | bytearray | memoryview, ...] = (
                         (data, _PADDING[pad]) if pad else (data,))
