@@ -89,6 +89,7 @@ class Fabric:
         self.idle: asyncio.Future[None] | None = None
         self.background: set[asyncio.Task[Any]] = set()
         self.done: asyncio.Future[None] = loop.create_future()
+        self._on_done = self._completed  # bound once: every command is submitted with it
 
     # ---------------------------------------------------------------- events
     def process(self) -> None:
@@ -133,7 +134,7 @@ class Fabric:
             else:
                 scsi.lend_data_in = True  # Data-In only passes through sendmsg
         self.inflight[itask.itt] = (scsi, lu)
-        lu.submit(scsi, self._completed)
+        lu.submit(scsi, self._on_done)
 
     def _digest_data_in(self, itask: IscsiTask, data: memoryview) -> None:
         """The Data-In digests of a read's buffer, ready for sending (on the event loop or an
