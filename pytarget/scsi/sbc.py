@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def transfer(lu: LogicalUnit, cdb: Cdb) -> tuple[int, int]:
     """(LBA, blocks) of a READ/WRITE/VERIFY CDB, range- and limit-checked (SBC-3 4.5)."""
-    lba, count = cdb.lba, cdb.transfer_length
+    lba, count = cdb.extent
     lu.check_range(lba, count)
     if count * lu.block_size > limits.MAX_TRANSFER_BYTES:
         raise S.invalid_field_in_cdb(cdb.offset_of("transfer_length"), 7)
