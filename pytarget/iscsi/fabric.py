@@ -128,6 +128,10 @@ class Fabric:
                         itask.edtl if itask.read else 0, itask.edtl if itask.write else 0, self)
         scsi.handle = itask
         itask.scsi = scsi
+        seq = itask.data_out
+        if seq is not None and seq.unsolicited_done and seq.received >= itask.edtl \
+                and not seq.failure and not seq.error:
+            scsi.data_out_ready = seq.whole()  # all of it came as immediate data
         if itask.read:
             if self.conn.params.data_digest:
                 scsi.prepare_data_in = partial(self._digest_data_in, itask)
