@@ -201,9 +201,13 @@ class ConnectionDriver:
                 pending.clear()
                 self._lost(f"send failed: {exc.strerror}")
                 return
+            outstanding = self.conn.queued_bytes - self.sent_bytes  # all that pending holds
             self.sent_bytes += sent
             if self.writing:
                 self.last_progress = self.loop.time()
+            if sent == outstanding:
+                pending.clear()  # the usual case: everything went
+                break
             while sent:
                 head = pending[0]
                 if sent >= len(head):

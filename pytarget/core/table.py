@@ -306,6 +306,7 @@ class OpSpec:
     writes: bool = field(init=False, default=False, repr=False, compare=False)
     spc2: bool = field(init=False, default=False, repr=False, compare=False)
     _cdb: type[Cdb] = field(init=False, default=Cdb, repr=False, compare=False)
+    _len: int = field(init=False, default=0, repr=False, compare=False)  # cdb_len
 
     def __post_init__(self) -> None:
         usage = bytearray(self.usage)
@@ -320,6 +321,7 @@ class OpSpec:
         object.__setattr__(self, "writes", bool(self.flags & Flag.WRITES))
         object.__setattr__(self, "spc2", bool(self.flags & Flag.CONFLICTS_SPC2))
         object.__setattr__(self, "_cdb", _cdb_class(self))
+        object.__setattr__(self, "_len", len(self.usage))
 
     @property
     def cdb_len(self) -> int:
@@ -327,7 +329,7 @@ class OpSpec:
 
     def check(self, cdb: bytes) -> None:
         """ILLEGAL REQUEST at the first bit the command does not define (SPC-4 4.5.2.4.2)."""
-        if len(cdb) < self.cdb_len:
+        if len(cdb) < self._len:
             raise S.invalid_field_in_cdb(0, None)
         value = int.from_bytes(cdb, "big")
         if not value & ~self._mask:
@@ -345,7 +347,7 @@ class OpSpec:
 
     def parse(self, raw: bytes | bytearray | memoryview) -> Cdb:
         """The row's CDB out of the command's CDB bytes, checked."""
-        cdb = self._cdb(raw[:self.cdb_len])
+        cdb = self._cdb(raw[:self._len])
         self.check(cdb)
         return cdb
 

@@ -253,10 +253,11 @@ class Connection(PduReader):
     # ------------------------------------------------------------------ dispatch
     def _pdu(self, bhs: Bhs, data: memoryview) -> None:
         try:
-            if self.state in _LOGIN_PHASE:
-                self._login_pdu(bhs, data)
-            elif self.state is _FULL_FEATURE:
+            state = self.state
+            if state is _FULL_FEATURE:  # `is` first: hashing an Enum runs Python code
                 self._full_feature_pdu(bhs, data)
+            elif state in _LOGIN_PHASE:
+                self._login_pdu(bhs, data)
             # PDUs after logout are ignored until the connection closes.
         except IscsiError as exc:
             self._fault(exc, bhs)
