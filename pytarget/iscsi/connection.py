@@ -813,10 +813,8 @@ class Connection(PduReader):
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
-        if self.state in _LOGIN_TIMED:
-            return self.login_deadline
         if self.state is not _FULL_FEATURE:
-            return None
+            return self.login_deadline if self.state in _LOGIN_TIMED else None
         watch = self._watch_at
         if not self.nop_interval:
             return watch
