@@ -168,14 +168,17 @@ class ConnectionDriver:
         Responses of commands that complete in the same iteration then leave in one vectored
         `sendmsg` instead of one system call each.
         """
+        if not self.writing:
+            # `_write_some` collects the output when the batch ends or the flush runs
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            return
         out = self.conn.data_to_send()
         if out:
             self.pending.extend(out)
-            if self.writing and not self.paused:
+            if not self.paused:
                 self._check_backlog()
-        if not self.writing and not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -184,6 +187,9 @@ class ConnectionDriver:
 
     def _write_some(self) -> None:
         pending = self.pending
+        out = self.conn.data_to_send()
+        if out:
+            pending.extend(out)
         while pending:
             parts = list(pending) if len(pending) <= MAX_SEND_PARTS else \
                 list(islice(pending, MAX_SEND_PARTS))
@@ -195,9 +201,13 @@ class ConnectionDriver:
                 pending.clear()
                 self._lost(f"send failed: {exc.strerror}")
                 return
+            outstanding = self.conn.queued_bytes - self.sent_bytes  # all that pending holds
             self.sent_bytes += sent
             if self.writing:
                 self.last_progress = self.loop.time()
+            if sent == outstanding:
+                pending.clear()  # the usual case: everything went
+                break
             while sent:
                 head = pending[0]
                 if sent >= len(head):

@@ -30,7 +30,7 @@ class _Request:
 
 class RangeLock:
     def __init__(self) -> None:
-        self._held: list[_Request] = []
+        self._held: dict[_Request, None] = {}  # insertion-ordered; removal is O(1)
         self._exclusive_held = 0  # shared holders never block a shared request
         self._waiting: deque[_Request] = deque()
 
@@ -47,10 +47,26 @@ class RangeLock:
     def try_acquire(self, start: int, count: int, exclusive: bool) -> _Request | None:
         """Grant at once when nothing holds or waits for an overlapping range (the common
         case); None means `acquire` must queue the request."""
-        req = _Request(start, start + max(count, 1), exclusive)
-        if self._blocked(req, self._waiting):
-            return None
-        self._grant(req)
+        end = start + (count if count > 0 else 1)
+        if self._waiting:
+            req = _Request(start, end, exclusive)
+            if self._blocked(req, self._waiting):
+                return None
+            self._grant(req)
+            return req
+        # Nobody waits: only holders can block, and the overlap test is written out here
+        # (it runs against every holder for each write).
+        if exclusive:
+            for other in self._held:
+                if other.start < end and start < other.end:
+                    return None
+            self._exclusive_held += 1
+        elif self._exclusive_held:
+            for other in self._held:
+                if other.exclusive and other.start < end and start < other.end:
+                    return None
+        req = _Request(start, end, exclusive)
+        self._held[req] = None
         return req
 
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
@@ -73,15 +89,16 @@ class RangeLock:
         return req
 
     def _grant(self, req: _Request) -> None:
-        self._held.append(req)
+        self._held[req] = None
         if req.exclusive:
             self._exclusive_held += 1
 
     def release(self, req: _Request) -> None:
-        self._held.remove(req)
+        del self._held[req]
         if req.exclusive:
             self._exclusive_held -= 1
-        self._wake()
+        if self._waiting:
+            self._wake()
 
     def _wake(self) -> None:
         if not self._waiting:

@@ -190,6 +190,8 @@ def _reader(offset: int, width: int, mask: int) -> Callable[[bytes], int]:
     if fmt is not None and mask == -1:
         unpack = fmt.unpack_from
         return lambda cdb: unpack(cdb, offset)[0]
+    if width == 1:
+        return lambda cdb: cdb[offset] & mask
     end = offset + width
     return lambda cdb: int.from_bytes(cdb[offset:end], "big") & mask
 
@@ -246,6 +248,11 @@ class Cdb(bytes):
     def fua(self) -> bool:
         return False
 
+    @property
+    def extent(self) -> tuple[int, int]:
+        """(LOGICAL BLOCK ADDRESS, TRANSFER LENGTH), read together where the row allows."""
+        return self.lba, self.transfer_length
+
     def offset_of(self, name: str) -> int:
         """Byte offset of a layout field, for a field pointer."""
         f = getattr(self.spec.layout, name)
@@ -266,9 +273,23 @@ def _cdb_class(spec: OpSpec) -> type[Cdb]:
         read = length.read
         namespace["transfer_length"] = property(
             (lambda cdb: read(cdb) or 256) if layout.zero_length_is_256 else read)
-    if layout.fua is not None:
-        fua = layout.fua.read
-        namespace["fua"] = property(lambda cdb: bool(fua(cdb)))
+        lba = layout.lba
+        if lba is not None and lba.mask == -1 and length.mask == -1 \
+                and not layout.zero_length_is_256 and lba.offset + lba.width <= length.offset \
+                and lba.width in _STRUCTS and length.width in _STRUCTS:
+            # both fields whole big-endian integers: one unpack reads the pair
+            both = struct.Struct(f">{lba.offset}x{_STRUCTS[lba.width].format[1:]}"
+                                 f"{length.offset - lba.offset - lba.width}x"
+                                 f"{_STRUCTS[length.width].format[1:]}")
+            namespace["extent"] = property(both.unpack_from)
+    fua_field = layout.fua
+    if fua_field is not None:
+        if fua_field.width == 1:
+            at, bit = fua_field.offset, fua_field.mask
+            namespace["fua"] = property(lambda cdb: cdb[at] & bit != 0)
+        else:
+            fua = fua_field.read
+            namespace["fua"] = property(lambda cdb: bool(fua(cdb)))
     return type("Cdb", (Cdb,), namespace)
 
 
@@ -297,6 +318,7 @@ class OpSpec:
     spc2: bool = field(init=False, default=False, repr=False, compare=False)
     during_sanitize: bool = field(init=False, default=False, repr=False, compare=False)
     _cdb: type[Cdb] = field(init=False, default=Cdb, repr=False, compare=False)
+    _len: int = field(init=False, default=0, repr=False, compare=False)  # cdb_len
 
     def __post_init__(self) -> None:
         usage = bytearray(self.usage)
@@ -312,6 +334,7 @@ class OpSpec:
         object.__setattr__(self, "spc2", bool(self.flags & Flag.CONFLICTS_SPC2))
         object.__setattr__(self, "during_sanitize", bool(self.flags & Flag.DURING_SANITIZE))
         object.__setattr__(self, "_cdb", _cdb_class(self))
+        object.__setattr__(self, "_len", len(self.usage))
 
     @property
     def cdb_len(self) -> int:
@@ -319,7 +342,7 @@ class OpSpec:
 
     def check(self, cdb: bytes) -> None:
         """ILLEGAL REQUEST at the first bit the command does not define (SPC-4 4.5.2.4.2)."""
-        if len(cdb) < self.cdb_len:
+        if len(cdb) < self._len:
             raise S.invalid_field_in_cdb(0, None)
         value = int.from_bytes(cdb, "big")
         if not value & ~self._mask:
@@ -337,7 +360,7 @@ class OpSpec:
 
     def parse(self, raw: bytes | bytearray | memoryview) -> Cdb:
         """The row's CDB out of the command's CDB bytes, checked."""
-        cdb = self._cdb(raw[:self.cdb_len])
+        cdb = self._cdb(raw[:self._len])
         self.check(cdb)
         return cdb
 

@@ -68,7 +68,7 @@ class ScsiTask:
     __slots__ = ("cdb", "lun", "tag", "attr", "nexus", "expected_in", "expected_out",
                  "source", "status", "sense", "data_in", "data_in_len", "data_out_len",
                  "aborted", "handle", "internal", "prepare_data_in", "lend_data_in",
-                 "on_data_sent")
+                 "on_data_sent", "data_out_ready")
 
     def __init__(self, cdb: bytes | memoryview, lun: int, tag: int, nexus: Nexus,
                  attr: TaskAttr = TaskAttr.SIMPLE, expected_in: int = 0,
@@ -100,6 +100,9 @@ class ScsiTask:
         # leave.
         self.lend_data_in = False
         self.on_data_sent: Callable[[], None] | None = None
+        # Set by a fabric whose whole Data-Out came with the command (iSCSI immediate data):
+        # `data_out_now` then hands it over without asking the source.
+        self.data_out_ready: memoryview | None = None
 
     async def receive_data_out(self, length: int) -> memoryview:
         """The first `length` bytes of Data-Out, collected from the initiator."""
@@ -109,6 +112,15 @@ class ScsiTask:
         if self.source is None:
             raise RuntimeError("task has no data source")
         return await self.source.fetch_data_out(self, length)
+
+    def data_out_now(self, length: int) -> memoryview | None:
+        """`receive_data_out` without waiting when its data is all here (`data_out_ready`),
+        else None: the caller then awaits `receive_data_out`."""
+        ready = self.data_out_ready
+        if ready is None or length == 0:
+            return None
+        self.data_out_len = length
+        return ready if length >= len(ready) else ready[:length]
 
     def set_data_in(self, data: bytes | DataBuffer | memoryview,
                     length: int | None = None) -> None:

@@ -253,10 +253,11 @@ class Connection(PduReader):
     # ------------------------------------------------------------------ dispatch
     def _pdu(self, bhs: Bhs, data: memoryview) -> None:
         try:
-            if self.state in _LOGIN_PHASE:
-                self._login_pdu(bhs, data)
-            elif self.state is _FULL_FEATURE:
+            state = self.state
+            if state is _FULL_FEATURE:  # `is` first: hashing an Enum runs Python code
                 self._full_feature_pdu(bhs, data)
+            elif state in _LOGIN_PHASE:
+                self._login_pdu(bhs, data)
             # PDUs after logout are ignored until the connection closes.
         except IscsiError as exc:
             self._fault(exc, bhs)
@@ -747,22 +748,24 @@ class Connection(PduReader):
         self.stat_sn = (sn + 1) & 0xFFFFFFFF
         return sn
 
-    def _queue(self, hdr: bytearray, data: bytes | bytearray | memoryview = b"",
+    def _queue(self, hdr: bytes | bytearray, data: bytes | bytearray | memoryview = b"",
                data_digest: bytes | None = None) -> None:
+        # header_digest and data_digest (framing) follow self.params from the final login
+        # response on (complete_login), the moment digests take effect
         out = self._out
         out.append(hdr)
         size = len(hdr)
-        if self.params.header_digest:
+        if self.header_digest:
             out.append(dg.digest((hdr,)))
             size += 4
         n = len(data)
         if n:
             out.append(data)
-            pad = pdu.pad_len(n)
+            pad = -n & 3
             size += n + pad
             if pad:
                 out.append(_PADDING[pad])
-            if self.params.data_digest:
+            if self.data_digest:
                 if data_digest is None:
                     parts: tuple[bytes | bytearray | memoryview, ...] = (
                         (data, _PADDING[pad]) if pad else (data,))
@@ -810,10 +813,8 @@ class Connection(PduReader):
 
     # ------------------------------------------------------------------ timers
     def next_deadline(self) -> float | None:
-        if self.state in _LOGIN_TIMED:
-            return self.login_deadline
         if self.state is not _FULL_FEATURE:
-            return None
+            return self.login_deadline if self.state in _LOGIN_TIMED else None
         watch = self._watch_at
         if not self.nop_interval:
             return watch

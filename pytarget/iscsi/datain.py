@@ -19,7 +19,7 @@ from . import pdu
 
 _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")
 
-Queue = Callable[[bytearray, "bytes | bytearray | memoryview", "bytes | None"], None]
+Queue = Callable[["bytes | bytearray", "bytes | bytearray | memoryview", "bytes | None"], None]
 
 
 class DataInTask(Protocol):
@@ -65,6 +65,17 @@ def send(queue: Queue, task: DataInTask, data: bytes | DataBuffer | memoryview, 
     view = as_view(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
+    if length <= seg_max and length <= burst:  # one PDU: most commands
+        if collapse:
+            flags = pdu.F_FINAL | pdu.F_DATAIN_STATUS | residual_flags
+        else:
+            flags, residual = pdu.F_FINAL, 0
+        hdr = pdu.data_in(task.itt, flags, status, length, task.lun_field, stat_sn, exp_cmd_sn,
+                          max_cmd_sn, task.data_sn, 0, residual)
+        task.data_sn += 1
+        queue(hdr, view if len(view) == length else view[:length],
+              precomputed[0] if precomputed is not None and len(precomputed) == 1 else None)
+        return collapse
     sizes = segments(length, seg_max, burst)
     if precomputed is not None and len(precomputed) != len(sizes):
         precomputed = None

@@ -67,6 +67,10 @@ class DataOutSequence:
         """What the device server asked for, as it arrived."""
         return view(self.buffer)[:min(self.wanted, self.edtl)]
 
+    def whole(self) -> memoryview:
+        """All `edtl` bytes, once they are in (immediate data that covered them)."""
+        return view(self.buffer)[:self.edtl]
+
     def check(self, bhs: Bhs) -> None:
         """Validate a Data-Out PDU against its burst (raises PduReject)."""
         dsl = bhs.data_segment_length

@@ -89,6 +89,7 @@ class Fabric:
         self.idle: asyncio.Future[None] | None = None
         self.background: set[asyncio.Task[Any]] = set()
         self.done: asyncio.Future[None] = loop.create_future()
+        self._on_done = self._completed  # bound once: every command is submitted with it
 
     # ---------------------------------------------------------------- events
     def process(self) -> None:
@@ -127,13 +128,17 @@ class Fabric:
                         itask.edtl if itask.read else 0, itask.edtl if itask.write else 0, self)
         scsi.handle = itask
         itask.scsi = scsi
+        seq = itask.data_out
+        if seq is not None and seq.unsolicited_done and seq.received >= itask.edtl \
+                and not seq.failure and not seq.error:
+            scsi.data_out_ready = seq.whole()  # all of it came as immediate data
         if itask.read:
             if self.conn.params.data_digest:
                 scsi.prepare_data_in = partial(self._digest_data_in, itask)
             else:
                 scsi.lend_data_in = True  # Data-In only passes through sendmsg
         self.inflight[itask.itt] = (scsi, lu)
-        lu.submit(scsi, self._completed)
+        lu.submit(scsi, self._on_done)
 
     def _digest_data_in(self, itask: IscsiTask, data: memoryview) -> None:
         """The Data-In digests of a read's buffer, ready for sending (on the event loop or an

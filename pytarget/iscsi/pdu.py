@@ -299,33 +299,25 @@ def nop_in(itt: int, ttt: int, lun: int, stat_sn: int, exp_cmd_sn: int, max_cmd_
     return hdr
 
 
+# The two headers of every command's response are packed whole, in one call, in the BHS
+# layout (`_BHS`; TotalAHSLength is zero, so bytes 4-7 hold DataSegmentLength).
+_SCSI_RSP = int(Op.SCSI_RSP)
+_DATA_IN = int(Op.DATA_IN)
+
+
 def scsi_response(itt: int, status: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int,
                   residual_flags: int, residual: int, dsl: int, exp_data_sn: int,
-                  response: int = 0) -> bytearray:
-    hdr = _header(Op.SCSI_RSP, F_FINAL | residual_flags, dsl)
-    hdr[2] = response
-    hdr[3] = status
-    _I.pack_into(hdr, 16, itt)
-    _SEQ.pack_into(hdr, 24, stat_sn, exp_cmd_sn, max_cmd_sn)
-    _I.pack_into(hdr, 36, exp_data_sn)
-    _I.pack_into(hdr, 44, residual)
-    return hdr
+                  response: int = 0) -> bytes:
+    return _BHS.pack(_SCSI_RSP, F_FINAL | residual_flags, response, status, dsl & 0xFFFFFF, 0,
+                     itt, 0, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn, 0, residual)
 
 
 def data_in(itt: int, flags: int, status: int, dsl: int, lun: int, stat_sn: int,
             exp_cmd_sn: int, max_cmd_sn: int, data_sn: int, buffer_offset: int,
-            residual: int) -> bytearray:
-    hdr = _header(Op.DATA_IN, flags, dsl)
-    if flags & F_DATAIN_STATUS:
-        hdr[3] = status
-    _Q.pack_into(hdr, 8, lun)
-    _I.pack_into(hdr, 16, itt)
-    _I.pack_into(hdr, 20, RESERVED_TAG)
-    _SEQ.pack_into(hdr, 24, stat_sn, exp_cmd_sn, max_cmd_sn)
-    _I.pack_into(hdr, 36, data_sn)
-    _I.pack_into(hdr, 40, buffer_offset)
-    _I.pack_into(hdr, 44, residual)
-    return hdr
+            residual: int) -> bytes:
+    return _BHS.pack(_DATA_IN, flags, 0, status if flags & F_DATAIN_STATUS else 0,
+                     dsl & 0xFFFFFF, lun, itt, RESERVED_TAG, stat_sn, exp_cmd_sn, max_cmd_sn,
+                     data_sn, buffer_offset, residual)
 
 
 def r2t(itt: int, ttt: int, lun: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int,

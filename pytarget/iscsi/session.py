@@ -16,7 +16,7 @@ from ..core.frontend import FrontEndUnit
 from ..core.task import Nexus, ScsiTask, TaskAttr
 from .dataout import DataOutSequence
 from .params import ConnectionParams, SessionParams
-from .pdu import sn_le, sn_lt
+from .pdu import sn_le
 
 if TYPE_CHECKING:
     from .node import TargetNode
@@ -96,8 +96,10 @@ class Session:
 
     def refresh_max_cmd_sn(self) -> int:
         """MaxCmdSN from the free slots; it never moves backwards (RFC 7143 4.2.2.1)."""
-        free = max(self.window - self.active, 1)
-        candidate = (self.exp_cmd_sn + free - 1) & 0xFFFFFFFF
-        if sn_lt(self.max_cmd_sn, candidate):
-            self.max_cmd_sn = candidate
-        return self.max_cmd_sn
+        free = self.window - self.active
+        candidate = (self.exp_cmd_sn + (free - 1 if free > 1 else 0)) & 0xFFFFFFFF
+        current = self.max_cmd_sn
+        # sn_lt(current, candidate), written out: this runs for every response
+        if candidate != current and ((candidate - current) & 0xFFFFFFFF) < 0x80000000:
+            self.max_cmd_sn = current = candidate
+        return current

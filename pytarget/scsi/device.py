@@ -491,12 +491,44 @@ class LogicalUnit:
         except OSError as exc:
             raise self.io_error(exc, lba, write=False) from exc
 
+    def read_cached(self, buf: memoryview, lba: int, then: ReadHook | None = None) -> bool:
+        """`read_blocks` when it would not wait (the data is in the backstore's cache),
+        without a coroutine; False when it would: the caller then awaits `read_blocks`."""
+        backstore = self.backstore
+        assert backstore is not None
+        try:
+            if not backstore.read_nowait(buf, lba * self.block_size):
+                return False
+        except OSError as exc:
+            raise self.io_error(exc, lba, write=False) from exc
+        if then is not None:
+            then(buf)
+        return True
+
     def lend_blocks(self, lba: int, nbytes: int) -> memoryview | None:
         """A view of the medium's blocks as they are in the backstore's cache, or None when
         reading them would wait for the medium (see Backstore.mapped for the caller's duties)."""
         if self.backstore is None or nbytes < self._lend_min:
             return None
         return self.backstore.mapped(lba * self.block_size, nbytes)
+
+    def write_inline(self, data: memoryview, lba: int, fua: bool) -> bool:
+        """`write_blocks` when it would complete on the event loop (a small write to the page
+        cache, no flush after it), without a coroutine; False otherwise: the caller then
+        awaits `write_blocks`."""
+        if len(data) > self._inline_write_max or fua or perf_counter() < self._inline_after \
+                or not self.mode.write_cache:
+            return False
+        backstore = self.backstore
+        assert backstore is not None
+        try:
+            started = perf_counter()
+            backstore.write(data, lba * self.block_size)
+        except OSError as exc:
+            raise self.io_error(exc, lba, write=True) from exc
+        if perf_counter() - started > INLINE_WRITE_STALL:
+            self._inline_after = perf_counter() + 1.0
+        return True
 
     async def write_blocks(self, data: memoryview, lba: int, fua: bool,
                            inline: bool = True) -> None:

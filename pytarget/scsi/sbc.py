@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def transfer(lu: LogicalUnit, cdb: Cdb) -> tuple[int, int]:
     """(LBA, blocks) of a READ/WRITE/VERIFY CDB, range- and limit-checked (SBC-3 4.5)."""
-    lba, count = cdb.lba, cdb.transfer_length
+    lba, count = cdb.extent
     lu.check_range(lba, count)
     if count * lu.block_size > limits.MAX_TRANSFER_BYTES:
         raise S.invalid_field_in_cdb(cdb.offset_of("transfer_length"), 7)
@@ -57,7 +57,9 @@ async def read(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
                 return
         buf = data_buffer(want)
         if want:
-            await lu.read_blocks(buffer_view(buf), lba, task.prepare_data_in)
+            view = buffer_view(buf)
+            if not lu.read_cached(view, lba, task.prepare_data_in):
+                await lu.read_blocks(view, lba, task.prepare_data_in)
     finally:
         if not lent:
             ranges.release(lock)
@@ -73,6 +75,10 @@ async def receive_blocks(lu: LogicalUnit, task: ScsiTask, count: int) -> memoryv
     """
     nbytes = count * lu.block_size
     data = await task.receive_data_out(nbytes)
+    return _whole_blocks(lu, data, nbytes)
+
+
+def _whole_blocks(lu: LogicalUnit, data: memoryview, nbytes: int) -> memoryview:
     if len(data) < nbytes and len(data) % lu.block_size:
         raise S.invalid_field_in_information_unit()
     return data
@@ -83,13 +89,19 @@ async def write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     if not count:
         return
     fua = cdb.fua
-    data = await receive_blocks(lu, task, count)
+    nbytes = count * lu.block_size
+    data = task.data_out_now(nbytes)
+    if data is None:
+        data = await receive_blocks(lu, task, count)
+    else:
+        data = _whole_blocks(lu, data, nbytes)
     if not data:
         return
     ranges = lu.ranges
     lock = ranges.try_acquire(lba, count, True) or await ranges.acquire(lba, count, True)
     try:
-        await lu.write_blocks(data, lba, fua)
+        if not lu.write_inline(data, lba, fua):
+            await lu.write_blocks(data, lba, fua)
     finally:
         ranges.release(lock)
 
