@@ -71,8 +71,8 @@ def test_range_not_in_the_page_cache_is_not_lent(tmp_path) -> None:
     try:
         os.fsync(bs.fd)
         os.posix_fadvise(bs.fd, 0, 2 * MiB, os.POSIX_FADV_DONTNEED)
-        probe = bytearray(4096)
-        assert not bs.read_nowait(memoryview(probe), MiB), "page cache not dropped here"
+        # No read may come first: a RWF_NOWAIT read of missing pages starts readahead, and on
+        # a fast disk the pages can arrive before the read gives up, so it finds them.
         assert bs.mapped(MiB, 65536) is None  # touching it would wait for the disk
         bs.read_into(memoryview(bytearray(65536)), MiB)  # now it is cached
         assert bs.mapped(MiB, 65536) is not None
