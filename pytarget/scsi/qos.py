@@ -115,7 +115,8 @@ class QosGate:
 
     def _withdrawn(self, item: Item, fut: asyncio.Future[None]) -> None:
         if fut.cancelled() and self.scheduler.cancel(item):
-            self._fire()
+            loop = asyncio.get_running_loop()
+            self._poll(loop, loop.time())
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         when = self.scheduler.next_wakeup()
@@ -135,6 +136,9 @@ class QosGate:
         if self._when is not None:
             now = max(now, self._when)  # call_at may run a clock resolution early
         self._when = None
+        self._poll(loop, now)
+
+    def _poll(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         for item in self.scheduler.poll(now):
             _release(item)
         self._arm(loop)
