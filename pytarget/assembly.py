@@ -23,6 +23,7 @@ from .cluster.rados import RadosReservationStore
 from .config import Config, ConfigError, LunConfig, TargetConfig, local_gateway, lun_owner
 from .copy import commands as copy_commands
 from .copy.manager import CopyManager
+from .core.qos import InitiatorPolicy, Limits, TargetPolicy
 from .core.reservations import ReservationStore
 from .core.task import Nexus
 from .iscsi.node import DEFAULT_TPGT, RELATIVE_PORT, AclEntry, TargetNode
@@ -31,6 +32,7 @@ from .nbd.exports import LOOPBACK, Export, ExportTable
 from .scsi.alua import PortGroups, port_groups
 from .scsi.device import LogicalUnit, LuConfig, NoLogicalUnit
 from .scsi.pr import PrStateError
+from .scsi.qos import QosGate
 from .transport import is_local_address
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -214,12 +216,58 @@ def build_registry(config: Config, luns: bool = True) -> TargetRegistry:
             if luns:
                 for lc in tc.luns:
                     node.luns[lc.id] = build_lu(config, tc, lc, node)
+                apply_qos(node, tc)
     except BaseException:
         for node in registry.targets.values():
             for lu in node.luns.values():
                 lu.close()
         raise
     return registry
+
+
+def apply_qos(node: TargetNode[LogicalUnit], tc: TargetConfig) -> list[str]:
+    """Put a target's QoS policies (tc.qos) in force on its logical units: one scheduler per
+    target, reached by each LU a policy can apply to (the others keep no gate: no cost), kept
+    across reloads with its flows and held commands. Returns what changed, for the log."""
+    gate = next((lu.qos for lu in node.luns.values() if lu.qos is not None), None)
+    old = gate.policy if gate is not None else TargetPolicy()
+    new = tc.qos
+    if new.empty:
+        if gate is not None:
+            gate.close()
+        gate = None
+    elif gate is None:
+        gate = QosGate(node.name, new)
+    elif new != old:
+        gate.set_policy(new)
+    governed = {lun for lun, p in new.luns if p.limits.limited or p.initiators}
+    for lun, lu in node.luns.items():
+        lu.qos = gate if gate is not None and (new.initiators or lun in governed) else None
+    return qos_changes(node.name, old, new)
+
+
+def qos_changes(target: str, old: TargetPolicy, new: TargetPolicy) -> list[str]:
+    """One line per policy that differs between two sets of a target's policies."""
+    def text(limits: Limits | None, initiators: tuple[InitiatorPolicy, ...]) -> str:
+        def values(lim: Limits) -> str:
+            return ", ".join(f"{k} {v:g}" for k, v in lim.describe().items())
+
+        parts = [values(limits)] if limits is not None and limits.limited else []
+        parts += [f"initiator {p.initiator} per {p.per}: {values(p.limits)}"
+                  for p in initiators]
+        return "; ".join(parts) or "none"
+
+    out = []
+    if old.normalize != new.normalize:
+        out.append(f"target {target}: QoS normalization now {new.normalize} bytes")
+    if old.initiators != new.initiators:
+        out.append(f"target {target}: QoS initiator policy now {text(None, new.initiators)}")
+    for lun in sorted({n for n, _ in old.luns} | {n for n, _ in new.luns}):
+        before, after = old.lun(lun), new.lun(lun)
+        if before != after:
+            desc = "none" if after is None else text(after.limits, after.initiators)
+            out.append(f"target {target} LUN {lun}: QoS policy now {desc}")
+    return out
 
 
 def build_copy_manager(registry: TargetRegistry, config: Config) -> CopyManager:

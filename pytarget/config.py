@@ -18,6 +18,17 @@ from typing import Any
 
 import yaml
 
+from .core.qos import (
+    ANY_INITIATOR,
+    BY_INITIATOR,
+    BY_NEXUS,
+    DEFAULT_BURST,
+    NORMALIZE,
+    InitiatorPolicy,
+    Limits,
+    LunPolicy,
+    TargetPolicy,
+)
 from .iscsi.auth import MAX_NAME, MAX_SECRET, MIN_SECRET, ChapCredentials, ChapSecret
 from .iscsi.bounds import Bounds
 
@@ -103,6 +114,7 @@ class TargetConfig:
     auth: ChapCredentials | None = None
     acl: list[AclConfig] | None = None  # None: any initiator, every LUN
     max_sessions: int = 0  # 0: only the global limit
+    qos: TargetPolicy = field(default_factory=TargetPolicy)  # docs/qos.md
 
 
 @dataclass
@@ -279,7 +291,7 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
     images: dict[tuple[Any, ...], str] = {}
     for ti, t in enumerate(targets_raw):
         tkey = f"targets[{ti}]"
-        t = r.mapping(t, tkey, {"name", "alias", "luns", "auth", "acl", "max_sessions"},
+        t = r.mapping(t, tkey, {"name", "alias", "luns", "auth", "acl", "max_sessions", "qos"},
                       {"name", "luns"})
         name = t["name"]
         if not isinstance(name, str) or not IQN_RE.match(name):
@@ -316,6 +328,7 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
             luns.append(lun)
         target = TargetConfig(name, alias, luns)
         _target_security(r, t, tkey, target, ids)
+        target.qos = _qos(r, t, tkey)
         targets.append(target)
     config = Config(file, base, portals, targets, _management_addresses(r, doc))
     _operating(r, doc, config)
@@ -626,7 +639,7 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     backstore = item.get("backstore", "file") if isinstance(item, dict) else "file"
     common = {"id", "size", "block_size", "readonly", "thin", "removable", "serial",
               "backstore", "reservations", "sanitize_rate",
-              "atomic_write_size"}
+              "atomic_write_size", "qos"}
     if backstore == "rbd":
         item = r.mapping(item, key, common | set(RBD_KEYS), {"id", "pool", "image"})
     else:
@@ -856,3 +869,113 @@ def _nbd_tls(r: _Reader, raw: Any, base: Path) -> NbdTls:
         paths[name] = path
     required = r.boolean(raw.get("required", True), "nbd_tls.required")
     return NbdTls(paths["cert"], paths["key"], paths.get("ca"), required)
+
+
+_QOS_RATES = ("iops", "bps", "read_bps", "write_bps")
+MAX_QOS_IOPS = 10**9
+MAX_QOS_BURST = 60.0
+
+
+def _qos(r: _Reader, t: dict[str, Any], key: str) -> TargetPolicy:
+    """A target's QoS policies: `qos` of the target (normalize, initiators) and of each LUN
+    (maximums, initiators with maximums and minimums); docs/qos.md."""
+    normalize = NORMALIZE
+    initiators: tuple[InitiatorPolicy, ...] = ()
+    if "qos" in t:
+        raw = r.mapping(t["qos"], f"{key}.qos", {"normalize", "initiators"}, set())
+        if "normalize" in raw:
+            try:
+                normalize = parse_size(raw["normalize"])
+            except ValueError as exc:
+                raise r.fail(f"{key}.qos.normalize", str(exc)) from None
+            if not 512 <= normalize <= 1 << 20:
+                raise r.fail(f"{key}.qos.normalize", "expected 512B..1MiB")
+        initiators = _qos_initiators(r, raw, f"{key}.qos", minimums=False)
+    luns: list[tuple[int, LunPolicy]] = []
+    for li, item in enumerate(t["luns"]):
+        if not isinstance(item, dict) or "qos" not in item:
+            continue
+        lkey = f"{key}.luns[{li}].qos"
+        raw = r.mapping(item["qos"], lkey, {*_QOS_RATES, "burst", "initiators"}, set())
+        limits = _qos_limits(r, raw, lkey, minimum=False)
+        per_lun = _qos_initiators(r, raw, lkey, minimums=True)
+        reserved = 0.0
+        for i, p in enumerate(per_lun):
+            if p.limits.min_iops is None:
+                continue
+            where = f"{lkey}.initiators[{i}].min_iops"
+            if limits.iops is None:
+                raise r.fail(where, f"needs {lkey}.iops: minimums are reserved out of the "
+                             "LUN's maximum")
+            if p.initiator != ANY_INITIATOR and p.per == BY_INITIATOR:
+                reserved += p.limits.min_iops
+            if reserved > limits.iops or p.limits.min_iops > limits.iops:
+                raise r.fail(where, f"minimums add up to more than {lkey}.iops")
+        luns.append((item["id"], LunPolicy(limits, per_lun)))
+    return TargetPolicy(tuple(luns), initiators, normalize)
+
+
+def _qos_initiators(r: _Reader, raw: dict[str, Any], key: str,
+                    minimums: bool) -> tuple[InitiatorPolicy, ...]:
+    if "initiators" not in raw:
+        return ()
+    items = raw["initiators"]
+    if not isinstance(items, list):
+        raise r.fail(f"{key}.initiators", "expected a list of {initiator: NAME or '*', ...}")
+    out: list[InitiatorPolicy] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        ikey = f"{key}.initiators[{i}]"
+        allowed = {"initiator", "per", "burst", *_QOS_RATES} | ({"min_iops"} if minimums
+                                                                 else set())
+        item = r.mapping(item, ikey, allowed, {"initiator"})
+        name = item["initiator"]
+        if not isinstance(name, str) or not (name == ANY_INITIATOR or IQN_RE.match(name)):
+            raise r.fail(f"{ikey}.initiator", "expected an iSCSI name or '*' (every initiator)")
+        if name.lower() in seen:
+            raise r.fail(f"{ikey}.initiator", "listed twice")
+        seen.add(name.lower())
+        per = item.get("per", BY_INITIATOR)
+        if per not in (BY_INITIATOR, BY_NEXUS):
+            raise r.fail(f"{ikey}.per", f"one of {BY_INITIATOR}, {BY_NEXUS}")
+        limits = _qos_limits(r, item, ikey, minimum=minimums)
+        if not limits.limited and limits.min_iops is None:
+            raise r.fail(ikey, "sets no limit (iops, bps, read_bps, write_bps"
+                         + (", min_iops)" if minimums else ")"))
+        out.append(InitiatorPolicy(name, limits, per))
+    return tuple(out)
+
+
+def _qos_limits(r: _Reader, raw: dict[str, Any], key: str, minimum: bool) -> Limits:
+    values: dict[str, float] = {}
+    for name in _QOS_RATES:
+        if name not in raw:
+            continue
+        value = raw[name]
+        if name == "iops":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value <= MAX_QOS_IOPS:
+                raise r.fail(f"{key}.{name}", f"expected normalized IOs per second, "
+                             f"1..{MAX_QOS_IOPS}")
+            values[name] = float(value)
+        else:
+            try:
+                values[name] = float(parse_size(value))
+            except ValueError as exc:
+                raise r.fail(f"{key}.{name}", f"expected bytes per second: {exc}") from None
+    burst = raw.get("burst", DEFAULT_BURST)
+    if isinstance(burst, bool) or not isinstance(burst, (int, float)) \
+            or not 0 <= burst <= MAX_QOS_BURST:
+        raise r.fail(f"{key}.burst", f"expected seconds, 0..{MAX_QOS_BURST:g}")
+    min_iops = None
+    if minimum and "min_iops" in raw:
+        value = raw["min_iops"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 < value <= MAX_QOS_IOPS:
+            raise r.fail(f"{key}.min_iops", f"expected normalized IOs per second, "
+                         f"1..{MAX_QOS_IOPS}")
+        if "iops" in values and value > values["iops"]:
+            raise r.fail(f"{key}.min_iops", f"more than {key}.iops")
+        min_iops = float(value)
+    return Limits(values.get("iops"), values.get("bps"), values.get("read_bps"),
+                  values.get("write_bps"), float(burst), min_iops)

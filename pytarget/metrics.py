@@ -170,6 +170,8 @@ def render(server: Measured) -> str:
                 latency.add(row[stats.LATENCY_NS] / 1e9, op, "_sum")
                 latency.add(row[stats.COMMANDS], op, "_count")
 
+    _qos_families(server, family)
+
     manager = server.copy_manager
     ops = family("pytarget_copy_operations_total", "counter",
                  "Copy operations (EXTENDED COPY, POPULATE TOKEN, WRITE USING TOKEN) that "
@@ -183,6 +185,37 @@ def render(server: Measured) -> str:
     family("pytarget_copy_operations_active", "gauge", "Copy operations in progress.").add(
         sum(s.active_count for s in manager.services))
     return "".join(line + "\n" for fam in families.values() for line in fam.lines())
+
+
+def _qos_families(server: Measured, family: Callable[[str, str, str], _Family]) -> None:
+    """Storage QoS (docs/qos.md): per flow of each policy, commands held and time held, and the
+    current rates."""
+    throttled = family("pytarget_qos_throttled_commands_total", "counter",
+                       "Commands a QoS policy held before they started, by policy and flow.")
+    commands = family("pytarget_qos_commands_total", "counter",
+                      "Commands a QoS policy applied to, by policy and flow.")
+    queued = family("pytarget_qos_queued_seconds_total", "counter",
+                    "Time commands spent held by a QoS policy, by policy and flow.")
+    waiting = family("pytarget_qos_queued_commands", "gauge",
+                     "Commands held by a QoS policy now, by policy and flow.")
+    iops = family("pytarget_qos_flow_iops", "gauge",
+                  "Normalized IOs per second of a flow over the last second.")
+    rate = family("pytarget_qos_flow_bytes_per_second", "gauge",
+                  "Bytes per second of a flow over the last second, by direction (in: reads).")
+    for node in server.registry.targets.values():
+        gate = next((lu.qos for lu in node.luns.values() if lu.qos is not None), None)
+        if gate is None:
+            continue
+        for policy in gate.snapshot():
+            for flow in policy["flows"]:
+                where = {"target": node.name, "policy": policy["policy"], "flow": flow["flow"]}
+                throttled.add(flow["throttled"], where)
+                commands.add(flow["commands"], where)
+                queued.add(float(flow["queued_seconds"]), where)
+                waiting.add(flow["queued"], where)
+                iops.add(float(flow["iops"]), where)
+                rate.add(flow["read_bps"], {**where, "direction": "in"})
+                rate.add(flow["write_bps"], {**where, "direction": "out"})
 
 
 class MetricsServer:

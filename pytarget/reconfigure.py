@@ -323,6 +323,8 @@ class Reload:
         for _, node in self.added_targets:
             server.add_target(node)
             self.changes.append(f"target {node.name} added with {len(node.luns)} LUN(s)")
+        for node, tc in [*self.kept, *((n, t) for t, n in self.added_targets)]:
+            self.changes += assembly.apply_qos(node, tc)
         for node in self.removed_targets:
             ended = await server.remove_target(node, "target removed from the configuration")
             self.changes.append(f"target {node.name} removed ({ended} session(s) ended)")

@@ -187,6 +187,11 @@ def collect(server: Running) -> dict[str, Any]:
             })
         sessions.append(entry)
     copies.sort(key=lambda c: (c["target"], c["lun"], c["list_id"]))
+    qos = []
+    for node in registry.targets.values():
+        gate = next((lu.qos for lu in node.luns.values() if lu.qos is not None), None)
+        if gate is not None:
+            qos += [{"target": node.name, **policy} for policy in gate.snapshot()]
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -201,6 +206,7 @@ def collect(server: Running) -> dict[str, Any]:
         "sessions": sessions,
         "reservations": reservations,
         "copies": copies,
+        "qos": qos,
     }
 
 
@@ -300,4 +306,28 @@ def render(doc: dict[str, Any]) -> str:
     if rows:
         out += _table(("TARGET", "LUN", "OPERATION", "LIST ID", "INITIATOR", "DONE", "BYTES",
                        "RATE", "ELAPSED"), rows)
+    out += _qos_lines(doc.get("qos", []))
     return "\n".join(out) + "\n"
+
+
+def _qos_lines(policies: list[dict[str, Any]]) -> list[str]:
+    """QoS policies (docs/qos.md) with their flows and current rates."""
+    def limits(values: dict[str, Any]) -> str:
+        return " ".join(f"{k}={size_text(int(v)) + '/s' if k.endswith('bps') else f'{v:g}'}"
+                        for k, v in values.items()) or "-"
+
+    rows: list[tuple[Any, ...]] = []
+    for p in policies:
+        if not p["flows"]:
+            rows.append((p["target"], p["policy"], limits(p["limits"]), "-", "-", "-", "-", "-",
+                         "-"))
+        for f in p["flows"]:
+            rows.append((p["target"], p["policy"], limits(p["limits"]), f["flow"],
+                         f"{f['iops']:g}", f"{size_text(f['read_bps'])}/s",
+                         f"{size_text(f['write_bps'])}/s", f["queued"],
+                         f"{f['throttled']}/{f['commands']}"))
+    out = ["", "QoS policies and flows:" if rows else "QoS policies: none"]
+    if rows:
+        out += _table(("TARGET", "POLICY", "LIMITS", "FLOW", "IOPS", "READ", "WRITE", "QUEUED",
+                       "THROTTLED/ALL"), rows)
+    return out

@@ -53,6 +53,7 @@ from .unit import LunDirectory
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
     from ..core.reservations import ReservationStore
+    from .qos import QosGate
 
 log = logging.getLogger("pytarget.scsi")
 T = TypeVar("T")
@@ -183,6 +184,7 @@ class LogicalUnit:
         self.write_observers: list[Callable[[int, int], None]] = []
         self.ranges: RangeLock = _UnitRangeLock(self)
         self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
+        self.qos: QosGate | None = None  # the target's QoS scheduler when a policy applies
         self.stats_copy_paths: dict[str, int] = {}
         self.stats_copy_bytes: dict[str, int] = {}
         self.stats_commands: dict[int, list[int]] = {}  # opcode -> stats row
@@ -238,6 +240,10 @@ class LogicalUnit:
         try:
             spec = self.table.lookup(task.cdb)
             cdb = spec.parse(task.cdb)
+            if self.qos is not None:  # storage QoS (scsi/qos.py): wait for the budget
+                wait = self.qos.admit(self.lun, self.block_size, self.nblocks, task, spec, cdb)
+                if wait is not None:
+                    await wait
             pr = self.pr
             if pr.store is not None and not pr.current() \
                     and (spec.spc2 or spec.pr is not Pr.ALLOWED):
@@ -459,6 +465,8 @@ class LogicalUnit:
         self.pr.nexus_lost(nexus)
         self.prevent.discard(nexus.key)
         self.ua.pop(nexus.key, None)
+        if self.qos is not None:
+            self.qos.nexus_lost(nexus)
         if self.copy_service is not None:
             self.copy_service.nexus_lost(nexus)
 
@@ -610,6 +618,10 @@ class LogicalUnit:
         self.check_range(dst_lba, count)
         if not count:
             return set()
+        if src.qos is not None:  # a copy is charged under the policies of the LUNs it touches
+            await src.qos.charge_copy(src.lun, nexus, nbytes, write=False)
+        if self.qos is not None:
+            await self.qos.charge_copy(self.lun, nexus, nbytes, write=True)
         assert src.backstore is not None and self.backstore is not None
         so, do = src_lba * src.block_size, dst_lba * self.block_size
         overlap = src is self and so < do + nbytes and do < so + nbytes
