@@ -187,6 +187,8 @@ def _cscd(data: bytes, index: int, at: int) -> Cscd:
     if kind not in SUPPORTED_CSCD_TYPES:
         raise S.parameter_list_error(Asc.UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE, at, 7)
     lu_id_type = data[at + 1] >> 6
+    # byte 1 bit 5 is obsolete in SPC-4 (table 132); it was SPC-3's NUL bit, and a descriptor
+    # that sets it still moves no data (engine: COPY TARGET DEVICE NOT REACHABLE)
     nul = bool(data[at + 1] & 0x20)
     device_type = data[at + 1] & 0x1F
     if device_type != 0x00:
@@ -196,9 +198,7 @@ def _cscd(data: bytes, index: int, at: int) -> Cscd:
     if data[at + size - 4] & ~0x04:
         raise S.invalid_field_in_parameter_list(at + size - 4, 7)
     if kind == CscdType.IDENTIFICATION:
-        # LU ID TYPE is reserved in this descriptor (SPC-3 7.1.6.3; VERSION 05h, see vpd)
-        if lu_id_type:
-            raise S.invalid_field_in_parameter_list(at + 1, 7)
+        # the LU ID TYPE field is ignored here: there is no LU IDENTIFIER (SPC-4 6.4.5.6)
         code_set = data[at + 4] & 0x0F
         assoc = (data[at + 5] >> 4) & 0x03
         dtype = data[at + 5] & 0x0F
@@ -211,7 +211,8 @@ def _cscd(data: bytes, index: int, at: int) -> Cscd:
         return Cscd(index, at, kind, nul, device_type, block_length, pad, dtype, code_set,
                     designator)
     if lu_id_type != 0:
-        raise S.invalid_field_in_parameter_list(at + 1, 7)  # only LU IDENTIFIER = a LUN
+        # only 00b (a LUN) is supported; others: INVALID FIELD IN PARAMETER LIST (SPC-4 6.4.5.1)
+        raise S.invalid_field_in_parameter_list(at + 1, 7)
     lun = _decode_lun(data[at + 4:at + 12])
     if lun is None:
         raise S.invalid_field_in_parameter_list(at + 4, 7)

@@ -14,10 +14,9 @@ if TYPE_CHECKING:
     from ..core.task import Nexus, ScsiTask
     from .unit import Unit as LogicalUnit
 
-# VERSION 05h (SPC-3) is what this device server claims in standard INQUIRY data: it
-# implements the SPC-4 commands it lists, but follows SPC-3's reading of the copy target
-# descriptor LU ID TYPE field (reserved values rejected), as LIO and SCST do.
-VERSION = 0x05
+# VERSION 06h: the device server and its copy manager follow SPC-4 (6.6.2),
+# including its reading of the EXTENDED COPY CSCD descriptors (copy/descriptors.py).
+VERSION = 0x06
 VERSION_DESCRIPTORS = (
     0x00A0,  # SAM-5 (no version claimed)
     0x0460,  # SPC-4 (no version claimed)

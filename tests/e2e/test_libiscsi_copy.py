@@ -1,5 +1,10 @@
 """libiscsi's iscsi-test-cu copy suites (ExtendedCopy, ReceiveCopyResults) against a live target:
-each must pass with no failure and no skip line."""
+each must pass with no failure and no skip line.
+
+With standard INQUIRY VERSION 06h (SPC-4), libiscsi 1.19's ExtendedCopy.ValidTgtDescr expects an
+Identification Descriptor CSCD descriptor with LU ID TYPE 10b to be ignored, so the copy succeeds
+(SPC-4 6.4.5.6; below VERSION 06h it expects INVALID FIELD), and it leaves out its test of SPC-3's
+NUL bit, obsolete in SPC-4, with a CU_PASS that prints nothing, even with -V."""
 
 from __future__ import annotations
 
@@ -31,3 +36,14 @@ def copy_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTarget
 @pytest.mark.parametrize("suite", SUITES)
 def test_suite(copy_target: LiveTarget, suite: str) -> None:
     assert_clean(run_suite(suite, copy_target.url(0), INITIATOR1, INITIATOR2))
+
+
+def test_valid_target_descriptor_spc4(copy_target: LiveTarget) -> None:
+    result = run_suite("ExtendedCopy.ValidTgtDescr", copy_target.url(0), INITIATOR1, INITIATOR2,
+                       extra=["-V"])
+    assert_clean(result)
+    lines = [line.strip() for line in result.output.splitlines()]
+    at = lines.index("Unsupported LU_ID TYPE")
+    sent = [line for line in lines[at:] if line.startswith("Send EXTENDED COPY")]
+    assert sent == ["Send EXTENDED COPY (Expecting SUCCESS)"], result.output[-3000:]
+    assert "Test NUL bit in target descriptor" not in lines

@@ -100,7 +100,6 @@ def test_unsupported_segment_descriptor(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("mutate, pointer", [
-    (lambda d: d.__setitem__(1, 0x80), (False, 17, 7)),  # LU ID TYPE 10b
     (lambda d: d.__setitem__(1, 0x01), (False, 17, 4)),  # peripheral device type 01h
     (lambda d: d.__setitem__(5, 0x13), (False, 21, 5)),  # association: port
     (lambda d: d.__setitem__(7, 0), (False, 23, 7)),  # designator length 0
@@ -113,6 +112,42 @@ def test_invalid_identification_descriptor(rig: Rig, mutate, pointer) -> None:  
     r = xcopy(rig, lid1([bytes(desc), e4(rig.node.luns[1])], [b2b(0, 1, 1, 0, 0)]))
     assert (r.key, r.asc, r.field_pointer) == (SenseKey.ILLEGAL_REQUEST,
                                               Asc.INVALID_FIELD_IN_PARAMETER_LIST, pointer)
+    assert untouched(rig)
+
+
+@pytest.mark.parametrize("lu_id_type", [0b00, 0b01, 0b10, 0b11])
+def test_identification_descriptor_ignores_lu_id_type(rig: Rig, lu_id_type: int) -> None:
+    """SPC-4 6.4.5.6: "The LU ID TYPE field shall be ignored in the Identification Descriptor
+    CSCD descriptor" (SPC-3 had those bits reserved)."""
+    src, dst = rig.node.luns[0], rig.node.luns[1]
+    params = lid1([e4(src, lu_id_type=lu_id_type), e4(dst, lu_id_type=lu_id_type)],
+                  [b2b(0, 1, 4, 0, 0)])
+    assert xcopy(rig, params).ok()
+    buf = bytearray(len(DATA))
+    dst.backstore.read_into(memoryview(buf), 0)
+    assert buf == DATA
+
+
+def ipv4(lu_id_type: int, lun: int = 1) -> bytes:
+    """IPv4 CSCD descriptor (SPC-4 7.6.3.8) naming LUN `lun` behind 127.0.0.1:3260 over TCP."""
+    desc = bytearray(32)
+    desc[0] = 0xE5
+    desc[1] = lu_id_type << 6
+    desc[4:6] = bytes((0x00, lun))  # peripheral device addressing
+    desc[12:16] = bytes((127, 0, 0, 1))
+    desc[16:18] = (3260).to_bytes(2, "big")
+    desc[20:22] = (6).to_bytes(2, "big")  # TCP
+    desc[29:32] = (512).to_bytes(3, "big")
+    return bytes(desc)
+
+
+@pytest.mark.parametrize("lu_id_type", [0b01, 0b10, 0b11])
+def test_ipv4_descriptor_unsupported_lu_id_type(rig: Rig, lu_id_type: int) -> None:
+    """SPC-4 6.4.5.1: only LU ID TYPE 00b (a LUN) is supported here; another value gives
+    ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST (byte 1 of the descriptor, bit 7)."""
+    r = xcopy(rig, lid1([e4(rig.node.luns[0]), ipv4(lu_id_type)], [b2b(0, 1, 1, 0, 0)]))
+    assert (r.key, r.asc, r.field_pointer) == (SenseKey.ILLEGAL_REQUEST,
+                                              Asc.INVALID_FIELD_IN_PARAMETER_LIST, (False, 49, 7))
     assert untouched(rig)
 
 
@@ -176,6 +211,8 @@ def test_later_segment_out_of_range_moves_nothing(rig: Rig) -> None:
 
 
 def test_null_descriptor(rig: Rig) -> None:
+    """Byte 1 bit 5, SPC-3's NUL bit, is obsolete in SPC-4 (table 132): a descriptor that sets
+    it still names no unit to read or write, so no data moves."""
     src, dst = rig.node.luns[0], rig.node.luns[1]
     r = xcopy(rig, lid1([e4(src), e4(dst, nul=True)], [b2b(0, 1, 4, 0, 0)]))
     copy_aborted(r, Asc.COPY_TARGET_DEVICE_NOT_REACHABLE, 48)

@@ -24,7 +24,7 @@ def inquiry(lu, page=None, alloc=255):
 
 def test_standard_inquiry(lu) -> None:
     data = inquiry(lu).data
-    assert data[0] == 0x00 and data[2] == 0x05 and data[3] & 0x0F == 2
+    assert data[0] == 0x00 and data[2] == 0x06 and data[3] & 0x0F == 2  # VERSION 06h: SPC-4
     assert data[4] == len(data) - 5
     assert data[7] & 0x02  # CMDQUE
     assert (data[5] >> 4) & 0x03 == 1  # implicit ALUA
