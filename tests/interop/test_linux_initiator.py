@@ -6,7 +6,7 @@ tests/interop/guest/ and asserts on the script's exit status; a failure message 
 script's stdout tail, the guest kernel log tail and the target log tail.  All outputs stay in
 tmp_path/guest-out.  Under TCG emulation the fs, unmap and caw tests take about three minutes
 together; the copy-offload and reservation tests (xcopy.sh, odx.sh, pr.sh) about four more:
-they move 256 MiB of random data through the emulated guest, which is what costs the time.
+they move 128 MiB of random data through the emulated guest, which is what costs the time.
 
 Skipped when ../shared/interop/linux-initiator is missing or cannot run here.
 """
@@ -161,8 +161,8 @@ def test_compare_and_write(caw_target: LiveTarget, tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------- xcopy.sh
-COPY_MB = 256        # random data per copy test: written once, read back after the big copies
-XCOPY_SMALL_MB = 256  # the in-LUN and ddpt copies: 256 MiB each, like the LUN-to-LUN ones
+COPY_MB = 128        # random data per copy test: written once, read back after the big copies
+XCOPY_SMALL_MB = 128  # the in-LUN and ddpt copies: 128 MiB each, like the LUN-to-LUN ones
 XCOPY_LUNS = [
     {"id": 0, "path": "xcopy-a.img", "size": "512MiB", "thin": True},   # source + in-LUN copy
     {"id": 1, "path": "xcopy-b.img", "size": "768MiB", "thin": True},   # three destinations
@@ -175,8 +175,8 @@ def xcopy_target(tmp_path: Path) -> Iterator[LiveTarget]:
 
 
 def test_extended_copy(xcopy_target: LiveTarget, tmp_path: Path) -> None:
-    """EXTENDED COPY(LID1): sg_xcopy copies 256 MiB of random data LUN to LUN with --on_dst and
-    with --on_src, 256 MiB within one LUN, and ddpt --xcopy 256 MiB LUN to LUN; every destination
+    """EXTENDED COPY(LID1): sg_xcopy copies 128 MiB of random data LUN to LUN with --on_dst and
+    with --on_src, 128 MiB within one LUN, and ddpt --xcopy 128 MiB LUN to LUN; every destination
     range reads back equal to the source (cmp, O_DIRECT).  VPD 8Fh and RECEIVE COPY OPERATING
     PARAMETERS are shown and checked for the descriptors the tools use."""
     run = run_guest(xcopy_target, "xcopy.sh", tmp_path / "guest-out", timeout=420,
@@ -197,7 +197,7 @@ def odx_target(tmp_path: Path) -> Iterator[LiveTarget]:
 
 
 def test_odx_token_copy(odx_target: LiveTarget, tmp_path: Path) -> None:
-    """ODX: POPULATE TOKEN of 256 MiB of random data on one LUN, WRITE USING TOKEN into the
+    """ODX: POPULATE TOKEN of 128 MiB of random data on one LUN, WRITE USING TOKEN into the
     other, RECEIVE ROD TOKEN INFORMATION after each; the destination reads back equal, the
     deleted token is refused (TOKEN DELETED) and the block device zero ROD token writes zeros.
     The guest's ddpt --odx is tried too; ddpt 0.97's misplaced range descriptors (see odx.sh)
