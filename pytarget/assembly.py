@@ -62,11 +62,17 @@ def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, by
     return serial or digest[:8].hex().upper(), naa
 
 
+def _image_state_path(config: Config, lc: LunConfig, suffix: str) -> Path:
+    """Where this gateway keeps a file of state for an RBD image, which has no directory of its
+    own: <config dir>/rbd.<pool>.<image><suffix>."""
+    return config.base / f"rbd.{lc.rbd['pool']}.{lc.rbd['image']}{suffix}"
+
+
 def pr_state_path(config: Config, lc: LunConfig) -> Path:
     """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json, and
     for an RBD image <config dir>/rbd.<pool>.<image>.pr.json (kept by this gateway only)."""
     if lc.path is None:
-        return config.base / f"rbd.{lc.rbd['pool']}.{lc.rbd['image']}.pr.json"
+        return _image_state_path(config, lc, ".pr.json")
     return config.base / f"{lc.path.name}.pr.json"
 
 
@@ -88,7 +94,7 @@ def sanitize_state_path(config: Config, lc: LunConfig) -> Path:
     <config dir>/rbd.<pool>.<image>.sanitize.json (SBC-4 4.11.4: the failure mode survives a
     restart)."""
     if lc.path is None:
-        return config.base / f"rbd.{lc.rbd['pool']}.{lc.rbd['image']}.sanitize.json"
+        return _image_state_path(config, lc, ".sanitize.json")
     return lc.path.with_name(f"{lc.path.name}.sanitize.json")
 
 
