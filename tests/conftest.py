@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from .ceph_cluster import CephCluster, missing, running
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_IQN = "iqn.2026-11.io.pytarget:test"
 INITIATOR1 = "iqn.2026-11.io.pytarget.test:initiator1"
@@ -125,6 +127,19 @@ def start_target(config: Path, *args: str, log_name: str = "pytarget.log",
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"pytarget did not start:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """The session's throw-away Ceph cluster (tests/ceph_cluster.py), for tests marked `ceph`.
+
+    They are skipped only when Ceph is not installed here; once it is, a cluster that fails to
+    start is an error of every test that needs it, not a skip."""
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    with running(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
