@@ -24,7 +24,7 @@ from .config import Config, ConfigError, LunConfig, TargetConfig, local_gateway,
 from .copy import commands as copy_commands
 from .copy.manager import CopyManager
 from .core.qos import InitiatorPolicy, Limits, TargetPolicy
-from .core.reservations import ReservationStore
+from .core.reservations import ReservationStore, SharedDocument
 from .core.task import Nexus
 from .iscsi.node import DEFAULT_TPGT, RELATIVE_PORT, AclEntry, TargetNode
 from .iscsi.target import TargetRegistry
@@ -84,6 +84,20 @@ def reservation_store(lc: LunConfig, naa: bytes) -> ReservationStore | None:
         return None
     return RadosReservationStore(rc.pool, rc.object or f"pytarget.reservations.{naa.hex()}",
                                  conf=str(rc.conf),
+                                 keyring=None if rc.keyring is None else str(rc.keyring),
+                                 client_id=rc.client_id)
+
+
+def token_store(lc: LunConfig, naa: bytes) -> SharedDocument | None:
+    """Where a LUN whose reservations are shared keeps its ROD tokens, so that a token made
+    through one gateway can be used through another: beside the reservations, in the same pool
+    through the same client, object `<reservations object>.tokens` (default
+    pytarget.tokens.<NAA>). None for a LUN without shared reservations."""
+    rc = lc.reservations
+    if rc is None:
+        return None
+    name = f"{rc.object}.tokens" if rc.object else f"pytarget.tokens.{naa.hex()}"
+    return RadosReservationStore(rc.pool, name, conf=str(rc.conf),
                                  keyring=None if rc.keyring is None else str(rc.keyring),
                                  client_id=rc.client_id)
 
@@ -200,7 +214,8 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
             lu_config.atomic_write_bytes = lc.atomic_write_size
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
         return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
-                           reservations=reservation_store(lc, naa))
+                           reservations=reservation_store(lc, naa),
+                           tokens=token_store(lc, naa))
     except BaseException:
         backstore.close()
         raise

@@ -291,6 +291,8 @@ class CopyManager:
         service = CopyService(self, lu)
         lu.attach_copy_service(service)
         lu.write_observers.append(lambda lba, count: self.tokens.blocks_written(lu, lba, count))
+        if lu.token_store is not None:
+            self.tokens.share(lu, lu.token_store)
         self.services.append(service)
         return service
 

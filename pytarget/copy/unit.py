@@ -7,12 +7,13 @@ sub-commands (`execute`) and `copy_blocks_from`, under the policy `admit_interna
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
     from ..core.locks import RangeLock
+    from ..core.reservations import SharedDocument
     from ..core.table import OpTable
     from ..core.task import Nexus, ScsiTask
 
@@ -52,8 +53,13 @@ class LogicalUnit(Protocol):
     @property
     def copy_service(self) -> CopyServiceHooks | None: ...
     @property
-    def write_observers(self) -> list[Callable[[int, int], None]]:
-        """Called with (LBA, count) before blocks change (`_UnitRangeLock`)."""
+    def write_observers(self) -> list[Callable[[int, int], Awaitable[None] | None]]:
+        """Called with (LBA, count) before blocks change (`_UnitRangeLock`); an observer that
+        returns an awaitable holds the write until it is done, then is asked again."""
+        ...
+    @property
+    def token_store(self) -> SharedDocument | None:
+        """Where the unit's ROD tokens are shared with the other gateways serving it."""
         ...
     @property
     def stats_copy_bytes(self) -> dict[str, int]: ...

@@ -18,7 +18,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from time import perf_counter, perf_counter_ns
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
@@ -52,7 +52,7 @@ from .unit import LunDirectory
 
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
-    from ..core.reservations import ReservationStore
+    from ..core.reservations import ReservationStore, SharedDocument
     from .qos import QosGate
 
 log = logging.getLogger("pytarget.scsi")
@@ -80,7 +80,10 @@ class _UnitRangeLock(RangeLock):
     Everything that changes blocks holds an exclusive lock on exactly those blocks, granted only
     once earlier readers of them are done; the copy manager uses this to invalidate ROD tokens
     (SBC-3 4.29.4). An exclusive lock reaching past the medium is a barrier (RESERVE), not a
-    write.
+    write. An observer may hold the write back (ROD tokens shared with other gateways, whose
+    cancellation must reach them first): the lock is then granted only through `acquire`,
+    which waits for what the observers return and asks them again; if that fails, the lock is
+    released and the failure (a SenseError) is the command's.
     """
 
     def __init__(self, lu: LogicalUnit) -> None:
@@ -90,19 +93,29 @@ class _UnitRangeLock(RangeLock):
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
         req = await super().acquire(start, count, exclusive)
         if exclusive:
-            self._will_write(start, count)
+            try:
+                while (wait := self._will_write(start, count)) is not None:
+                    await wait
+            except BaseException:
+                self.release(req)
+                raise
         return req
 
     def try_acquire(self, start: int, count: int, exclusive: bool) -> _Request | None:
         req = super().try_acquire(start, count, exclusive)
-        if req is not None and exclusive:
-            self._will_write(start, count)
+        if req is not None and exclusive and self._will_write(start, count) is not None:
+            self.release(req)
+            return None
         return req
 
-    def _will_write(self, start: int, count: int) -> None:
-        if start + count <= self.lu.nblocks:
-            for observer in self.lu.write_observers:
-                observer(start, max(count, 1))
+    def _will_write(self, start: int, count: int) -> Awaitable[None] | None:
+        if start + count > self.lu.nblocks:
+            return None
+        waits = [wait for observer in self.lu.write_observers
+                 if (wait := observer(start, max(count, 1))) is not None]
+        if not waits:
+            return None
+        return waits[0] if len(waits) == 1 else cast(Awaitable[None], asyncio.gather(*waits))
 
 
 @dataclass
@@ -140,7 +153,8 @@ class LogicalUnit:
 
     def __init__(self, config: LuConfig, backstore: Backstore | None,
                  directory: LunDirectory, services: Iterable[OpSpec] = (),
-                 reservations: ReservationStore | None = None) -> None:
+                 reservations: ReservationStore | None = None,
+                 tokens: SharedDocument | None = None) -> None:
         self.config = config
         self.lun = config.lun
         self.backstore = backstore
@@ -181,7 +195,8 @@ class LogicalUnit:
         if not self.thin:
             del self.vpd[0xB2]
         self.mode = ModePages(self)
-        self.write_observers: list[Callable[[int, int], None]] = []
+        self.write_observers: list[Callable[[int, int], Awaitable[None] | None]] = []
+        self.token_store = tokens  # the copy manager shares the unit's ROD tokens through it
         self.ranges: RangeLock = _UnitRangeLock(self)
         self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
         self.qos: QosGate | None = None  # the target's QoS scheduler when a policy applies
@@ -734,6 +749,8 @@ class LogicalUnit:
             finally:
                 self.backstore.close()
                 self.pr.close()
+                if self.token_store is not None:
+                    self.token_store.close()
         self.closed = True
 
 
