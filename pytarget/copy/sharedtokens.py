@@ -128,6 +128,13 @@ def decode(document: bytes | None) -> tuple[Records, Dead]:
     return records, dead
 
 
+def retrieved(future: asyncio.Future[None]) -> None:
+    """A shared future's failure is its waiters' (each gets it); none may be left to be logged
+    as never retrieved when nobody waited."""
+    if not future.cancelled():
+        future.exception()
+
+
 OnAdopt = Callable[["SharedTokens", bool], Awaitable[None]]
 
 
@@ -164,6 +171,7 @@ class SharedTokens:
         caller may hold range locks)."""
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self.refresh(drain=False))
+            self._refreshing.add_done_callback(retrieved)
         return self._refreshing
 
     async def current(self) -> None:

@@ -30,7 +30,7 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -188,13 +188,14 @@ class TokenStore:
                             "it expires", token.shared.name, token.ident.hex())
         self._bury(token, reason)
 
-    def blocks_written(self, lu: LogicalUnit, lba: int, count: int) -> Awaitable[None] | None:
+    def blocks_written(self, lu: LogicalUnit, lba: int, count: int
+                       ) -> asyncio.Future[None] | None:
         """A write to [lba, lba+count) of `lu` is about to happen: tokens of that data die.
         For a unit with shared tokens, what the write must wait for first: the current token
         document, and the cancellation of overlapping tokens on every gateway."""
         ledger = self.ledgers.get(id(lu)) if self.ledgers else None
         if ledger is not None and not ledger.trusted():
-            return asyncio.shield(ledger.refreshing())
+            return ledger.refreshing()
         if not self.tokens:
             return None  # every write asks: most of the time no token lives
         waits: list[asyncio.Future[None]] = []
@@ -206,12 +207,13 @@ class TokenStore:
             if token.shared is not None and token.ident in token.shared.records:
                 if token.cancelling is None:
                     token.cancelling = asyncio.ensure_future(self._cancel(token))
+                    token.cancelling.add_done_callback(shared.retrieved)
                 waits.append(token.cancelling)
             elif not token.users:
                 self._bury(token, token.invalid)
         if not waits:
             return None
-        return asyncio.shield(waits[0] if len(waits) == 1 else _together(waits))
+        return waits[0] if len(waits) == 1 else _together(waits)
 
     async def _cancel(self, token: RodToken) -> None:
         assert token.shared is not None
@@ -377,7 +379,9 @@ class TokenStore:
 
 def _together(waits: list[asyncio.Future[None]]) -> asyncio.Future[None]:
     """One future for several: done when all are, failed with the first failure."""
-    return cast("asyncio.Future[None]", asyncio.gather(*waits))
+    together = cast("asyncio.Future[None]", asyncio.gather(*waits))
+    together.add_done_callback(shared.retrieved)
+    return together
 
 
 def _build(ident: bytes, lu: LogicalUnit, nexus: Nexus, nbytes: int) -> bytes:

@@ -7,7 +7,8 @@ sub-commands (`execute`) and `copy_blocks_from`, under the policy `admit_interna
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
@@ -53,9 +54,10 @@ class LogicalUnit(Protocol):
     @property
     def copy_service(self) -> CopyServiceHooks | None: ...
     @property
-    def write_observers(self) -> list[Callable[[int, int], Awaitable[None] | None]]:
+    def write_observers(self) -> list[Callable[[int, int], asyncio.Future[None] | None]]:
         """Called with (LBA, count) before blocks change (`_UnitRangeLock`); an observer that
-        returns an awaitable holds the write until it is done, then is asked again."""
+        returns a future holds the write until it is done, then is asked again (the future
+        may be shared: the write awaits it shielded)."""
         ...
     @property
     def token_store(self) -> SharedDocument | None:

@@ -18,7 +18,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from time import perf_counter, perf_counter_ns
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -94,8 +94,9 @@ class _UnitRangeLock(RangeLock):
         req = await super().acquire(start, count, exclusive)
         if exclusive:
             try:
-                while (wait := self._will_write(start, count)) is not None:
-                    await wait
+                while waits := self._will_write(start, count):
+                    for wait in waits:
+                        await asyncio.shield(wait)
             except BaseException:
                 self.release(req)
                 raise
@@ -103,19 +104,16 @@ class _UnitRangeLock(RangeLock):
 
     def try_acquire(self, start: int, count: int, exclusive: bool) -> _Request | None:
         req = super().try_acquire(start, count, exclusive)
-        if req is not None and exclusive and self._will_write(start, count) is not None:
+        if req is not None and exclusive and self._will_write(start, count):
             self.release(req)
             return None
         return req
 
-    def _will_write(self, start: int, count: int) -> Awaitable[None] | None:
+    def _will_write(self, start: int, count: int) -> list[asyncio.Future[None]]:
         if start + count > self.lu.nblocks:
-            return None
-        waits = [wait for observer in self.lu.write_observers
-                 if (wait := observer(start, max(count, 1))) is not None]
-        if not waits:
-            return None
-        return waits[0] if len(waits) == 1 else cast(Awaitable[None], asyncio.gather(*waits))
+            return []
+        return [wait for observer in self.lu.write_observers
+                if (wait := observer(start, max(count, 1))) is not None]
 
 
 @dataclass
@@ -195,7 +193,7 @@ class LogicalUnit:
         if not self.thin:
             del self.vpd[0xB2]
         self.mode = ModePages(self)
-        self.write_observers: list[Callable[[int, int], Awaitable[None] | None]] = []
+        self.write_observers: list[Callable[[int, int], asyncio.Future[None] | None]] = []
         self.token_store = tokens  # the copy manager shares the unit's ROD tokens through it
         self.ranges: RangeLock = _UnitRangeLock(self)
         self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
