@@ -233,9 +233,11 @@ class GatedFile(FileBackstore):
     """A file whose next copy (the first thing a copy asks is the source's extents, on the I/O
     thread) waits, once armed, until the test lets it go."""
 
-    armed = False
-    entered = threading.Event()
-    go = threading.Event()
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.armed = False
+        self.entered = threading.Event()
+        self.go = threading.Event()
 
     def extents(self, offset: int, length: int):  # type: ignore[no-untyped-def]
         if self.armed:
