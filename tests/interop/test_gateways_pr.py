@@ -62,7 +62,7 @@ def gateways(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[list[LiveTar
 
 def test_reservation_and_preempt_across_gateways(gateways: list[LiveTarget],
                                                  tmp_path: Path) -> None:
-    run_ = run_guest(gateways[0], "gateways_pr.sh", tmp_path / "guest-out", timeout=300,
+    run_ = run_guest(gateways[0], "gateways_pr.sh", tmp_path / "guest-out", timeout=400,
                      extra_args=["-p", str(gateways[1].port)])
     if not run_.ok:
         pytest.fail(run_.report() + "\n--- gateway 2 log (tail) ---\n"
