@@ -724,7 +724,7 @@ def _clone(args: argparse.Namespace, path: Path, text: str, config: Config, targ
     ref = {"target": target_name, "lun": lun_id, "name": name}
     if args.path is not None:
         absolute = Path(os.path.normpath(Path.cwd() / Path(args.path).expanduser()))
-        result = _control(args, "snapshot_clone", **ref, path=str(absolute))
+        result = _control(args, "snapshot_clone", **ref, file=str(absolute))
         entry: dict[str, Any] = {"id": new_id, "path": _config_relative(args.path, config.base)}
     else:
         result = _control(args, "snapshot_clone", **ref, image=args.image, pool=args.pool)

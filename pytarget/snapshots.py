@@ -300,12 +300,12 @@ class Snapshots:
         return {"export": str(source)}
 
     async def clone(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A new writable medium (`path`, or `image` in `pool`) with the snapshot's contents;
+        """A new writable medium (`file`, or `image` in `pool`) with the snapshot's contents;
         the command line then adds it to the configuration as a LUN."""
         tc, lc, _, record = self._existing(request)
         kind = assembly.backstore_kind(self.host.config, tc, lc)
         if lc.path is not None:
-            path = request.get("path")
+            path = request.get("file")
             if not isinstance(path, str) or not os.path.isabs(path):
                 raise ControlError("a file LUN's clone needs an absolute path")
             params: dict[str, Any] = {"path": path}
