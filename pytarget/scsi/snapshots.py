@@ -85,7 +85,7 @@ async def rollback(lu: LogicalUnit, name: str) -> bool:
     out meanwhile; True when its capacity changed. Every I_T nexus then gets CAPACITY DATA HAS
     CHANGED (2Ah/09h) when it did, else NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED
     (28h/00h): the blocks changed under the initiators' caches without a command of theirs
-    (SPC-4 6.47 REQUEST SENSE, annex F ASC assignments; SBC-3 4.6 medium changes)."""
+    (SPC-4 annex D, ASC and ASCQ assignments; SAM-5 5.14 unit attention conditions)."""
     backstore = lu.backstore
     assert backstore is not None
     if lu.readonly:
