@@ -294,12 +294,17 @@ def serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- control socket
-def _control(args: argparse.Namespace, command: str, **arguments: Any) -> Any:
+# A snapshot without reflink copies the LUN's data, a rollback or clone too: allow for hours.
+SNAPSHOT_TIMEOUT = 4 * 3600.0
+
+
+def _control(args: argparse.Namespace, command: str, timeout: float = 120.0,
+             **arguments: Any) -> Any:
     from .control import ControlError, request
 
     path = Path(args.socket) if args.socket else _socket_of(args.config, args.gateway)
     try:
-        return request(path, command, **arguments)
+        return request(path, command, timeout, **arguments)
     except ControlError as exc:
         raise CliError(str(exc)) from None
 
@@ -589,7 +594,8 @@ def snapshot(args: argparse.Namespace) -> int:
             raise CliError(str(exc), EXIT_CONFIG) from None
         members = [dict(zip(("target", "lun"), _lun_ref(r, config, args.target), strict=True))
                    for r in args.luns]
-        result = _control(args, "snapshot_create", name=args.name, members=members)
+        result = _control(args, "snapshot_create", SNAPSHOT_TIMEOUT, name=args.name,
+                          members=members)
         for s in result["snapshots"]:
             print(f"snapshot {s['target']}/{s['lun']}@{s['name']} taken ({s['method']})")
         print(f"writes held back {result['held_ms']:.1f} ms")
@@ -608,14 +614,14 @@ def snapshot(args: argparse.Namespace) -> int:
             print(_snapshot_table(rows), end="")
         return 0
     target_name, lun_id, name = _snapshot_ref(args.ref, config, args.target)
-    ref = {"target": target_name, "lun": lun_id, "name": name}
+    ref: dict[str, Any] = {"target": target_name, "lun": lun_id, "name": name}
     full = f"{target_name}/{lun_id}@{name}"
     if action == "delete":
         _control(args, "snapshot_delete", **ref)
         print(f"snapshot {full} deleted")
         return 0
     if action == "rollback":
-        result = _control(args, "snapshot_rollback", **ref)
+        result = _control(args, "snapshot_rollback", SNAPSHOT_TIMEOUT, **ref)
         print(f"LUN {lun_id} of {target_name} rolled back to {name}"
               + (" (its capacity changed)" if result["capacity_changed"] else ""))
         return 0
@@ -721,13 +727,15 @@ def _clone(args: argparse.Namespace, path: Path, text: str, config: Config, targ
     if new_id in used or not 0 <= new_id <= MAX_LUN:
         raise CliError(f"target {to} already has LUN {new_id}" if new_id in used
                        else f"--id must be 0..{MAX_LUN}", EXIT_CONFIG)
-    ref = {"target": target_name, "lun": lun_id, "name": name}
+    ref: dict[str, Any] = {"target": target_name, "lun": lun_id, "name": name}
     if args.path is not None:
         absolute = Path(os.path.normpath(Path.cwd() / Path(args.path).expanduser()))
-        result = _control(args, "snapshot_clone", **ref, file=str(absolute))
+        result = _control(args, "snapshot_clone", SNAPSHOT_TIMEOUT, **ref,
+                          file=str(absolute))
         entry: dict[str, Any] = {"id": new_id, "path": _config_relative(args.path, config.base)}
     else:
-        result = _control(args, "snapshot_clone", **ref, image=args.image, pool=args.pool)
+        result = _control(args, "snapshot_clone", SNAPSHOT_TIMEOUT, **ref, image=args.image,
+                          pool=args.pool)
         params = result["params"]
         entry = {"id": new_id, "backstore": "rbd", "pool": params["pool"],
                  "image": params["image"]}

@@ -705,6 +705,7 @@ def _snapshot_lun(r: _Reader, item: dict[str, Any], key: str) -> LunConfig:
 def _snapshot_luns(r: _Reader, targets: list[TargetConfig]) -> None:
     """Give each `snapshot:` LUN the medium of the LUN it shows a snapshot of."""
     by_name = {t.name.lower(): t for t in targets}
+    shown: dict[SnapshotSource, str] = {}
     for ti, tc in enumerate(targets):
         for li, lc in enumerate(tc.luns):
             if lc.snapshot is None:
@@ -721,6 +722,9 @@ def _snapshot_luns(r: _Reader, targets: list[TargetConfig]) -> None:
                 raise r.fail(key, f"LUN {ref.lun} of {source_target.name} is itself a "
                                   "snapshot")
             lc.snapshot = SnapshotSource(source_target.name, ref.lun, ref.name)
+            if lc.snapshot in shown:
+                raise r.fail(key, f"{lc.snapshot} is already shown by {shown[lc.snapshot]}")
+            shown[lc.snapshot] = f"targets[{ti}].luns[{li}]"
             lc.path, lc.rbd, lc.backstore = source.path, dict(source.rbd), source.backstore
             lc.block_size, lc.thin = source.block_size, source.thin
 

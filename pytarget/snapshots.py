@@ -209,6 +209,8 @@ class Snapshots:
             if lu.readonly:
                 raise ControlError(f"LUN {lc.id} of {tc.name} is read-only: it cannot change, "
                                    "so it needs no snapshot")
+            if lu.sanitize.run is not None:
+                raise ControlError(f"LUN {lc.id} of {tc.name}: a SANITIZE is in progress")
             catalog = self.catalog(lc)
             if name in catalog.records:
                 raise ControlError(f"LUN {lc.id} of {tc.name} already has a snapshot {name}")
