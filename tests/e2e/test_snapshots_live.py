@@ -7,6 +7,7 @@ clone, bad input, and the catalog and exposures kept across a stop and start. Th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -152,3 +153,58 @@ def test_snapshot_commands_on_a_live_target(tmp_path: Path) -> None:
             await server.stop()
 
     run(go(), timeout=180)
+
+
+def test_a_set_taken_during_dependent_writes_is_consistent(tmp_path: Path) -> None:
+    """A writer puts sequence number k in block k of LUN 0, then (once that completed) in block
+    k of LUN 1. Snapshots of the pair taken meanwhile must each show a state the pair really
+    was in: LUN 1 at most one write behind LUN 0, never ahead of it."""
+    config = write_config(tmp_path, luns=[
+        {"id": 0, "path": "lun0.img", "size": "4MiB"},
+        {"id": 1, "path": "lun1.img", "size": "4MiB"}])
+    rounds = 2000
+    sets = 8
+
+    async def go() -> None:
+        server = Server(load(config), source=str(config))
+        await server.start()
+        try:
+            host, port = server.registry.portals[0]
+            ini = await Initiator.connect(host, port)
+            await ini.login(TARGET_IQN, initiator_name=INITIATOR1)
+            for lun in (0, 1):
+                await ini.clear_unit_attentions(lun)
+            done = asyncio.Event()
+
+            async def writer() -> None:
+                for k in range(1, rounds + 1):
+                    block = k.to_bytes(8, "big") * (BS // 8)
+                    (await ini.write(0, k, block)).check()
+                    (await ini.write(1, k, block)).check()
+                done.set()
+
+            writing = asyncio.ensure_future(writer())
+            members = [{"target": TARGET_IQN, "lun": 0}, {"target": TARGET_IQN, "lun": 1}]
+            taken = 0
+            while taken < sets and not done.is_set():
+                await server.snapshots.handle("snapshot_create",
+                                              {"name": f"s{taken}", "members": members})
+                taken += 1
+            await writing
+            await ini.close()
+        finally:
+            await server.stop()
+        assert taken >= 2, "the writer finished before two sets were taken"
+        for n in range(taken):
+            last = []
+            for lun in (0, 1):
+                data = (tmp_path / f"lun{lun}.img.snapshots" / f"s{n}").read_bytes()
+                seqs = [int.from_bytes(data[k * BS:k * BS + 8], "big")
+                        for k in range(1, rounds + 1)]
+                written = [k for k, v in enumerate(seqs, 1) if v == k]
+                assert written == list(range(1, len(written) + 1)), f"s{n} LUN {lun}: gaps"
+                last.append(len(written))
+            assert last[1] <= last[0] <= last[1] + 1, f"s{n}: LUN 0 at {last[0]}, LUN 1 at " \
+                                                       f"{last[1]}"
+
+    run(go(), timeout=300)
