@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from . import status
 from .assembly import build_copy_manager, build_exports, build_registry, prepare_backing_files
+from .backstore.threads import run_blocking
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer, socket_path
 from .iscsi.bounds import Bounds, MemoryBudget
@@ -259,6 +260,7 @@ class Server:
                 except ConfigError as exc:
                     raise ReloadRefused(str(exc)) from None
                 nbd_listener = self._prepare_nbd(new)
+                nbd_before = self.config.nbd
                 try:
                     changes = await Reload(self, new).apply()
                 except BaseException:
@@ -266,6 +268,8 @@ class Server:
                         nbd_listener.close()
                     raise
                 changes += self.snapshots.prune(new)
+                if nbd_before is None and new.nbd is not None:
+                    changes += await run_blocking(self.snapshots.open_exposed)
                 changes += self._commit_nbd(new, nbd_listener)
             except ReloadRefused as exc:
                 self.reloads["refused"] = self.reloads.get("refused", 0) + 1

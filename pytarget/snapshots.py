@@ -351,8 +351,9 @@ class Snapshots:
         return assembly.build_lu(config, tc, snap, node, store)
 
     def open_exposed(self) -> list[str]:
-        """At start: open the snapshots the catalogs mark as exposed over NBD (blocking);
-        what could not be opened, one line each."""
+        """At start, or when a reload turns NBD on: open the snapshots the catalogs mark as
+        exposed over NBD and not open yet (blocking); what could not be opened, one line
+        each."""
         config = self.host.config
         problems: list[str] = []
         if config.nbd is None:
@@ -370,6 +371,8 @@ class Snapshots:
                     if not record.nbd:
                         continue
                     source = SnapshotSource(tc.name, lc.id, record.name)
+                    if source in self.units:
+                        continue
                     try:
                         self.units[source] = self._open_unit(config, tc, lc, record.name)
                     except (OSError, ConfigError) as exc:
