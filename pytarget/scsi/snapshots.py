@@ -9,8 +9,10 @@ therefore granted once every write granted before it has ended, and holds back e
 asked for after it, while reads go on. The members are locked in the order the copy manager
 locks several units in (by `id`), so a copy holding one member's lock while it waits for
 another's cannot deadlock with a snapshot: that is the FSRVP shadow-copy set, no write to any
-member lands between the members' snapshots. Then each member's backstore takes its snapshot,
-the `snapshot_observers` of every member run (core/snapshots.py), and the locks are released.
+member lands between the members' snapshots. Then the members' backstores take their snapshots
+(all at once, on the I/O threads, so a set holds writes back about as long as its slowest
+member takes), the `snapshot_observers` of every member run (core/snapshots.py), and the locks
+are released.
 
 A rollback takes an exclusive lock over the whole medium instead (readers too are kept out),
 so the unit's write observers see every block change.
@@ -18,6 +20,7 @@ so the unit's write observers see every block change.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -56,10 +59,15 @@ async def take(members: Sequence[tuple[LogicalUnit, str]]) -> tuple[dict[int, st
     async with quiesced(units):
         held = perf_counter()
         try:
-            for index, (lu, name) in enumerate(members):
-                backstore = lu.backstore
-                assert backstore is not None
-                methods[index] = await lu.in_thread(backstore.create_snapshot, name)
+            takes = []
+            for lu, name in members:
+                assert lu.backstore is not None
+                takes.append(lu.in_thread(lu.backstore.create_snapshot, name))
+            outcomes = await asyncio.gather(*takes, return_exceptions=True)
+            methods = {i: o for i, o in enumerate(outcomes) if isinstance(o, str)}
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             for lu, name in members:
                 for observer in lu.snapshot_observers:
                     observer(lu, name)
