@@ -1,11 +1,12 @@
 """Snapshots exposed over NBD to QEMU's client (qemu-img, qemu-io, qemu-nbd --list): a snapshot
 taken with reflink on XFS (tests/xfs.py) reads as the LUN read when it was taken while the LUN
-moves on, is listed and read-only, maps its holes, and is still exported after the target
-restarts."""
+moves on, is listed and read-only, maps its holes, is still exported after the target
+restarts, and gives back the blocks only it held when deleted."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -100,5 +101,24 @@ def test_reflink_snapshot_over_nbd_survives_a_restart(xfs_dir: Path) -> None:
         assert "Pattern verification failed" not in out, out
         (row,) = json.loads(snapshot_cli(config, "list", "--json"))
         assert row["method"] == "reflink" and row["nbd"] and row["export"] == SNAPSHOT
+
+        # the 2 MiB only the snapshot still holds (overwritten and discarded since) come back
+        snapshot_cli(config, "unexpose", "0@before", "--nbd")
+        before = free_bytes(xfs_dir)
+        snapshot_cli(config, "delete", "0@before")
+        assert not (xfs_dir / "lun0.img.snapshots").exists()
+        freed = 0
+        for _ in range(200):  # XFS may free an unlinked file's blocks in the background
+            os.sync()
+            freed = free_bytes(xfs_dir) - before
+            if freed >= 2 << 20:
+                break
+            time.sleep(0.05)
+        assert freed >= 2 << 20, freed
     finally:
         target.stop()
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bfree * st.f_frsize
