@@ -145,6 +145,12 @@ class _Lib:
             (rbd, "rbd_snap_remove", i, [vp, cp]),
             (rbd, "rbd_snap_list", i, [vp, ctypes.POINTER(_SnapInfo), ctypes.POINTER(i)]),
             (rbd, "rbd_snap_list_end", None, [ctypes.POINTER(_SnapInfo)]),
+            (rbd, "rbd_snap_rollback", i, [vp, cp]),
+            (rbd, "rbd_snap_protect", i, [vp, cp]),
+            (rbd, "rbd_snap_unprotect", i, [vp, cp]),
+            (rbd, "rbd_snap_is_protected", i, [vp, cp, ctypes.POINTER(i)]),
+            (rbd, "rbd_clone", i, [vp, cp, cp, vp, cp, u64, ctypes.POINTER(i)]),
+            (rbd, "rbd_open_read_only", i, [vp, cp, ctypes.POINTER(vp), cp]),
             (rbd, "rbd_read", ctypes.c_ssize_t, [vp, u64, sz, vp]),
             (rbd, "rbd_write", ctypes.c_ssize_t, [vp, u64, sz, vp]),
             (rbd, "rbd_flush", i, [vp]),
@@ -249,14 +255,20 @@ class RbdImage:
     def open_blocking(cls, pool: str, name: str, *, conf: str = DEFAULT_CONF,
                       keyring: str | None = None, client_id: str = "admin",
                       size: int | None = None, options: dict[str, str] | None = None,
-                      object_size: int = 0) -> RbdImage:
+                      object_size: int = 0, snapshot: str | None = None) -> RbdImage:
         """`open`, on the calling thread; a created image has objects of `object_size`
-        bytes (a power of two from 4 KiB; 0: librbd's default, 4 MiB)."""
+        bytes (a power of two from 4 KiB; 0: librbd's default, 4 MiB). With `snapshot`, the
+        image as that snapshot holds it, read-only (no exclusive lock taken)."""
         lib = _Lib.get()
         cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, options)
         image = ctypes.c_void_p()
         try:
-            ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
+            if snapshot is not None:
+                ret = lib.rbd_open_read_only(ioctx, name.encode(), ctypes.byref(image),
+                                             snapshot.encode())
+                _check(ret, f"opening snapshot {pool}/{name}@{snapshot}")
+            else:
+                ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
             if ret == -errno.ENOENT and size is not None:
                 ret = _create(lib, ioctx, name, size, object_size)
                 if ret not in (0, -errno.EEXIST):
@@ -442,6 +454,57 @@ class RbdImage:
         await asyncio.to_thread(lambda: _check(
             self._lib.rbd_snap_remove(self._image, name.encode()), f"removing snapshot {name}"))
 
+    def snapshot_create_blocking(self, name: str) -> None:
+        _check(self._lib.rbd_snap_create(self._handle(), name.encode()),
+               f"creating snapshot {self.pool}/{self.name}@{name}")
+
+    def snapshot_remove_blocking(self, name: str) -> None:
+        """Remove a snapshot, unprotecting it first; EBUSY while clones depend on it."""
+        image = self._handle()
+        if self._protected(name):
+            _check(self._lib.rbd_snap_unprotect(image, name.encode()),
+                   f"unprotecting snapshot {self.pool}/{self.name}@{name} (does a clone "
+                   "still depend on it? flatten or remove the clone first)")
+        _check(self._lib.rbd_snap_remove(image, name.encode()),
+               f"removing snapshot {self.pool}/{self.name}@{name}")
+
+    def _protected(self, name: str) -> bool:
+        flag = ctypes.c_int()
+        _check(self._lib.rbd_snap_is_protected(self._handle(), name.encode(),
+                                               ctypes.byref(flag)),
+               f"snapshot {self.pool}/{self.name}@{name}")
+        return bool(flag.value)
+
+    def snapshot_rollback_blocking(self, name: str) -> None:
+        _check(self._lib.rbd_snap_rollback(self._handle(), name.encode()),
+               f"rolling {self.pool}/{self.name} back to {name}")
+        self.size = self.size_now()
+
+    def snapshot_clone_blocking(self, name: str, pool: str, image: str) -> None:
+        """A copy-on-write child `pool`/`image` of snapshot `name` (protected first, as
+        clone format 1 requires; FileExistsError when the child exists)."""
+        handle = self._handle()
+        if not self._protected(name):
+            _check(self._lib.rbd_snap_protect(handle, name.encode()),
+                   f"protecting snapshot {self.pool}/{self.name}@{name}")
+        ioctx = self._ioctx
+        child = ctypes.c_void_p()
+        if pool != self.pool:
+            _check(self._lib.rados_ioctx_create(self._cluster, pool.encode(),
+                                                ctypes.byref(child)), f"opening pool {pool}")
+            ioctx = child
+        try:
+            features = ctypes.c_uint64()
+            _check(self._lib.rbd_get_features(handle, ctypes.byref(features)),
+                   "rbd_get_features")
+            order = ctypes.c_int(0)
+            _check(self._lib.rbd_clone(self._ioctx, self.name.encode(), name.encode(), ioctx,
+                                       image.encode(), features.value, ctypes.byref(order)),
+                   f"cloning {self.pool}/{self.name}@{name} to {pool}/{image}")
+        finally:
+            if child.value:
+                self._lib.rados_ioctx_destroy(child)
+
     async def snapshots(self) -> list[tuple[str, int, int]]:
         """(name, id, size) of each snapshot of the image."""
         return await asyncio.to_thread(self._snapshots_sync)
@@ -549,7 +612,7 @@ class RbdBackstore(Backstore):
 
     kind = "rbd"
     PARAMS = ("pool", "image")
-    OPTIONAL_PARAMS = ("conf", "keyring", "client_id", "object_size")
+    OPTIONAL_PARAMS = ("conf", "keyring", "client_id", "object_size", "snapshot")
     ALLOCATED_REFRESH = 1.0  # seconds a figure given on the event loop may be old
 
     def __init__(self, image: RbdImage, readonly: bool = False) -> None:
@@ -579,16 +642,24 @@ class RbdBackstore(Backstore):
     @classmethod
     def open(cls, params: Mapping[str, Any], *, readonly: bool = False) -> RbdBackstore:
         try:
+            snapshot = params.get("snapshot")
             image = RbdImage.open_blocking(str(params["pool"]), str(params["image"]),
+                                           snapshot=None if snapshot is None else str(snapshot),
                                            **cls._connection(params))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise FileNotFoundError(exc.errno, exc.strerror) from None
             raise
-        return cls(image, readonly)
+        return cls(image, readonly or snapshot is not None)
 
     @classmethod
     def exists(cls, params: Mapping[str, Any]) -> bool:
+        if "snapshot" in params:
+            try:
+                cls.open(params, readonly=True).close()
+            except FileNotFoundError:
+                return False
+            return True
         return image_exists(str(params["pool"]), str(params["image"]),
                             **cls._connection(params))
 
@@ -717,6 +788,26 @@ class RbdBackstore(Backstore):
         self._writable()
         self.image.resize_blocking(size)
         self.size = size
+
+    # -- snapshots: RBD snapshots of the image
+    @classmethod
+    def snapshot_params(cls, params: Mapping[str, Any], name: str) -> dict[str, Any]:
+        return {**params, "snapshot": name}
+
+    def create_snapshot(self, name: str) -> str:
+        self._writable()
+        self.image.snapshot_create_blocking(name)
+        return "rbd"
+
+    def delete_snapshot(self, name: str) -> None:
+        self.image.snapshot_remove_blocking(name)
+
+    def clone_snapshot(self, name: str, params: Mapping[str, Any]) -> None:
+        self.image.snapshot_clone_blocking(name, str(params["pool"]), str(params["image"]))
+
+    def rollback_snapshot(self, name: str) -> None:
+        self._writable()
+        self.image.snapshot_rollback_blocking(name)
 
     # -- awaitable calls: librbd aio, completed on the event loop
     async def aread(self, buf: memoryview, offset: int,

@@ -53,6 +53,7 @@ from .unit import LunDirectory
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
     from ..core.reservations import ReservationStore, SharedDocument
+    from ..core.snapshots import QuiescedObserver
     from .qos import QosGate
 
 log = logging.getLogger("pytarget.scsi")
@@ -195,6 +196,8 @@ class LogicalUnit:
         self.mode = ModePages(self)
         self.write_observers: list[Callable[[int, int], asyncio.Future[None] | None]] = []
         self.token_store = tokens  # the copy manager shares the unit's ROD tokens through it
+        # called while the unit is quiesced for a snapshot (core/snapshots.py)
+        self.snapshot_observers: list[QuiescedObserver] = []
         self.ranges: RangeLock = _UnitRangeLock(self)
         self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
         self.qos: QosGate | None = None  # the target's QoS scheduler when a policy applies
