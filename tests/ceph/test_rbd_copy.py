@@ -182,14 +182,17 @@ def test_a_clones_data_in_its_parent_is_read_through(tmp_path: Path, images: Ima
     images.rbd("clone", f"{pool}/{parent_name}@base", f"{pool}/{child_name}")
     images.names.remove(child_name)
     images.names.append(child_name)  # removed before its parent
-    src, dst = lun(rig, 0, images.open(child_name)), lun(rig, 1, images.open(images.name()))
+    dst_name = images.name()
+    src, dst = lun(rig, 0, images.open(child_name)), lun(rig, 1, images.open(dst_name))
     xcopy(src, dst, 0, 0, 2 * OBJECT)
     assert read(dst, 0, 2 * OBJECT) == data
+    images.object_map_clean(dst_name)
 
 
 def test_odx_between_rbd_luns_copies_in_the_cluster(tmp_path: Path, images: Images) -> None:
     rig = Rig(tmp_path)
-    src, dst = lun(rig, 0, images.open(images.name())), lun(rig, 1, images.open(images.name()))
+    dst_name = images.name()
+    src, dst = lun(rig, 0, images.open(images.name())), lun(rig, 1, images.open(dst_name))
     data = os.urandom(2 * OBJECT)
     src.backstore.write(memoryview(data), 0)  # type: ignore[union-attr]
     blocks = 2 * OBJECT // BS
@@ -199,6 +202,7 @@ def test_odx_between_rbd_luns_copies_in_the_cluster(tmp_path: Path, images: Imag
     assert r.ok(), r.sense
     assert read(dst, OBJECT, 2 * OBJECT) == data
     assert dst.stats_copy_bytes["copy_range"] == 2 * OBJECT
+    images.object_map_clean(dst_name)
 
 
 def test_file_and_rbd_luns_copy_through_the_generic_engine(tmp_path: Path,

@@ -65,6 +65,27 @@ def test_whole_units_inside_the_range_are_copied_in_storage_and_the_edges_throug
     assert dst.stats_copy_bytes["buffered"] == blocks * 512 - 4 * OBJECT
 
 
+def test_chunks_start_on_chunk_multiples_so_no_unit_is_split_between_two(
+        tmp_path: Path) -> None:
+    """20 MiB from an unaligned start span three 8 MiB chunks: every unit wholly inside the
+    range is copied in storage, none is split by a chunk boundary (the two segments meet on a
+    unit boundary: the initiator splits there)."""
+    size = 32 << 20
+    src, dst = units(tmp_path, size)
+    data = pattern(40960, seed=3)  # 20 MiB
+    fill(src, 0, data)
+    first, blocks, split = 3, 40960 - 8, 32765  # first + split: a multiple of 128 blocks
+    params = lid1([e4(src), e4(dst)], [b2b(0, 1, split, first, first),
+                                       b2b(0, 1, blocks - split, first + split,
+                                           first + split)])
+    r = run(src, xcopy_cdb(len(params)), params, NEXUS_A)
+    assert r.ok(), r.sense
+    assert read(dst, first, blocks) == data[first * 512:(first + blocks) * 512]
+    whole = ((first + blocks) * 512 // OBJECT) - (-(-first * 512 // OBJECT))
+    assert dst.stats_copy_bytes["copy_range"] == whole * OBJECT
+    assert dst.stats_copy_bytes["buffered"] == blocks * 512 - whole * OBJECT
+
+
 def test_ranges_misaligned_to_each_other_are_never_offered(tmp_path: Path) -> None:
     src, dst = units(tmp_path)
     data = pattern(512)
