@@ -202,12 +202,13 @@ def _xcopy_list(src: bytes, dst: bytes, blocks: int, shift: int = 0) -> bytes:
 
 
 async def _unmap_all(ini: Initiator, lun: int, blocks: int) -> None:
-    step = 1 << 20  # MAX UNMAP LBA COUNT
-    descs = b"".join(struct.pack(">QI4x", lba, min(step, blocks - lba))
-                     for lba in range(0, blocks, step))
-    params = struct.pack(">HH4x", len(descs) + 6, len(descs)) + descs
-    cdb = bytes((0x42, 0)) + bytes(4) + bytes(1) + len(params).to_bytes(2, "big") + bytes(1)
-    (await ini.command(lun, cdb, params, timeout=600)).check()
+    """One UNMAP per MAXIMUM UNMAP LBA COUNT (1 Mi blocks: the limit is per command)."""
+    step = 1 << 20
+    for lba in range(0, blocks, step):
+        desc = struct.pack(">QI4x", lba, min(step, blocks - lba))
+        params = struct.pack(">HH4x", len(desc) + 6, len(desc)) + desc
+        cdb = bytes((0x42, 0)) + bytes(5) + len(params).to_bytes(2, "big") + bytes(1)
+        (await ini.command(lun, cdb, params, timeout=600)).check()
 
 
 async def _copies(port: int, runs: int, size: int, log: Callable[[str], None]
