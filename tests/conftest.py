@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif where in IN_PROCESS:
             item.add_marker(pytest.mark.inprocess)
+        # With pytest-xdist (tools/test runs two workers), every test of the session's Ceph
+        # cluster stays in one worker, so the cluster starts once, and the guest tests share
+        # another, so two TCG guests never compete for the two cores.
+        if "ceph_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ceph"))
+        elif where.startswith("interop/"):
+            item.add_marker(pytest.mark.xdist_group("guest"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends the run as Ctrl-C does, so fixtures still stop the daemons they started."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def run(coro: Awaitable[T], timeout: float = 60.0) -> T:

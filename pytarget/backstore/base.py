@@ -83,6 +83,7 @@ class Capabilities:
     clone: bool = False  # `clone_from` may share blocks with a backstore of the same kind
     clone_alignment: int = 0  # bytes that clone offsets and lengths must be multiples of
     copy_range: bool = False  # `copy_range_from` may copy inside the storage
+    copy_range_alignment: int = 0  # bytes that copy_range offsets and lengths must be multiples of
     compare_and_write_max: int = 0  # bytes `acompare_and_write` does atomically; 0: not offered
     compare_and_write_boundary: int = 0  # a range crossing a multiple of this is refused; 0: none
     atomic_write_unit_min: int = 0  # `awrite_atomic`: power-of-two lengths from min to max,
@@ -194,7 +195,8 @@ class Backstore(ABC):
     def copy_range_from(self, src: Backstore, src_offset: int, dst_offset: int,
                         length: int) -> bool:
         """Copy inside the storage, the data never passing through this process
-        (copy_file_range); False, with nothing changed, when it cannot."""
+        (copy_file_range, RADOS copy-from); False, with nothing changed, when it cannot.
+        Offsets and length are multiples of `caps.copy_range_alignment` (when not 0)."""
         return False
 
     @abstractmethod

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import threads
+from . import rados_copy, threads
 from .base import Backstore, Capabilities, Extent, ReadHook
 
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
@@ -47,6 +47,8 @@ TARGET_OPTIONS = {"rbd_cache": "false"}
 _completion_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _diff_cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int,
                             ctypes.c_void_p)
+
+_NO_CALLBACK = _completion_cb()  # NULL: a completion that is waited for
 
 
 class _ImageInfo(ctypes.Structure):
@@ -119,6 +121,8 @@ class _Lib:
             (rados, "rados_shutdown", None, [vp]),
             (rados, "rados_ioctx_create", i, [vp, cp, ctypes.POINTER(vp)]),
             (rados, "rados_ioctx_destroy", None, [vp]),
+            (rados, "rados_ioctx_create2", i, [vp, ctypes.c_int64, ctypes.POINTER(vp)]),
+            (rados, "rados_cluster_fsid", i, [vp, cp, sz]),
             (rbd, "rbd_version", None, [ctypes.POINTER(i)] * 3),
             (rbd, "rbd_create", i, [vp, cp, u64, ctypes.POINTER(i)]),
             (rbd, "rbd_remove", i, [vp, cp]),
@@ -128,6 +132,10 @@ class _Lib:
             (rbd, "rbd_get_size", i, [vp, ctypes.POINTER(u64)]),
             (rbd, "rbd_get_features", i, [vp, ctypes.POINTER(u64)]),
             (rbd, "rbd_get_stripe_unit", i, [vp, ctypes.POINTER(u64)]),
+            (rbd, "rbd_get_stripe_count", i, [vp, ctypes.POINTER(u64)]),
+            (rbd, "rbd_get_block_name_prefix", i, [vp, cp, sz]),
+            (rbd, "rbd_get_data_pool_id", ctypes.c_int64, [vp]),
+            (rbd, "rbd_aio_wait_for_complete", i, [vp]),
             (rbd, "rbd_aio_create_completion", i, [vp, _completion_cb, ctypes.POINTER(vp)]),
             (rbd, "rbd_aio_get_return_value", ctypes.c_ssize_t, [vp]),
             (rbd, "rbd_aio_release", None, [vp]),
@@ -238,6 +246,8 @@ class RbdImage:
     _image: ctypes.c_void_p
     _in_flight: set[asyncio.Future[int]] = field(default_factory=set)
     _closed: bool = False
+    _objects: tuple[ctypes.c_void_p, rados_copy.IoCtx] | None = None  # see _data_ioctx
+    _objects_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     async def open(cls, pool: str, name: str, *, conf: str = DEFAULT_CONF,
@@ -282,6 +292,14 @@ class RbdImage:
             stripe_unit = ctypes.c_uint64()
             _check(lib.rbd_get_stripe_unit(image, ctypes.byref(stripe_unit)),
                    "rbd_get_stripe_unit")
+            stripe_count = ctypes.c_uint64()
+            _check(lib.rbd_get_stripe_count(image, ctypes.byref(stripe_count)),
+                   "rbd_get_stripe_count")
+            prefix = ctypes.create_string_buffer(128)
+            _check(lib.rbd_get_block_name_prefix(image, prefix, len(prefix)),
+                   "rbd_get_block_name_prefix")
+            fsid = ctypes.create_string_buffer(64)
+            _check(lib.rados_cluster_fsid(cluster, fsid, len(fsid)), "rados_cluster_fsid")
             caps = {
                 "object_size": int(info.obj_size),
                 "discard_granularity": _conf_int(lib, cluster, "rbd_discard_granularity_bytes"),
@@ -290,6 +308,11 @@ class RbdImage:
                 "stripe_unit": int(stripe_unit.value),
                 "caw_atomic_max": min(CAW_SECTOR, int(stripe_unit.value) or CAW_SECTOR),
                 "features": int(features.value),
+                "stripe_count": int(stripe_count.value),
+                "block_name_prefix": prefix.value.decode(),
+                "data_pool_id": int(_check(lib.rbd_get_data_pool_id(image),
+                                           "rbd_get_data_pool_id")),
+                "fsid": fsid.value.decode(),
             }
         except BaseException:
             if image.value:
@@ -431,7 +454,8 @@ class RbdImage:
             return 0
 
         callback = _diff_cb(collect)
-        _check(self._lib.rbd_diff_iterate2(self._image, None, offset, length, 0, 0, callback,
+        # include_parent = 1: a clone's data still in its parent is data, not a hole
+        _check(self._lib.rbd_diff_iterate2(self._image, None, offset, length, 1, 0, callback,
                                            None), "rbd_diff_iterate2")
         found.sort()
         merged: list[tuple[int, int]] = []
@@ -547,6 +571,10 @@ class RbdImage:
 
     def _close_sync(self) -> None:
         self._lib.rbd_close(self._image)
+        if self._objects is not None:
+            self._objects[1].close()
+            self._lib.rados_ioctx_destroy(self._objects[0])
+            self._objects = None
         self._lib.rados_ioctx_destroy(self._ioctx)
         self._lib.rados_shutdown(self._cluster)
 
@@ -586,6 +614,83 @@ class RbdImage:
         self._handle()
         return self._extents_sync(offset, length)
 
+    def object_name(self, number: int) -> str:
+        """The RADOS name of the image's data object `number` (rbd_data.<id>.<16 hex>)."""
+        return f"{self.caps['block_name_prefix']}.{number:016x}"
+
+    def _data_ioctx(self) -> rados_copy.IoCtx:
+        """A C++ IoCtx on the pool holding the image's data objects, made at first use and
+        closed with the image."""
+        with self._objects_lock:
+            self._handle()
+            if self._objects is None:
+                c_ioctx = ctypes.c_void_p()
+                _check(self._lib.rados_ioctx_create2(self._cluster, self.caps["data_pool_id"],
+                                                     ctypes.byref(c_ioctx)),
+                       f"opening the data pool of {self.pool}/{self.name}")
+                try:
+                    self._objects = (c_ioctx, rados_copy.IoCtx(c_ioctx))
+                except BaseException:
+                    self._lib.rados_ioctx_destroy(c_ioctx)
+                    raise
+            return self._objects[1]
+
+    def copy_objects_from_blocking(self, src: RbdImage, src_first: int, dst_first: int,
+                                   count: int) -> list[int]:
+        """Make this image's data objects dst_first... copies of `src`'s objects
+        src_first... inside the cluster (RADOS copy-from, OSD to OSD); per object 0 or
+        -errno (-ENOENT: the source object does not exist, as a clone's data still in its
+        parent). Both images are plainly striped with objects of one size in one cluster
+        (`copy_offer_refusal`).
+
+        Each destination object is first written through librbd (512 zero bytes at its start),
+        and only then replaced whole by the copy. That write is what keeps librbd's view true:
+        it records the object in the object map (fast-diff reads it as changed), takes the
+        exclusive lock, copies a clone's parent data up, and reaches the OSD with the image's
+        snapshot context, so the object's old content is kept for every snapshot; the copy
+        that follows carries no snapshot context and the OSD writes it under the newer one the
+        object now has. A snapshot taken between the two writes sees the copied data: the copy
+        was in flight then, as a write in flight at a crash."""
+        dst_io = self._data_ioctx()
+        src_io = src._data_ioctx()
+        zeros = ctypes.create_string_buffer(CAW_SECTOR)
+        osz = int(self.caps["object_size"])
+        pending: list[ctypes.c_void_p] = []
+        failed: list[int] = []
+
+        def reap() -> None:
+            completion = pending.pop(0)
+            self._lib.rbd_aio_wait_for_complete(completion)
+            ret = int(self._lib.rbd_aio_get_return_value(completion))
+            self._lib.rbd_aio_release(completion)
+            if ret < 0:
+                failed.append(ret)
+
+        try:
+            for number in range(dst_first, dst_first + count):
+                completion = ctypes.c_void_p()
+                _check(self._lib.rbd_aio_create_completion(None, _NO_CALLBACK,
+                                                           ctypes.byref(completion)),
+                       "rbd_aio_create_completion")
+                ret = self._lib.rbd_aio_write(self._handle(), number * osz, CAW_SECTOR,
+                                              ctypes.addressof(zeros), completion)
+                if ret < 0:
+                    self._lib.rbd_aio_release(completion)
+                    failed.append(ret)
+                    break
+                pending.append(completion)
+                if len(pending) >= rados_copy.DEPTH:
+                    reap()
+        finally:
+            while pending:
+                reap()
+        if failed:
+            raise _errno_error(failed[0], f"write to object {dst_first} of "
+                               f"{self.pool}/{self.name}")
+        pairs = [(src.object_name(src_first + n), self.object_name(dst_first + n))
+                 for n in range(count)]
+        return rados_copy.copy_objects(dst_io, src_io, pairs)
+
     def size_now(self) -> int:
         """The image's size as the cluster has it now (another client may have resized it)."""
         size = ctypes.c_uint64()
@@ -596,6 +701,38 @@ class RbdImage:
         _check(self._lib.rbd_resize(self._handle(), size),
                f"resizing {self.pool}/{self.name} to {size}")
         self.size = size
+
+
+RBD_FEATURE_JOURNALING = 1 << 6
+# Answers of a copy-from that mean "not here" rather than a failure of the medium: the OSD or
+# the client's caps refuse it (EPERM: no read access to the source pool for the OSD's copy).
+COPY_REFUSED = frozenset((errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.EXDEV,
+                          errno.EINVAL))
+
+
+def copy_offer_refusal(dst: Mapping[str, Any], src: Mapping[str, Any] | None = None
+                       ) -> str | None:
+    """Why data cannot be copied into the image whose `RbdImage.caps` are `dst` (from the
+    image `src`, when given) inside the cluster, object by object; None when it can.
+
+    Object-by-object copying needs image offsets that map to objects one to one (no fancy
+    striping: one stripe of one object), objects of one size on both sides, both images in
+    one cluster (a copy-from names a pool of the OSDs' own cluster), and no journaling (a
+    journaled image's writes must go through its journal, which rbd-mirror replays)."""
+    sides = [("destination", dst)] + ([] if src is None else [("source", src)])
+    for side, caps in sides:
+        if caps["stripe_count"] != 1 or caps["stripe_unit"] != caps["object_size"]:
+            return (f"the {side} image is striped ({caps['stripe_count']} x "
+                    f"{caps['stripe_unit']} bytes over {caps['object_size']}-byte objects)")
+        if caps["features"] & RBD_FEATURE_JOURNALING:
+            return f"the {side} image is journaled"
+    if src is not None:
+        if src["fsid"] != dst["fsid"]:
+            return "the images are in different clusters"
+        if src["object_size"] != dst["object_size"]:
+            return (f"the object sizes differ ({src['object_size']} and "
+                    f"{dst['object_size']} bytes)")
+    return None
 
 
 class RbdBackstore(Backstore):
@@ -626,7 +763,10 @@ class RbdBackstore(Backstore):
         self.caps = Capabilities(
             thin=True, deallocated_reads_zero=True,
             deallocate_granularity=granule or 512, deallocate_alignment=0,
-            compare_and_write_max=caw, compare_and_write_boundary=caw)
+            compare_and_write_max=caw, compare_and_write_boundary=caw,
+            copy_range=not readonly and rados_copy.available()
+            and copy_offer_refusal(image.caps) is None,
+            copy_range_alignment=image.caps["object_size"])
         self._allocated = 0
         self._allocated_at = -1.0
         self._refreshing = False
@@ -780,6 +920,40 @@ class RbdBackstore(Backstore):
         span = self._span(offset, length)
         found = self.image.extents_blocking(span[0], span[1] - span[0])
         return self._extents(found, span, offset, length)
+
+    def copy_range_from(self, src: Backstore, src_offset: int, dst_offset: int,
+                        length: int) -> bool:
+        """Copy whole objects inside the cluster, OSD to OSD (RADOS copy-from, see
+        `RbdImage.copy_objects_from_blocking`), when both images allow it
+        (`copy_offer_refusal`) and the ranges are whole objects on both sides; False, with
+        nothing changed, otherwise. A source object that does not exist in RADOS (a clone's
+        data still in its parent) is read and written instead; so are the objects of a copy
+        the cluster refuses (COPY_REFUSED), and the offer is then withdrawn."""
+        if not self.caps.copy_range or not isinstance(src, RbdBackstore) or src.closed:
+            return False
+        osz = int(self.image.caps["object_size"])
+        if src_offset % osz or dst_offset % osz or length % osz or length <= 0 \
+                or copy_offer_refusal(self.image.caps, src.image.caps) is not None:
+            return False
+        self._writable()
+        results = self.image.copy_objects_from_blocking(src.image, src_offset // osz,
+                                                        dst_offset // osz, length // osz)
+        for n, ret in enumerate(results):
+            if ret == 0:
+                continue
+            if -ret in COPY_REFUSED:
+                self.caps.copy_range = False
+            elif ret != -errno.ENOENT:
+                raise _errno_error(ret, f"copy of object {src_offset // osz + n} of "
+                                   f"{src.location} into {self.location}")
+            self._copy_through(src, src_offset + n * osz, dst_offset + n * osz, osz)
+        return True
+
+    def _copy_through(self, src: RbdBackstore, src_offset: int, dst_offset: int,
+                      length: int) -> None:
+        buf = memoryview(bytearray(length))
+        src.read_into(buf, src_offset)
+        self.write(buf, dst_offset)
 
     def medium_size(self) -> int:
         return self.image.size_now()

@@ -685,23 +685,29 @@ class LogicalUnit:
         return paths
 
     def _copy_data(self, src: Backstore, so: int, do: int, n: int) -> Counter[str]:
+        """Data: the destination's clone offer, else its in-storage copy, each for the part
+        of the range its alignment allows (the unaligned head and tail go the next way),
+        else read and written."""
         dst = self.backstore
         assert dst is not None
-        paths: Counter[str] = Counter()
-        align = max(dst.caps.clone_alignment, self.block_size)
-        if dst.caps.clone and so % align == do % align:
+        overlap = src is dst and so < do + n and do < so + n
+        offers = (("reflink", dst.caps.clone, dst.caps.clone_alignment, dst.clone_from),
+                  ("copy_range", dst.caps.copy_range and not overlap,
+                   dst.caps.copy_range_alignment, dst.copy_range_from))
+        for path, offered, alignment, offer in offers:
+            align = max(alignment, self.block_size)
+            if not offered or so % align != do % align:
+                continue
             head = min(n, -so % align)
             body = (n - head) // align * align
-            if body and dst.clone_from(src, so + head, do + head, body):
-                paths["reflink"] += body
+            if body and offer(src, so + head, do + head, body):
+                paths: Counter[str] = Counter({path: body})
                 if head:
                     paths.update(self._copy_data(src, so, do, head))
                 tail = n - head - body
                 if tail:
                     paths.update(self._copy_data(src, so + head + body, do + head + body, tail))
                 return paths
-        if not (src is dst and so < do + n and do < so + n) and dst.copy_range_from(src, so, do, n):
-            return Counter({"copy_range": n})
         return Counter({self._copy_buffered(src, so, do, n): n})
 
     def _copy_buffered(self, src: Backstore, so: int, do: int, n: int,
