@@ -87,7 +87,7 @@ class NbdReader:
         if (magic, opt) != (proto.NBDMAGIC, proto.IHAVEOPT):
             raise RuntimeError("not a fixed-newstyle NBD server")
         self.sock.sendall(proto.CLIENT_FLAGS.pack(
-            proto.ClientFlag.FIXED_NEWSTYLE | proto.ClientFlag.NO_ZEROES))
+            proto.ClientFlag.C_FIXED_NEWSTYLE | proto.ClientFlag.C_NO_ZEROES))
         name = export.encode()
         payload = len(name).to_bytes(4, "big") + name + (0).to_bytes(2, "big")
         self.sock.sendall(proto.OPTION_HEADER.pack(proto.IHAVEOPT, proto.Opt.GO, len(payload))
