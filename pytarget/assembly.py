@@ -28,8 +28,10 @@ from .core.reservations import ReservationStore
 from .core.task import Nexus
 from .iscsi.node import DEFAULT_TPGT, RELATIVE_PORT, AclEntry, TargetNode
 from .iscsi.target import TargetRegistry
-from .nbd.exports import LOOPBACK, Export, ExportTable
+from .nbd.exports import LOOPBACK, ContextSource, Export, ExportTable
+from .nbd.proto import DIRTY_BITMAP
 from .scsi.alua import PortGroups, port_groups
+from .scsi.cbt import bitmaps
 from .scsi.device import LogicalUnit, LuConfig, NoLogicalUnit
 from .scsi.pr import PrStateError
 from .scsi.qos import QosGate
@@ -96,6 +98,15 @@ def sanitize_state_path(config: Config, lc: LunConfig) -> Path:
     if lc.path is None:
         return _image_state_path(config, lc, ".sanitize.json")
     return lc.path.with_name(f"{lc.path.name}.sanitize.json")
+
+
+def checkpoint_state_path(config: Config, lc: LunConfig) -> Path:
+    """A LUN's checkpoints and their dirty bitmaps are kept next to the backing file,
+    <backing file>.cbt, and for an RBD image in <config dir>/rbd.<pool>.<image>.cbt
+    (docs/cbt.md)."""
+    if lc.path is None:
+        return _image_state_path(config, lc, ".cbt")
+    return lc.path.with_name(f"{lc.path.name}.cbt")
 
 
 def check(config: Config) -> None:
@@ -195,7 +206,9 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
                              port_groups=lu_port_groups(config),
                              owner=owner.id if owner is not None else None,
                              sanitize_state_path=str(sanitize_state_path(config, lc)),
-                             sanitize_rate=lc.sanitize_rate)
+                             sanitize_rate=lc.sanitize_rate,
+                             checkpoint_state_path=str(checkpoint_state_path(config, lc)),
+                             checkpoint_granularity=lc.checkpoint_granularity)
         if lc.atomic_write_size is not None:
             lu_config.atomic_write_bytes = lc.atomic_write_size
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
@@ -298,8 +311,21 @@ def build_exports(registry: TargetRegistry, config: Config) -> ExportTable:
             exports.append(Export(f"{tc.name}/{lc.id}", tc.name, lc.id,
                                   partial(_live_unit, registry, tc.name, lc.id),
                                   description=tc.alias or f"LUN {lc.id} of {tc.name}",
-                                  allow=allow))
+                                  allow=allow,
+                                  contexts=partial(checkpoint_contexts, registry, tc.name,
+                                                   lc.id)))
     return ExportTable(exports)
+
+
+def checkpoint_contexts(registry: TargetRegistry, target: str, lun: int,
+                        until: str | None = None) -> dict[str, ContextSource]:
+    """The `qemu:dirty-bitmap:NAME` contexts of a LUN's export: each checkpoint whose changes
+    are known exactly, since it until now, or until the checkpoint `until` (the one created with
+    a snapshot, for that snapshot's export)."""
+    lu = _live_unit(registry, target, lun)
+    if lu is None:
+        return {}
+    return {DIRTY_BITMAP + name: source for name, source in bitmaps(lu.checkpoints, until).items()}
 
 
 def _live_unit(registry: TargetRegistry, target: str, lun: int) -> LogicalUnit | None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from . import status
+from . import checkpoints, status
 from .assembly import build_copy_manager, build_exports, build_registry, prepare_backing_files
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer, socket_path
@@ -180,7 +180,10 @@ class Server:
             log.info("reload requested over the control socket (uid %s)", uid,
                      extra={"event": "reload_request", "uid": uid})
             return {"changes": await self.reload()}
-        raise ControlError(f"unknown command {command!r} (status, reload)")
+        if command in checkpoints.COMMANDS:
+            return await checkpoints.control(self.registry, command, request)
+        raise ControlError(f"unknown command {command!r} (status, reload, "
+                           + ", ".join(checkpoints.COMMANDS) + ")")
 
     # ---------------------------------------------------------------- sessions
     def session_started(self, session: Session, driver: ConnectionLink) -> None:

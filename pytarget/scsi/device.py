@@ -44,6 +44,7 @@ from ..core.table import Opcode, OpSpec, OpTable
 from ..core.task import Nexus, ScsiTask
 from . import vpd
 from .alua import U_SUP, AluaState, PortGroups, TpgStatus
+from .cbt import GRANULARITY, ChangeTracker, Checkpoint, CheckpointError
 from .modes import ModePages
 from .opcodes import NO_LU_TABLE, lu_table
 from .pr import PersistentReservations
@@ -83,9 +84,11 @@ class _UnitRangeLock(RangeLock):
     write.
     """
 
-    def __init__(self, lu: LogicalUnit) -> None:
+    def __init__(self, lu: LogicalUnit, tracker: ChangeTracker) -> None:
         super().__init__()
         self.lu = lu
+        self.tracker = tracker
+        self._unchanged: set[_Request] = set()
 
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
         req = await super().acquire(start, count, exclusive)
@@ -103,6 +106,34 @@ class _UnitRangeLock(RangeLock):
         if start + count <= self.lu.nblocks:
             for observer in self.lu.write_observers:
                 observer(start, max(count, 1))
+
+    def release(self, req: _Request) -> None:
+        """Release; an exclusive lock within the medium marks its blocks changed in the
+        checkpoints' bitmap (scsi/cbt.py): the choke point every change passes through."""
+        RangeLock.release(self, req)
+        if req.exclusive:
+            if self.tracker.active is not None:
+                self._written(req)
+            elif self._unchanged:
+                self._unchanged.discard(req)
+
+    def _written(self, req: _Request) -> None:
+        if self._unchanged and req in self._unchanged:
+            self._unchanged.discard(req)
+            return
+        if req.end <= self.lu.nblocks:
+            bs = self.lu.block_size
+            self.tracker.mark(req.start * bs, req.end * bs)
+
+    def unchanged(self, req: _Request) -> None:
+        if self.tracker.active is not None:
+            self._unchanged.add(req)
+
+    def held_writes(self) -> list[tuple[int, int]]:
+        """Byte ranges of the medium that commands hold to change now."""
+        bs, nblocks = self.lu.block_size, self.lu.nblocks
+        return [(start * bs, end * bs) for start, end in self.exclusive_holds()
+                if end <= nblocks]
 
 
 @dataclass
@@ -125,6 +156,8 @@ class LuConfig:
     sanitize_state_path: str | None = None  # sanitize in progress or failed; None: not kept
     sanitize_rate: int = 0  # bytes per second a sanitize OVERWRITE writes; 0: unlimited
     atomic_write_bytes: int = limits.ATOMIC_WRITE_BYTES  # the WRITE ATOMIC(16) length wanted
+    checkpoint_state_path: str | None = None  # checkpoints' bitmaps; None: kept in memory only
+    checkpoint_granularity: int = GRANULARITY  # bytes per bit of a new checkpoint chain
 
 
 class LogicalUnit:
@@ -182,7 +215,12 @@ class LogicalUnit:
             del self.vpd[0xB2]
         self.mode = ModePages(self)
         self.write_observers: list[Callable[[int, int], None]] = []
-        self.ranges: RangeLock = _UnitRangeLock(self)
+        self.checkpoints = ChangeTracker.open(
+            config.checkpoint_state_path if backstore is not None else None,
+            backstore.size if backstore is not None else 0, config.checkpoint_granularity)
+        self._ranges = _UnitRangeLock(self, self.checkpoints)
+        self.ranges: RangeLock = self._ranges
+        self.checkpoints.attach(self._ranges)
         self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
         self.qos: QosGate | None = None  # the target's QoS scheduler when a policy applies
         self.stats_copy_paths: dict[str, int] = {}
@@ -725,15 +763,42 @@ class LogicalUnit:
         blocks read as zeros."""
         return self.thin and dst.caps.deallocated_reads_zero
 
+    # ------------------------------------------------------------------ checkpoints
+    def create_checkpoint(self, name: str) -> Checkpoint:
+        """A checkpoint of this LU from this instant (scsi/cbt.py). Synchronous, so a caller
+        that has quiesced the LU (a snapshot) pairs it exactly with what it took."""
+        if self.pr.store is not None:
+            raise CheckpointError("the LUN is served by several gateways: writes through the "
+                                  "others would be missed")
+        if self.backstore is None:
+            raise CheckpointError("no logical unit")
+        cp = self.checkpoints.create(name)
+        log.info("LUN %d: checkpoint %s created", self.lun, name,
+                 extra={"event": "checkpoint", "lun": self.lun, "checkpoint": name})
+        return cp
+
+    def delete_checkpoint(self, name: str) -> None:
+        self.checkpoints.delete(name)
+        log.info("LUN %d: checkpoint %s deleted", self.lun, name,
+                 extra={"event": "checkpoint_deleted", "lun": self.lun, "checkpoint": name})
+
     def close(self) -> None:
         self.sanitize.abandon()
         if self.backstore is not None and not self.closed:
+            flushed = False
             try:
                 if not self.readonly:
                     self.backstore.flush()
+                flushed = True
             finally:
                 self.backstore.close()
                 self.pr.close()
+                self.checkpoints.detach(self._ranges)
+                try:
+                    self.checkpoints.close(clean=flushed)
+                except OSError as exc:
+                    log.error("LUN %d: checkpoints not saved (%s): they will be inconsistent "
+                              "at the next start", self.lun, exc)
         self.closed = True
 
 
