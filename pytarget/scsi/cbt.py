@@ -79,7 +79,7 @@ class ChangeTracker:
         self.checkpoints: list[Checkpoint] = []
         # The newest checkpoint's bitmap, which writes mark; None without checkpoints.
         self.active: bytearray | None = None
-        self._shift = granularity.bit_length() - 1
+        self.shift = granularity.bit_length() - 1
         self._users = 0
         self._locks: list[Any] = []  # the range locks of the units using it (see `create`)
 
@@ -115,8 +115,15 @@ class ChangeTracker:
                 self.save(in_use=False)
 
     def attach(self, lock: Any) -> None:
-        """`lock` (a unit's range lock, with `held_writes()`) marks this tracker's bitmaps."""
+        """`lock` (a unit's range lock, with `held_writes()` and `track(on)`) marks this
+        tracker's bitmaps while it has checkpoints."""
         self._locks.append(lock)
+        lock.track(self.active is not None)
+
+    def _set_active(self) -> None:
+        self.active = self.checkpoints[-1].bitmap if self.checkpoints else None
+        for lock in self._locks:
+            lock.track(self.active is not None)
 
     def detach(self, lock: Any) -> None:
         with contextlib.suppress(ValueError):
@@ -124,7 +131,7 @@ class ChangeTracker:
 
     def _set_granularity(self, granularity: int) -> None:
         self.granularity = granularity
-        self._shift = granularity.bit_length() - 1
+        self.shift = granularity.bit_length() - 1
 
     @property
     def granules(self) -> int:
@@ -136,8 +143,8 @@ class ChangeTracker:
         bitmap = self.active
         if bitmap is None or end <= offset:
             return
-        first = offset >> self._shift
-        last = (end - 1) >> self._shift
+        first = offset >> self.shift
+        last = (end - 1) >> self.shift
         if first == last:
             bitmap[first] = 1
         else:
@@ -181,7 +188,7 @@ class ChangeTracker:
                     self.mark(offset, end)
         cp = Checkpoint(name, time.time(), bytearray(self.granules))
         self.checkpoints.append(cp)
-        self.active = cp.bitmap
+        self._set_active()
         self.save(in_use=True)
         return cp
 
@@ -198,7 +205,7 @@ class ChangeTracker:
             before.bitmap[:] = merged.tobytes()
             before.exact = before.exact and cp.exact
         del self.checkpoints[i]
-        self.active = self.checkpoints[-1].bitmap if self.checkpoints else None
+        self._set_active()
         self.save(in_use=True)
 
     def find(self, name: str) -> Checkpoint | None:

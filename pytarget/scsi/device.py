@@ -107,23 +107,35 @@ class _UnitRangeLock(RangeLock):
             for observer in self.lu.write_observers:
                 observer(start, max(count, 1))
 
-    def release(self, req: _Request) -> None:
-        """Release; an exclusive lock within the medium marks its blocks changed in the
-        checkpoints' bitmap (scsi/cbt.py): the choke point every change passes through."""
-        RangeLock.release(self, req)
-        if req.exclusive:
-            if self.tracker.active is not None:
-                self._written(req)
-            elif self._unchanged:
-                self._unchanged.discard(req)
+    def track(self, on: bool) -> None:
+        """While the tracker has checkpoints, releasing an exclusive lock within the medium
+        marks its blocks changed (scsi/cbt.py): the choke point every change passes through.
+        Without checkpoints `release` is RangeLock's own: tracking costs nothing then."""
+        if on:
+            self.release = self._release_tracked  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("release", None)
+            self._unchanged.clear()
 
-    def _written(self, req: _Request) -> None:
+    def _release_tracked(self, req: _Request) -> None:
+        RangeLock.release(self, req)
+        if not req.exclusive:
+            return
+        tracker = self.tracker
+        bitmap = tracker.active
+        if bitmap is None:
+            return
         if self._unchanged and req in self._unchanged:
             self._unchanged.discard(req)
             return
-        if req.end <= self.lu.nblocks:
-            bs = self.lu.block_size
-            self.tracker.mark(req.start * bs, req.end * bs)
+        lu = self.lu
+        if req.end <= lu.nblocks:
+            bs = lu.block_size
+            first = req.start * bs >> tracker.shift
+            if (req.end * bs - 1) >> tracker.shift == first:
+                bitmap[first] = 1
+            else:
+                tracker.mark(req.start * bs, req.end * bs)
 
     def unchanged(self, req: _Request) -> None:
         if self.tracker.active is not None:

@@ -211,6 +211,15 @@ def test_writes_mark_their_granules(tmp_path: Path, opcode: int, name: str) -> N
     assert granules(lu) == span(20, 13) == {2, 3, 4}
 
 
+def test_without_checkpoints_the_range_lock_is_untouched(tmp_path: Path) -> None:
+    lu = make_lu(tmp_path)
+    assert "release" not in vars(lu.ranges)  # RangeLock's own release: no tracking cost
+    lu.create_checkpoint("c1")
+    assert "release" in vars(lu.ranges)
+    lu.delete_checkpoint("c1")
+    assert "release" not in vars(lu.ranges)
+
+
 def test_reads_verify_and_reserve_mark_nothing(tmp_path: Path) -> None:
     lu = tracked(tmp_path)
     assert run(lu, rw(0x88, 0, 64)).ok()
