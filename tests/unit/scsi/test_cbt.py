@@ -32,6 +32,7 @@ from ..copy.helpers import (
 )
 from ..copy.test_tokens import populate
 from .harness import NEXUS_A, make_lu, run, run_async
+from .test_medium_compare_and_write import memory_lu as medium_caw_lu
 
 BS = 512
 G = 4096  # the granularity these tests configure: 8 blocks per granule
@@ -261,6 +262,17 @@ def test_compare_and_write_marks_only_when_it_wrote(tmp_path: Path) -> None:
     caw = struct.pack(">BBQ3xBBB", 0x89, 0, 40, 1, 0, 0)
     miscompare = run(lu, caw, b"\1" * BS + b"\2" * BS)
     assert miscompare.key == 0x0E
+    assert granules(lu) == set()
+    assert run(lu, caw, bytes(BS) + b"\2" * BS).ok()
+    assert granules(lu) == span(40, 1)
+
+
+def test_compare_and_write_on_the_medium_marks_only_when_it_wrote() -> None:
+    lu = medium_caw_lu(BS, 4096)  # the RBD path: the medium's own compare-and-write
+    lu.checkpoints.wanted_granularity = G
+    lu.create_checkpoint("c1")
+    caw = struct.pack(">BBQ3xBBB", 0x89, 0, 40, 1, 0, 0)
+    assert run(lu, caw, b"\1" * BS + b"\2" * BS).key == 0x0E
     assert granules(lu) == set()
     assert run(lu, caw, bytes(BS) + b"\2" * BS).ok()
     assert granules(lu) == span(40, 1)
