@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -157,5 +158,57 @@ def test_clean_stop_keeps_bitmaps_exact_and_sigkill_makes_them_inconsistent(
         assert pytarget(config, "checkpoint", "create", "0", "c3").returncode == 0
         nbd_writes(port)
         assert dirty_granules(port, "c3") == {128, 160, 161, 192}
+    finally:
+        target.stop()
+
+
+def bitmap_map(port: int, export: str, checkpoint: str) -> list[dict[str, object]]:
+    done = qemu("qemu-img", "map", "--output=json", "--image-opts",
+                f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},"
+                f"export={export},x-dirty-bitmap=qemu:dirty-bitmap:{checkpoint}")
+    assert done.returncode == 0, done.stderr
+    return [{k: e[k] for k in ("start", "length", "zero", "data")}
+            for e in json.loads(done.stdout)]
+
+
+@pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="qemu-nbd not installed")
+def test_the_same_answers_as_qemu_nbd_serving_a_qcow2_bitmap(tmp_path: Path) -> None:
+    """qemu-nbd exporting a persistent qcow2 bitmap of the same granularity, after the same
+    writes, is the reference for the whole `qemu-img map`."""
+    reference = tmp_path / "ref.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(reference), "64M"],
+                   check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "64K", str(reference), "c1"],
+                   check=True)
+    done = qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 8M 4k", "-c", "discard 10M 128k",
+                "-c", "write -z 12M 64k", str(reference))
+    assert done.returncode == 0, done.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        ref_port = probe.getsockname()[1]
+    server = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-r", "-b", "127.0.0.1", "-p",
+                               str(ref_port), "-x", "ref", "-B", "c1", "--persistent",
+                               str(reference)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(400):
+            try:
+                socket.create_connection(("127.0.0.1", ref_port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "qemu-nbd exited"
+                time.sleep(0.05)
+        theirs = bitmap_map(ref_port, "ref", "c1")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    config = write_config(tmp_path, nbd="127.0.0.1:0")
+    target = start_target(config)
+    try:
+        port = nbd_port(target)
+        assert pytarget(config, "checkpoint", "create", "0", "c1").returncode == 0
+        nbd_writes(port)
+        assert bitmap_map(port, EXPORT, "c1") == theirs
     finally:
         target.stop()
