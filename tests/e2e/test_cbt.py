@@ -150,6 +150,8 @@ def test_clean_stop_keeps_bitmaps_exact_and_sigkill_makes_them_inconsistent(
         assert listing.returncode == 0
         assert re.search(r"c1 .*inconsistent", listing.stdout), listing.stdout
         assert re.search(r"c2 .*inconsistent", listing.stdout), listing.stdout
+        status = pytarget(config, "status")
+        assert "checkpoints:2" in status.stdout and "checkpoint-inconsistent" in status.stdout
         refused = qemu("qemu-img", "map", "--output=json", "--image-opts",
                        f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},"
                        f"export={EXPORT},x-dirty-bitmap=qemu:dirty-bitmap:c2")
