@@ -76,7 +76,8 @@ _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCC
 
 
 class _UnitRangeLock(RangeLock):
-    """The LU's range locks, which tell `write_observers` when blocks are about to change.
+    """The LU's range locks, which tell `write_observers` when blocks are about to change and
+    mark the checkpoints' dirty bitmap once they have (`track`).
 
     Everything that changes blocks holds an exclusive lock on exactly those blocks, granted only
     once earlier readers of them are done; the copy manager uses this to invalidate ROD tokens
