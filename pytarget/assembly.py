@@ -36,8 +36,10 @@ from .core.reservations import ReservationStore, SharedDocument
 from .core.task import Nexus
 from .iscsi.node import DEFAULT_TPGT, RELATIVE_PORT, AclEntry, TargetNode
 from .iscsi.target import TargetRegistry
-from .nbd.exports import LOOPBACK, Export, ExportTable
+from .nbd.exports import LOOPBACK, ContextSource, Export, ExportTable
+from .nbd.proto import DIRTY_BITMAP
 from .scsi.alua import PortGroups, port_groups
+from .scsi.cbt import bitmaps
 from .scsi.device import LogicalUnit, LuConfig, NoLogicalUnit
 from .scsi.pr import PrStateError
 from .scsi.qos import QosGate
@@ -142,6 +144,15 @@ def sanitize_state_path(config: Config, lc: LunConfig) -> Path:
     if lc.path is None:
         return _image_state_path(config, lc, ".sanitize.json")
     return lc.path.with_name(f"{lc.path.name}{_state_suffix(lc, '.sanitize.json')}")
+
+
+def checkpoint_state_path(config: Config, lc: LunConfig) -> Path:
+    """A LUN's checkpoints and their dirty bitmaps are kept next to the backing file,
+    <backing file>.cbt, and for an RBD image in <config dir>/rbd.<pool>.<image>.cbt
+    (docs/cbt.md)."""
+    if lc.path is None:
+        return _image_state_path(config, lc, ".cbt")
+    return lc.path.with_name(f"{lc.path.name}.cbt")
 
 
 def check(config: Config) -> None:
@@ -261,7 +272,9 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
                              port_groups=lu_port_groups(config),
                              owner=owner.id if owner is not None else None,
                              sanitize_state_path=str(sanitize_state_path(config, lc)),
-                             sanitize_rate=lc.sanitize_rate)
+                             sanitize_rate=lc.sanitize_rate,
+                             checkpoint_state_path=str(checkpoint_state_path(config, lc)),
+                             checkpoint_granularity=lc.checkpoint_granularity)
         if lc.atomic_write_size is not None:
             lu_config.atomic_write_bytes = lc.atomic_write_size
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
@@ -370,20 +383,36 @@ def build_exports(registry: TargetRegistry, config: Config,
             exports.append(Export(f"{tc.name}/{lc.id}", tc.name, lc.id,
                                   partial(_live_unit, registry, tc.name, lc.id),
                                   description=tc.alias or f"LUN {lc.id} of {tc.name}",
-                                  allow=allow))
+                                  allow=allow,
+                                  contexts=partial(checkpoint_contexts, registry, tc.name,
+                                                   lc.id)))
     for source, unit in (snapshots or {}).items():
         key = (source.target.lower(), source.lun)
         if key in allows:
-            exports.append(snapshot_export(source, unit, allows[key]))
+            exports.append(snapshot_export(source, unit, allows[key], partial(
+                checkpoint_contexts, registry, source.target, source.lun, until=source.name)))
     return ExportTable(exports)
 
 
 def snapshot_export(source: SnapshotSource, unit: LogicalUnit,
-                    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> Export:
-    """The read-only NBD export `TARGET-IQN/LUN-ID@SNAPSHOT` of a snapshot's unit."""
+                    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+                    contexts: Callable[[], Mapping[str, ContextSource]]) -> Export:
+    """The read-only NBD export `TARGET-IQN/LUN-ID@SNAPSHOT` of a snapshot's unit, with the
+    dirty bitmaps of the LUN's checkpoints up to the one taken with the snapshot."""
     return Export(str(source), source.target, source.lun, lambda: None if unit.closed else unit,
                   description=f"snapshot {source.name} of LUN {source.lun} of {source.target}",
-                  allow=allow)
+                  allow=allow, contexts=contexts)
+
+
+def checkpoint_contexts(registry: TargetRegistry, target: str, lun: int,
+                        until: str | None = None) -> dict[str, ContextSource]:
+    """The `qemu:dirty-bitmap:NAME` contexts of a LUN's export: each checkpoint whose changes
+    are known exactly, since it until now, or until the checkpoint `until` (the one created with
+    a snapshot, for that snapshot's export)."""
+    lu = _live_unit(registry, target, lun)
+    if lu is None:
+        return {}
+    return {DIRTY_BITMAP + name: source for name, source in bitmaps(lu.checkpoints, until).items()}
 
 
 def _live_unit(registry: TargetRegistry, target: str, lun: int) -> LogicalUnit | None:

@@ -139,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     tremove.add_argument("name", metavar="IQN")
     _config_option(tremove)
     _reload_option(tremove)
+    _checkpoint_parser(sub)
     return parser
 
 
@@ -200,13 +201,35 @@ def _snapshot_parser(sub: Any) -> None:
     common(rollback)
 
 
+def _checkpoint_parser(sub: Any) -> None:
+    checkpoint = sub.add_parser("checkpoint", help="create, list or delete a LUN's checkpoints "
+                                                   "(changed-block tracking, docs/cbt.md)")
+    cp_sub = checkpoint.add_subparsers(dest="action", required=True)
+    for action, text in (("create", "start tracking what changes from now on, as NAME"),
+                         ("delete", "forget a checkpoint (later ones keep their answers)")):
+        cmd = cp_sub.add_parser(action, help=text)
+        cmd.add_argument("lun", type=int, metavar="LUN")
+        cmd.add_argument("name", metavar="NAME")
+        cmd.add_argument("--target", metavar="IQN", help="the target (default: the only one)")
+        _config_option(cmd)
+        _gateway_option(cmd)
+        _socket_option(cmd)
+    listing = cp_sub.add_parser("list", help="the checkpoints of a LUN (or of every LUN)")
+    listing.add_argument("lun", type=int, nargs="?", metavar="LUN")
+    listing.add_argument("--target", metavar="IQN")
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    _config_option(listing)
+    _gateway_option(listing)
+    _socket_option(listing)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         logs.setup(args.log_level, args.log_format)
         return serve(args)
     handlers = {"status": status, "reload": reload, "lun": lun, "target": target,
-                "snapshot": snapshot}
+                "snapshot": snapshot, "checkpoint": checkpoint}
     try:
         return handlers[args.command](args)
     except CliError as exc:
@@ -347,6 +370,38 @@ def reload(args: argparse.Namespace) -> int:
     if not changes:
         print("no changes")
     return 0
+
+
+def checkpoint(args: argparse.Namespace) -> int:
+    """`pytarget checkpoint create|list|delete`: over the control socket."""
+    import time
+
+    arguments: dict[str, Any] = {"lun": args.lun, "target": args.target}
+    if args.action != "list":
+        arguments["name"] = args.name
+    result = _control(args, f"checkpoint_{args.action}", **arguments)
+    if args.action != "list":
+        print(f"checkpoint {args.name} {args.action}d on LUN {args.lun}")
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for entry in result:
+        print(f"{entry['target']} LUN {entry['lun']}:")
+        if not entry["checkpoints"]:
+            print("  no checkpoints")
+        for cp in entry["checkpoints"]:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cp["created"]))
+            print(f"  {cp['name']:<24} {created}  {cp['state']:<12} "
+                  f"{_size_text(cp['changed_bytes'])} changed "
+                  f"({_size_text(cp['granularity'])} granules)")
+    return 0
+
+
+def _size_text(n: int) -> str:
+    from .status import size_text
+
+    return size_text(n)
 
 
 # ---------------------------------------------------------------- configuration edits

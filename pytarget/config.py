@@ -78,6 +78,7 @@ class LunConfig:
     # `snapshot:`: this LUN is a read-only view of another LUN's snapshot; it then has that
     # LUN's backstore, path or image, block size and provisioning (docs/snapshots.md).
     snapshot: SnapshotSource | None = None
+    checkpoint_granularity: int = 64 << 10  # bytes per bit of its checkpoints' dirty bitmaps
 
     @property
     def location(self) -> str:
@@ -735,7 +736,7 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
     backstore = item.get("backstore", "file") if isinstance(item, dict) else "file"
     common = {"id", "size", "block_size", "readonly", "thin", "removable", "serial",
               "backstore", "reservations", "sanitize_rate",
-              "atomic_write_size", "qos"}
+              "atomic_write_size", "qos", "checkpoint_granularity"}
     if backstore == "rbd":
         item = r.mapping(item, key, common | set(RBD_KEYS), {"id", "pool", "image"})
     else:
@@ -791,6 +792,15 @@ def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
                          f"must be a power of two of at least the block size {block_size}")
     lun = LunConfig(lun_id, path, size, block_size, readonly, thin, removable, serial, backstore,
                     rbd=rbd, sanitize_rate=sanitize_rate, atomic_write_size=atomic_write_size)
+    if "checkpoint_granularity" in item:
+        try:
+            granularity = parse_size(item["checkpoint_granularity"])
+        except ValueError as exc:
+            raise r.fail(f"{key}.checkpoint_granularity", str(exc)) from None
+        if granularity & (granularity - 1) or not block_size <= granularity <= 1 << 30:
+            raise r.fail(f"{key}.checkpoint_granularity",
+                         f"must be a power of two from the block size {block_size} to 1GiB")
+        lun.checkpoint_granularity = granularity
     if "reservations" in item:
         lun.reservations = _reservations(r, item["reservations"], f"{key}.reservations", base)
     if path is not None:

@@ -51,7 +51,8 @@ _REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "le
 _NODE_STATE = frozenset({"name", "luns"})
 # A change to any of these replaces the LUN with a new logical unit.
 _IDENTITY = ("path", "rbd", "block_size", "readonly", "thin", "removable", "serial",
-             "backstore", "reservations", "sanitize_rate", "atomic_write_size", "snapshot")
+             "backstore", "reservations", "sanitize_rate", "atomic_write_size", "snapshot",
+             "checkpoint_granularity")
 
 
 class ReloadRefused(Exception):
@@ -402,6 +403,7 @@ class Reload:
             before = lu.nblocks * lu.block_size
             lu.backstore.size = lu.backstore.medium_size()
             lu.nblocks = lu.backstore.size // lu.block_size
+            lu.checkpoints.resize(lu.nblocks * lu.block_size)
             lu.establish_ua(Asc.CAPACITY_DATA_HAS_CHANGED)
             how = "grown" if change.grow_to is not None else "resized (the backing file changed)"
             self.changes.append(f"{name} {how} from {size_text(before)} to "

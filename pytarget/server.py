@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from . import status
+from . import checkpoints, status
 from .assembly import build_copy_manager, build_exports, build_registry, prepare_backing_files
 from .backstore.threads import run_blocking
 from .config import Config, ConfigError, load
@@ -189,8 +189,10 @@ class Server:
             return {"changes": await self.reload()}
         if command in SNAPSHOT_COMMANDS:
             return await self.snapshots.handle(command, request)
+        if command in checkpoints.COMMANDS:
+            return await checkpoints.control(self.registry, command, request)
         raise ControlError(f"unknown command {command!r} (status, reload, "
-                           + ", ".join(SNAPSHOT_COMMANDS) + ")")
+                           + ", ".join((*SNAPSHOT_COMMANDS, *checkpoints.COMMANDS)) + ")")
 
     def snapshot_exports_changed(self) -> None:
         """A snapshot was exposed over NBD or stopped being: serve the new set of exports

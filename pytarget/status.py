@@ -141,6 +141,8 @@ def collect(server: Running) -> dict[str, Any]:
                 "thin": lu.thin,
                 **_access(lu),
                 "sanitize": lu.sanitize.describe(),
+                "checkpoints": [{"name": cp.name, "exact": lu.checkpoints.exact(cp.name)}
+                                for cp in lu.checkpoints.checkpoints],
             })
             pr = _reservation(lu)
             if pr is not None:
@@ -263,7 +265,10 @@ def render(doc: dict[str, Any]) -> str:
             flags = ",".join(f for f, on in (
                 ("ro", lun["readonly"]), ("thin", lun["thin"]),
                 (f"sanitizing {100 * sanitize.get('progress', 0):.0f}%", state == "running"),
-                ("sanitize-failed", state == "failed")) if on) or "-"
+                ("sanitize-failed", state == "failed"),
+                (f"checkpoints:{len(lun.get('checkpoints', ()))}", lun.get("checkpoints")),
+                ("checkpoint-inconsistent",
+                 any(not cp["exact"] for cp in lun.get("checkpoints", ())))) if on) or "-"
             row: tuple[Any, ...] = (t["name"], lun["lun"], size_text(lun["size_bytes"]),
                                     size_text(lun["allocated_bytes"]), lun["block_size"],
                                     flags, lun["path"], t["sessions"])

@@ -270,8 +270,8 @@ class CopyJob:
         src, dst = plan.src.lu, plan.dst.lu
         await self.service.scheduler.acquire(self.op.priority)
         try:
-            if self.manager.chunk_delay:
-                await asyncio.sleep(self.manager.chunk_delay)
+            if self.manager.chunk_gate is not None:
+                await self.manager.chunk_gate()
             for lu, opcode, side in ((src, Opcode.READ_16, S.FORWARDED_FROM_SOURCE),
                                      (dst, Opcode.WRITE_16, S.FORWARDED_FROM_DESTINATION)):
                 try:

@@ -124,6 +124,14 @@ class RangeLock:
     def exclusive(self, start: int, count: int) -> _Guard:
         return _Guard(self, start, count, True)
 
+    def exclusive_holds(self) -> list[tuple[int, int]]:
+        """(start, end) of every exclusive lock held now."""
+        return [(r.start, r.end) for r in self._held if r.exclusive]
+
+    def unchanged(self, req: _Request) -> None:
+        """The holder of exclusive lock `req` changed nothing under it after all (a COMPARE AND
+        WRITE that miscompared); a lock that tracks changes uses it."""
+
     @property
     def busy(self) -> bool:
         return bool(self._held or self._waiting)
@@ -144,8 +152,9 @@ class _Guard:
         self.exclusive_ = exclusive
         self.req: _Request | None = None
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _Request:
         self.req = await self.lock.acquire(self.start, self.count, self.exclusive_)
+        return self.req
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:

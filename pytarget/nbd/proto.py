@@ -161,6 +161,7 @@ ALLOWED_FLAGS: dict[int, CmdFlag] = {
 }
 
 BASE_ALLOCATION = "base:allocation"
+DIRTY_BITMAP = "qemu:dirty-bitmap:"  # + a checkpoint's name (QEMU docs/interop/nbd.txt)
 
 
 def option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:

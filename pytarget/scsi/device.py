@@ -44,6 +44,7 @@ from ..core.table import Opcode, OpSpec, OpTable
 from ..core.task import Nexus, ScsiTask
 from . import vpd
 from .alua import U_SUP, AluaState, PortGroups, TpgStatus
+from .cbt import GRANULARITY, ChangeTracker, Checkpoint, CheckpointError
 from .modes import ModePages
 from .opcodes import NO_LU_TABLE, lu_table
 from .pr import PersistentReservations
@@ -76,7 +77,8 @@ _RESET_UAS = frozenset({Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET, Asc.POWER_ON_OCC
 
 
 class _UnitRangeLock(RangeLock):
-    """The LU's range locks, which tell `write_observers` when blocks are about to change.
+    """The LU's range locks, which tell `write_observers` when blocks are about to change and
+    mark the checkpoints' dirty bitmap once they have (`track`).
 
     Everything that changes blocks holds an exclusive lock on exactly those blocks, granted only
     once earlier readers of them are done; the copy manager uses this to invalidate ROD tokens
@@ -87,9 +89,11 @@ class _UnitRangeLock(RangeLock):
     released and the failure (a SenseError) is the command's.
     """
 
-    def __init__(self, lu: LogicalUnit) -> None:
+    def __init__(self, lu: LogicalUnit, tracker: ChangeTracker) -> None:
         super().__init__()
         self.lu = lu
+        self.tracker = tracker
+        self._unchanged: set[_Request] = set()
 
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
         req = await super().acquire(start, count, exclusive)
@@ -116,6 +120,46 @@ class _UnitRangeLock(RangeLock):
         return [wait for observer in self.lu.write_observers
                 if (wait := observer(start, max(count, 1))) is not None]
 
+    def track(self, on: bool) -> None:
+        """While the tracker has checkpoints, releasing an exclusive lock within the medium
+        marks its blocks changed (scsi/cbt.py): the choke point every change passes through.
+        Without checkpoints `release` is RangeLock's own: tracking costs nothing then."""
+        if on:
+            self.release = self._release_tracked  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("release", None)
+            self._unchanged.clear()
+
+    def _release_tracked(self, req: _Request) -> None:
+        RangeLock.release(self, req)
+        if not req.exclusive:
+            return
+        tracker = self.tracker
+        bitmap = tracker.active
+        if bitmap is None:
+            return
+        if self._unchanged and req in self._unchanged:
+            self._unchanged.discard(req)
+            return
+        lu = self.lu
+        if req.end <= lu.nblocks:
+            bs = lu.block_size
+            first = req.start * bs >> tracker.shift
+            if (req.end * bs - 1) >> tracker.shift == first:
+                bitmap[first] = 1
+            else:
+                tracker.mark(req.start * bs, req.end * bs)
+
+    def unchanged(self, req: _Request) -> None:
+        if self.tracker.active is not None:
+            self._unchanged.add(req)
+
+    def held_writes(self) -> list[tuple[int, int]]:
+        """Byte ranges of the medium that commands hold to change now."""
+        bs, nblocks = self.lu.block_size, self.lu.nblocks
+        return [(start * bs, end * bs) for start, end in self.exclusive_holds()
+                if end <= nblocks]
+
 
 @dataclass
 class LuConfig:
@@ -137,6 +181,8 @@ class LuConfig:
     sanitize_state_path: str | None = None  # sanitize in progress or failed; None: not kept
     sanitize_rate: int = 0  # bytes per second a sanitize OVERWRITE writes; 0: unlimited
     atomic_write_bytes: int = limits.ATOMIC_WRITE_BYTES  # the WRITE ATOMIC(16) length wanted
+    checkpoint_state_path: str | None = None  # checkpoints' bitmaps; None: kept in memory only
+    checkpoint_granularity: int = GRANULARITY  # bytes per bit of a new checkpoint chain
 
 
 class LogicalUnit:
@@ -197,8 +243,13 @@ class LogicalUnit:
         self.write_observers: list[Callable[[int, int], asyncio.Future[None] | None]] = []
         self.token_store = tokens  # the copy manager shares the unit's ROD tokens through it
         # called while the unit is quiesced for a snapshot (core/snapshots.py)
-        self.snapshot_observers: list[QuiescedObserver] = []
-        self.ranges: RangeLock = _UnitRangeLock(self)
+        self.snapshot_observers: list[QuiescedObserver] = [self._checkpoint_with_snapshot]
+        self.checkpoints = ChangeTracker.open(
+            config.checkpoint_state_path if backstore is not None else None,
+            backstore.size if backstore is not None else 0, config.checkpoint_granularity)
+        self._ranges = _UnitRangeLock(self, self.checkpoints)
+        self.ranges: RangeLock = self._ranges
+        self.checkpoints.attach(self._ranges)
         self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
         self.qos: QosGate | None = None  # the target's QoS scheduler when a policy applies
         self.stats_copy_paths: dict[str, int] = {}
@@ -747,17 +798,51 @@ class LogicalUnit:
         blocks read as zeros."""
         return self.thin and dst.caps.deallocated_reads_zero
 
+    # ------------------------------------------------------------------ checkpoints
+    def create_checkpoint(self, name: str) -> Checkpoint:
+        """A checkpoint of this LU from this instant (scsi/cbt.py). Synchronous, so a caller
+        that has quiesced the LU (a snapshot) pairs it exactly with what it took."""
+        if self.pr.store is not None:
+            raise CheckpointError("the LUN is served by several gateways: writes through the "
+                                  "others would be missed")
+        if self.backstore is None:
+            raise CheckpointError("no logical unit")
+        cp = self.checkpoints.create(name)
+        log.info("LUN %d: checkpoint %s created", self.lun, name,
+                 extra={"event": "checkpoint", "lun": self.lun, "checkpoint": name})
+        return cp
+
+    def _checkpoint_with_snapshot(self, unit: object, snapshot: str) -> None:
+        """Each snapshot starts a checkpoint of its own name at the same instant, so what
+        changed between two snapshots is known (docs/cbt.md); not on a LUN that several
+        gateways serve, whose writes through the others this one would miss."""
+        if self.pr.store is None and self.backstore is not None:
+            self.create_checkpoint(snapshot)
+
+    def delete_checkpoint(self, name: str) -> None:
+        self.checkpoints.delete(name)
+        log.info("LUN %d: checkpoint %s deleted", self.lun, name,
+                 extra={"event": "checkpoint_deleted", "lun": self.lun, "checkpoint": name})
+
     def close(self) -> None:
         self.sanitize.abandon()
         if self.backstore is not None and not self.closed:
+            flushed = False
             try:
                 if not self.readonly:
                     self.backstore.flush()
+                flushed = True
             finally:
                 self.backstore.close()
                 self.pr.close()
                 if self.token_store is not None:
                     self.token_store.close()
+                self.checkpoints.detach(self._ranges)
+                try:
+                    self.checkpoints.close(clean=flushed)
+                except OSError as exc:
+                    log.error("LUN %d: checkpoints not saved (%s): they will be inconsistent "
+                              "at the next start", self.lun, exc)
         self.closed = True
 
 

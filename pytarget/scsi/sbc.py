@@ -215,13 +215,14 @@ async def compare_and_write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     if lu.medium_compare_and_write:
         await _compare_and_write_on_medium(lu, task, lba, nbytes, fua)
         return
-    async with lu.ranges.exclusive(lba, blocks):
+    async with lu.ranges.exclusive(lba, blocks) as held:
         data = await task.receive_data_out(2 * nbytes)
         current = bytearray(nbytes)
         await lu.read_blocks(memoryview(current), lba)
         offset = first_difference(data[:nbytes], current)
         if offset is not None:
             lu.stats_miscompares += 1
+            lu.ranges.unchanged(held)
             raise S.miscompare(offset)
         await lu.write_blocks(data[nbytes:], lba, fua)
 
@@ -235,7 +236,7 @@ async def _compare_and_write_on_medium(lu: LogicalUnit, task: ScsiTask, lba: int
     backstore = lu.backstore
     assert backstore is not None
     blocks = nbytes // lu.block_size
-    async with lu.ranges.exclusive(lba, blocks):
+    async with lu.ranges.exclusive(lba, blocks) as held:
         data = await task.receive_data_out(2 * nbytes)
         try:
             offset = await backstore.acompare_and_write(data[:nbytes], data[nbytes:],
@@ -246,6 +247,7 @@ async def _compare_and_write_on_medium(lu: LogicalUnit, task: ScsiTask, lba: int
             raise lu.io_error(exc, lba, write=True) from exc
         if offset is not None:
             lu.stats_miscompares += 1
+            lu.ranges.unchanged(held)
             raise S.miscompare(offset)
 
 

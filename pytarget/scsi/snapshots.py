@@ -106,6 +106,8 @@ async def rollback(lu: LogicalUnit, name: str) -> bool:
         except OSError as exc:
             raise SnapshotError(_reason(exc)) from exc
         lu.nblocks = backstore.size // lu.block_size
+        lu.checkpoints.resize(backstore.size)
+        lu.checkpoints.mark_all()  # every block may differ from what the checkpoints saw
     changed = lu.nblocks != before
     lu.establish_ua(Asc.CAPACITY_DATA_HAS_CHANGED if changed
                     else Asc.NOT_READY_TO_READY_CHANGE)

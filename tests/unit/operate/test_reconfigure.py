@@ -205,3 +205,20 @@ def test_a_lun_being_sanitized_is_not_replaced_removed_or_grown(server: FakeServ
     node = server.registry.target(TARGET)
     assert not server.retired and node is not None and node.luns[0] is lu
     reload(server, BASE.replace(f"  - name: {OTHER}", f"  - name: {OTHER}\n    alias: o", 1))
+
+
+def test_checkpoints_follow_a_grown_and_a_replaced_lun(server: FakeServer, tmp_path: Path) -> None:
+    node = server.registry.target(TARGET)
+    assert node is not None
+    lu = node.luns[0]
+    lu.create_checkpoint("c1")
+    assert lu.checkpoints.granules == 16
+    reload(server, BASE.replace("size: 1MiB", "size: 2MiB", 1))
+    assert lu.checkpoints.granules == 32
+    assert set(lu.checkpoints.changed("c1").nonzero()[0]) == set(range(16, 32))  # new space
+    # a replaced LUN (same file) keeps its checkpoints; the old unit's close saves nothing over
+    text = BASE.replace("size: 1MiB", "size: 2MiB\n        serial: NEW", 1)
+    reload(server, text)
+    assert node.luns[0] is not lu and node.luns[0].checkpoints is lu.checkpoints
+    assert [c.name for c in node.luns[0].checkpoints.checkpoints] == ["c1"]
+    assert (tmp_path / "d0.img.cbt").exists()

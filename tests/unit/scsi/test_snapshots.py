@@ -17,6 +17,7 @@ from pytarget.core.sense import Asc
 from pytarget.core.snapshots import QuiescedUnit
 from pytarget.core.task import ScsiTask
 from pytarget.scsi import snapshots
+from pytarget.scsi.cbt import STATE_DIRTY
 from pytarget.scsi.device import LogicalUnit
 
 from ...conftest import run
@@ -211,3 +212,26 @@ def test_rollback_errors_are_clear(tmp_path: Path) -> None:
     ro = make_lu(tmp_path, lun=5, readonly=True)
     with pytest.raises(snapshots.SnapshotError, match="read-only"):
         run(snapshots.rollback(ro, "any"))
+
+
+def test_each_snapshot_starts_its_checkpoint_so_changes_between_two_are_known(tmp_path: Path
+                                                                              ) -> None:
+    lu = make_lu(tmp_path)
+    granule = lu.checkpoints.granularity
+
+    async def go() -> None:
+        assert (await run_async(lu, write16(0, 1), b"\x01" * BS)).ok() is False  # power-on UA
+        lu.ua[NEXUS_A.key] = deque()
+        await snapshots.take([(lu, "a")])
+        assert [cp.name for cp in lu.checkpoints.checkpoints] == ["a"]
+        assert (await run_async(lu, write16(3 * granule // BS, 1), b"\x02" * BS)).ok()
+        await snapshots.take([(lu, "b")])
+        assert (await run_async(lu, write16(5 * granule // BS, 1), b"\x03" * BS)).ok()
+        # between a and b: the one granule written then, not the write after b
+        assert lu.checkpoints.block_status("a", 0, 8 * granule, until="b") == [
+            (3 * granule, 0), (granule, STATE_DIRTY), (4 * granule, 0)]
+        await snapshots.rollback(lu, "a")
+        # a rollback may change any block: everything is dirty since b
+        assert lu.checkpoints.block_status("b", 0, 8 * granule) == [(8 * granule, STATE_DIRTY)]
+
+    run(go())
