@@ -22,8 +22,8 @@
 #   5. [host_sync snap-b] the host takes snapshot B (fio usually still writes; it has written
 #      since A in any case) and checks the full backup
 #   6. fio ends and its verify pass must succeed; umount, e2fsck of the LUN, logout
-# The kernel log must show no I/O, connection or reset errors (the unit attention
-# REPORTED LUNS DATA HAS CHANGED that a LUN being added causes is expected).
+# The kernel log must show that the first session got REPORTED LUNS DATA HAS CHANGED when LUN 1
+# appeared, and no I/O, connection or reset errors.
 # Environment: KEEP_FILES (6), FIO_MB (8), FIO_IOPS (100), HOST_SYNC (1).
 . "$INTEROP_LIB"
 . "$FILES_DIR/common.sh" || { echo "common.sh missing: pass it with -f"; exit 2; }
@@ -149,6 +149,11 @@ check "e2fsck -f -n $sd reports problems" e2fsck -f -n "$sd"
 logout_and_wait
 
 step "kernel log  [t=$(t)s]"
-dmesg | sed -n "$((klog0 + 1)),\$p" | grep -i 'LUN assignments' | sort | uniq -c | sed 's/^/  /'
+# REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh) reached the first session when LUN 1 appeared
+if dmesg | sed -n "$((klog0 + 1)),\$p" | grep -q 'sd 0:0:0:0: LUN assignments on this target have changed'; then
+  echo "session 1 was told: REPORTED LUNS DATA HAS CHANGED (LUN assignments on this target have changed)"
+else
+  fail "session 1 never got REPORTED LUNS DATA HAS CHANGED when snapshot A appeared as LUN 1"
+fi
 report_kernel_errors "$(kernel_errors "$klog0")"
 summary
