@@ -52,6 +52,7 @@ from .unit import LunDirectory
 
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
+    from ..core.ownership import OwnershipService
     from ..core.reservations import ReservationStore
     from .qos import QosGate
 
@@ -195,6 +196,8 @@ class LogicalUnit:
         self.pr = PersistentReservations(self, reservations)
         self.alua = AluaState(config.port_groups, config.owner,
                               unavailable=reservations is not None)
+        # Moves the owner when a gateway dies (a shared medium's; set by assembly).
+        self.ownership: OwnershipService | None = None
         self.sanitize = SanitizeState(config.sanitize_state_path, config.sanitize_rate)
         self.closed = False
         self.stats_miscompares = 0
@@ -727,6 +730,8 @@ class LogicalUnit:
 
     def close(self) -> None:
         self.sanitize.abandon()
+        if self.ownership is not None:
+            self.ownership.close()
         if self.backstore is not None and not self.closed:
             try:
                 if not self.readonly:
