@@ -182,8 +182,9 @@ class OwnershipMachine:
         owner = record.owner if record.epoch > 0 and record.owner in self.gateways \
             else self.preferred
         claim_preferred, self._claim_preferred = self._claim_preferred, False
-        if record.epoch == 0 and owner == self.local:
-            return [Claim(record.raw, 1, None)]
+        unclaimed = record.epoch == 0 or record.owner not in self.gateways
+        if unclaimed and owner == self.local:
+            return [Claim(record.raw, record.epoch + 1, record.owner)]
         if claim_preferred and owner != self.local:
             return [Claim(record.raw, record.epoch + 1, owner)]
         if owner == self.local or self.alive(owner, now):
