@@ -372,8 +372,15 @@ class RadosOwnership:
     # -------------------------------------------------------------- the loop
     async def _run(self) -> None:
         try:
-            addrs = await asyncio.to_thread(self._prepare)
-            record = await asyncio.to_thread(self._read)
+            while True:
+                try:
+                    addrs = await asyncio.to_thread(self._prepare)
+                    record = await asyncio.to_thread(self._read)
+                    break
+                except OSError as exc:
+                    log.warning("%s: cannot reach the ownership record yet (%s); the LU keeps "
+                                "its configured owner meanwhile", self.label, exc)
+                    await asyncio.sleep(self.heartbeat)
             await self._act(self.machine.start(self.clock(), record, addrs))
             while not self._closed:
                 if not await self._tick():
