@@ -224,6 +224,7 @@ def ownership(config: Config, tc: TargetConfig, lc: LunConfig,
     gateway, owner = local_gateway(config), lun_owner(config, lc)
     if not isinstance(backstore, RbdBackstore) or gateway is None or owner is None:
         return None
+    lu.alua.pref_follows_owner = True
     if backstore.image.allow_concurrent_writers_blocking():
         log.warning("%s LUN %d: turned off the exclusive-lock feature (and object map, fast "
                     "diff, journaling) of %s: gateways write it concurrently "

@@ -340,7 +340,7 @@ class RadosOwnership:
         self._task: asyncio.Task[None] | None = None
         self._io = threading.Lock()  # held around every librados call; close waits on it
         self._closed = False
-        self.events: list[tuple[float, str]] = []  # (clock, what) of the last takeover
+        self.events: list[tuple[float, str]] = []  # (clock, what): owners followed, fences
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -367,7 +367,9 @@ class RadosOwnership:
         return {"epoch": m.record.epoch, "record_owner": m.record.owner,
                 "fenced": m.fenced_self, "timeout": m.timeout, "heartbeat": self.heartbeat,
                 "heartbeats": {g: (round(m.silence(g, now), 1) if g in m.seen or g == m.local
-                                   else None) for g in m.gateways}}
+                                   else None) for g in m.gateways},
+                "events": [{"seconds_ago": round(now - when, 1), "event": what}
+                           for when, what in self.events[-8:]]}
 
     # -------------------------------------------------------------- the loop
     async def _run(self) -> None:

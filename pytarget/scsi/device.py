@@ -365,6 +365,7 @@ class LogicalUnit:
             return False
         if new.preferred == old.preferred and any(g.id == old.owner for g in groups.groups):
             new.owner = old.owner
+        new.pref_follows_owner = old.pref_follows_owner
         if new.owner != old.owner:
             new.status = TpgStatus.ALTERED_BY_IMPLICIT_BEHAVIOR
         else:
