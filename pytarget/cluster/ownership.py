@@ -374,15 +374,7 @@ class RadosOwnership:
     # -------------------------------------------------------------- the loop
     async def _run(self) -> None:
         try:
-            while True:
-                try:
-                    addrs = await asyncio.to_thread(self._prepare)
-                    record = await asyncio.to_thread(self._read)
-                    break
-                except OSError as exc:
-                    log.warning("%s: cannot reach the ownership record yet (%s); the LU keeps "
-                                "its configured owner meanwhile", self.label, exc)
-                    await asyncio.sleep(self.heartbeat)
+            addrs, record = await self._first_read()
             await self._act(self.machine.start(self.clock(), record, addrs))
             while not self._closed:
                 if not await self._tick():
@@ -393,6 +385,17 @@ class RadosOwnership:
         except Exception:
             log.exception("%s: ownership stopped; the LU keeps its current access states",
                           self.label)
+
+    async def _first_read(self) -> tuple[tuple[str, ...], Record]:
+        """This client's addresses and the record, once the record can be reached."""
+        while True:
+            try:
+                addrs = await asyncio.to_thread(self._prepare)
+                return addrs, await asyncio.to_thread(self._read)
+            except OSError as exc:
+                log.warning("%s: cannot reach the ownership record yet (%s); the LU keeps its "
+                            "configured owner meanwhile", self.label, exc)
+                await asyncio.sleep(self.heartbeat)
 
     async def _tick(self) -> bool:
         """One heartbeat and one read of the record, and what the machine makes of it; False
