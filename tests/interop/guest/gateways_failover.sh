@@ -183,12 +183,25 @@ printf '$ multipath -ll\n%s\n' "$(multipath -ll 2>/dev/null)"
 step "gateway 1 starts again and rejoins, active/non-optimized"
 session1=$(iscsi_devices | awk -v d="$sd1" '$4 == d { print $6; exit }')
 host_sync restart 90
-end=$((SECONDS + 60))   # iscsid logs in again by itself: the session was in recovery
+end=$((SECONDS + 30))   # iscsid logs in again by itself: the session was in recovery
 until [[ $(cat "/sys/class/iscsi_session/$session1/state" 2>/dev/null) == LOGGED_IN ]] \
     || ((SECONDS >= end)); do
   sleep 0.5
 done
-echo "session to gateway 1 ($session1): $(cat "/sys/class/iscsi_session/$session1/state" 2>/dev/null)"
+state1=$(cat "/sys/class/iscsi_session/$session1/state" 2>/dev/null)
+echo "session to gateway 1 ($session1): $state1"
+if [[ $state1 != LOGGED_IN ]]; then
+  # Seen once in three runs: iscsid kept reconnecting without sending a login. What an
+  # operator does then: log that path out and in again (a new session, a new sd device).
+  echo "iscsid did not log in to gateway 1 again by itself; logging that path in again"
+  run iscsiadm -m node -T "$TARGET_IQN" -p "${portals[0]}" --logout
+  check "login through ${portals[0]} again" iscsiadm -m node -T "$TARGET_IQN" -p "${portals[0]}" --login
+  end=$((SECONDS + 30))
+  until sd1=$(path_of "${portals[0]##*:}") && [[ -n $sd1 ]] || ((SECONDS >= end)); do sleep 0.5; done
+  udevadm settle
+  echo "LUN 0 through gateway 1 is now $sd1"
+  [[ -n $sd1 ]] || die "no path through gateway 1 after logging in again"
+fi
 expect_states active/non-optimized active/optimized 30
 check "multipathd reconfigure (priorities and groups read again)" multipathd reconfigure
 expect_groups "$sd2" "$sd1" 60
