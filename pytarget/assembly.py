@@ -13,7 +13,7 @@ import errno
 import hashlib
 import ipaddress
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,19 @@ from .backstore.base import Backstore
 from .backstore.rbd import RbdBackstore
 from .cluster.ownership import RadosOwnership, object_name
 from .cluster.rados import RadosReservationStore
-from .config import Config, ConfigError, LunConfig, TargetConfig, local_gateway, lun_owner
+from .config import (
+    Config,
+    ConfigError,
+    LunConfig,
+    SnapshotSource,
+    TargetConfig,
+    local_gateway,
+    lun_owner,
+)
 from .copy import commands as copy_commands
 from .copy.manager import CopyManager
 from .core.qos import InitiatorPolicy, Limits, TargetPolicy
-from .core.reservations import ReservationStore
+from .core.reservations import ReservationStore, SharedDocument
 from .core.task import Nexus
 from .iscsi.node import DEFAULT_TPGT, RELATIVE_PORT, AclEntry, TargetNode
 from .iscsi.target import TargetRegistry
@@ -53,32 +61,56 @@ def backstore_kind(config: Config, tc: TargetConfig, lc: LunConfig) -> type[Back
 
 
 def backstore_params(lc: LunConfig) -> dict[str, Any]:
-    """The parameters a LUN's backstore is opened and provisioned with."""
+    """The parameters a LUN's backstore is opened and provisioned with (for a `snapshot:` LUN,
+    those of the LUN it shows a snapshot of)."""
     if lc.path is None:
         return dict(lc.rbd)
     return {"path": str(lc.path)}
 
 
-def lu_identity(target_name: str, lun: int, serial: str | None) -> tuple[str, bytes]:
-    """A stable unit serial number and NAA 3h (locally assigned) designator for a LUN."""
-    digest = hashlib.sha256(f"{target_name.lower()}:{lun}".encode()).digest()
+def snapshot_params(kind: type[Backstore], lc: LunConfig, name: str) -> dict[str, Any]:
+    """The parameters that open snapshot `name` of LUN `lc` (read-only)."""
+    return kind.snapshot_params(backstore_params(lc), name)
+
+
+def lu_identity(target_name: str, lun: int, serial: str | None,
+                snapshot: str | None = None) -> tuple[str, bytes]:
+    """A stable unit serial number and NAA 3h (locally assigned) designator for a LUN, or for
+    snapshot `snapshot` of it: derived from the LUN and the snapshot's name, whichever target
+    and LUN show the snapshot, and distinct from the LUN's own."""
+    key = f"{target_name.lower()}:{lun}" + ("" if snapshot is None else f"@{snapshot}")
+    digest = hashlib.sha256(key.encode()).digest()
     value = (0x3 << 60) | (int.from_bytes(digest[:8], "big") & ((1 << 60) - 1))
     naa = value.to_bytes(8, "big")
     return serial or digest[:8].hex().upper(), naa
 
 
+def _state_suffix(lc: LunConfig, suffix: str) -> str:
+    return suffix if lc.snapshot is None else f"@{lc.snapshot.name}{suffix}"
+
+
 def _image_state_path(config: Config, lc: LunConfig, suffix: str) -> Path:
     """Where this gateway keeps a file of state for an RBD image, which has no directory of its
     own: <config dir>/rbd.<pool>.<image><suffix>."""
-    return config.base / f"rbd.{lc.rbd['pool']}.{lc.rbd['image']}{suffix}"
+    return config.base / f"rbd.{lc.rbd['pool']}.{lc.rbd['image']}{_state_suffix(lc, suffix)}"
 
 
 def pr_state_path(config: Config, lc: LunConfig) -> Path:
     """APTPL state lives next to the configuration: <config dir>/<backing file>.pr.json, and
-    for an RBD image <config dir>/rbd.<pool>.<image>.pr.json (kept by this gateway only)."""
+    for an RBD image <config dir>/rbd.<pool>.<image>.pr.json (kept by this gateway only); a
+    snapshot LUN's has `@SNAPSHOT` before `.pr.json`."""
     if lc.path is None:
         return _image_state_path(config, lc, ".pr.json")
-    return config.base / f"{lc.path.name}.pr.json"
+    return config.base / f"{lc.path.name}{_state_suffix(lc, '.pr.json')}"
+
+
+def snapshot_catalog_path(config: Config, lc: LunConfig) -> Path:
+    """What is known of a LUN's snapshots (docs/snapshots.md): <backing file>.snapshots.json
+    beside the backing file (and its `<backing file>.snapshots/` directory of snapshots), and
+    for an RBD image <config dir>/rbd.<pool>.<image>.snapshots.json."""
+    if lc.path is None:
+        return _image_state_path(config, lc, ".snapshots.json")
+    return lc.path.with_name(f"{lc.path.name}.snapshots.json")
 
 
 def reservation_store(lc: LunConfig, naa: bytes) -> ReservationStore | None:
@@ -93,6 +125,20 @@ def reservation_store(lc: LunConfig, naa: bytes) -> ReservationStore | None:
                                  client_id=rc.client_id)
 
 
+def token_store(lc: LunConfig, naa: bytes) -> SharedDocument | None:
+    """Where a LUN whose reservations are shared keeps its ROD tokens, so that a token made
+    through one gateway can be used through another: beside the reservations, in the same pool
+    through the same client, object `<reservations object>.tokens` (default
+    pytarget.tokens.<NAA>). None for a LUN without shared reservations."""
+    rc = lc.reservations
+    if rc is None:
+        return None
+    name = f"{rc.object}.tokens" if rc.object else f"pytarget.tokens.{naa.hex()}"
+    return RadosReservationStore(rc.pool, name, conf=str(rc.conf),
+                                 keyring=None if rc.keyring is None else str(rc.keyring),
+                                 client_id=rc.client_id)
+
+
 def sanitize_state_path(config: Config, lc: LunConfig) -> Path:
     """A sanitize in progress or failed is recorded next to the backing file,
     <backing file>.sanitize.json, and for an RBD image in
@@ -100,7 +146,7 @@ def sanitize_state_path(config: Config, lc: LunConfig) -> Path:
     restart)."""
     if lc.path is None:
         return _image_state_path(config, lc, ".sanitize.json")
-    return lc.path.with_name(f"{lc.path.name}.sanitize.json")
+    return lc.path.with_name(f"{lc.path.name}{_state_suffix(lc, '.sanitize.json')}")
 
 
 def check(config: Config) -> None:
@@ -133,9 +179,14 @@ def create_backing(config: Config, tc: TargetConfig, lc: LunConfig) -> bool:
     """Create a LUN's missing backing store (sparse, of the configured size); never touches an
     existing one. True when it was created."""
     kind, params = backstore_kind(config, tc, lc), backstore_params(lc)
+    key = f"targets[{config.targets.index(tc)}].luns[{tc.luns.index(lc)}]"
+    if lc.snapshot is not None:
+        if not kind.exists(snapshot_params(kind, lc, lc.snapshot.name)):
+            raise ConfigError(config.file, f"{key}.snapshot",
+                              f"{lc.snapshot} does not exist (see `pytarget snapshot list`)")
+        return False
     if kind.exists(params):
         return False
-    key = f"targets[{config.targets.index(tc)}].luns[{tc.luns.index(lc)}]"
     if lc.size is None:  # load() refuses a missing file without a size; an image shows here
         raise ConfigError(config.file, f"{key}.size",
                           f"{lc.location} does not exist and no size is given to create it")
@@ -181,8 +232,19 @@ def build_node(tc: TargetConfig, config: Config) -> TargetNode[LogicalUnit]:
 
 def open_backing(config: Config, tc: TargetConfig, lc: LunConfig) -> Backstore:
     """Open a LUN's backing store, which must exist (blocking: an RBD image connects to its
-    cluster)."""
-    return backstore_kind(config, tc, lc).open(backstore_params(lc), readonly=lc.readonly)
+    cluster); a `snapshot:` LUN's snapshot, read-only."""
+    kind = backstore_kind(config, tc, lc)
+    if lc.snapshot is not None:
+        return kind.open(snapshot_params(kind, lc, lc.snapshot.name), readonly=True)
+    return kind.open(backstore_params(lc), readonly=lc.readonly)
+
+
+def snapshot_lun(lc: LunConfig, target: str, name: str, lun: int | None = None) -> LunConfig:
+    """The configuration of a read-only LUN (numbered `lun`, by default the source's) showing
+    snapshot `name` of `lc`, a LUN of `target`."""
+    return LunConfig(lc.id if lun is None else lun, lc.path, block_size=lc.block_size,
+                     readonly=True, thin=lc.thin, backstore=lc.backstore, rbd=dict(lc.rbd),
+                     snapshot=SnapshotSource(target, lc.id, name))
 
 
 def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
@@ -192,7 +254,11 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
     if backstore is None:
         backstore = open_backing(config, tc, lc)
     try:
-        serial, naa = lu_identity(tc.name, lc.id, lc.serial)
+        if lc.snapshot is None:
+            serial, naa = lu_identity(tc.name, lc.id, lc.serial)
+        else:
+            source = lc.snapshot
+            serial, naa = lu_identity(source.target, source.lun, lc.serial, source.name)
         owner = lun_owner(config, lc)
         lu_config = LuConfig(lun=lc.id, block_size=lc.block_size, readonly=lc.readonly,
                              thin=lc.thin, removable=lc.removable, serial=serial, naa=naa,
@@ -205,7 +271,8 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
             lu_config.atomic_write_bytes = lc.atomic_write_size
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
         lu = LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
-                         reservations=reservation_store(lc, naa))
+                         reservations=reservation_store(lc, naa),
+                         tokens=token_store(lc, naa))
         lu.ownership = ownership(config, tc, lc, lu)
         return lu
     except BaseException:
@@ -222,10 +289,11 @@ def ownership(config: Config, tc: TargetConfig, lc: LunConfig,
     every write of another gateway."""
     backstore = lu.backstore
     gateway, owner = local_gateway(config), lun_owner(config, lc)
-    if not isinstance(backstore, RbdBackstore) or gateway is None or owner is None:
-        return None
+    if not isinstance(backstore, RbdBackstore) or gateway is None or owner is None \
+            or lc.snapshot is not None:
+        return None  # a snapshot LUN is read-only at a snapshot of another LUN's image
     lu.alua.pref_follows_owner = True
-    if backstore.image.allow_concurrent_writers_blocking():
+    if not lu.readonly and backstore.image.allow_concurrent_writers_blocking():
         log.warning("%s LUN %d: turned off the exclusive-lock feature (and object map, fast "
                     "diff, journaling) of %s: gateways write it concurrently "
                     "(docs/guides/scale-out.md)", tc.name, lc.id, backstore.location)
@@ -316,21 +384,38 @@ def build_copy_manager(registry: TargetRegistry, config: Config) -> CopyManager:
     return manager
 
 
-def build_exports(registry: TargetRegistry, config: Config) -> ExportTable:
+def build_exports(registry: TargetRegistry, config: Config,
+                  snapshots: Mapping[SnapshotSource, LogicalUnit] | None = None) -> ExportTable:
     """The NBD exports: every LUN of every target as `TARGET-IQN/LUN-ID`, served by whatever
     logical unit the registry has at that LUN when a request comes, open to the client
-    networks of its `nbd_allow` (loopback only by default)."""
+    networks of its `nbd_allow` (loopback only by default); and each snapshot exposed over
+    NBD (`snapshots`, its read-only unit) as `TARGET-IQN/LUN-ID@SNAPSHOT`, open to the same
+    networks as its LUN."""
     exports = []
+    allows: dict[tuple[str, int], tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]] = {}
     for tc in config.targets:
         for lc in tc.luns:
             allowed = config.nbd.allowed(tc.name, lc.id) if config.nbd is not None else None
             allow = LOOPBACK if allowed is None else tuple(
                 ipaddress.ip_network(net) for net in allowed)
+            allows[tc.name.lower(), lc.id] = allow
             exports.append(Export(f"{tc.name}/{lc.id}", tc.name, lc.id,
                                   partial(_live_unit, registry, tc.name, lc.id),
                                   description=tc.alias or f"LUN {lc.id} of {tc.name}",
                                   allow=allow))
+    for source, unit in (snapshots or {}).items():
+        key = (source.target.lower(), source.lun)
+        if key in allows:
+            exports.append(snapshot_export(source, unit, allows[key]))
     return ExportTable(exports)
+
+
+def snapshot_export(source: SnapshotSource, unit: LogicalUnit,
+                    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> Export:
+    """The read-only NBD export `TARGET-IQN/LUN-ID@SNAPSHOT` of a snapshot's unit."""
+    return Export(str(source), source.target, source.lun, lambda: None if unit.closed else unit,
+                  description=f"snapshot {source.name} of LUN {source.lun} of {source.target}",
+                  allow=allow)
 
 
 def _live_unit(registry: TargetRegistry, target: str, lun: int) -> LogicalUnit | None:

@@ -1,7 +1,8 @@
 """Command line: `pytarget serve`, and the operator's commands around a running target:
 `status` and `reload` (over the control socket), `lun create|remove|resize` and
 `target create|remove` (which edit the configuration file, then ask a running target to
-reload it)."""
+reload it), and `snapshot create|list|delete|expose|unexpose|clone|rollback` (over the control
+socket, and editing the configuration for what becomes a LUN)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(resize)
     _reload_option(resize)
 
+    _snapshot_parser(sub)
+
     target = sub.add_parser("target", help="add or remove targets in the configuration")
     target_sub = target.add_subparsers(dest="action", required=True)
     tcreate = target_sub.add_parser("create", help="add a target (no LUNs yet)")
@@ -139,12 +142,71 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _snapshot_parser(sub: Any) -> None:
+    refs = "[TARGET-IQN/]LUN@SNAPSHOT"
+    snap = sub.add_parser("snapshot", help="take, list, expose, clone, roll back to and delete "
+                                           "snapshots of LUNs (docs/snapshots.md)")
+    snap_sub = snap.add_subparsers(dest="action", required=True)
+
+    def common(parser: argparse.ArgumentParser, edits: bool = False) -> None:
+        parser.add_argument("--target", metavar="IQN",
+                            help="the target of LUNs given by number (default: the only one)")
+        _config_option(parser)
+        _gateway_option(parser)
+        _socket_option(parser)
+        if edits:
+            _reload_option(parser)
+
+    create = snap_sub.add_parser("create", help="snapshot one LUN, or several at one instant "
+                                                "(no write to any lands between them)")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("luns", nargs="+", metavar="LUN", help="N or TARGET-IQN/N")
+    common(create)
+    listing = snap_sub.add_parser("list", help="the snapshots of every LUN, or of those named")
+    listing.add_argument("luns", nargs="*", metavar="LUN", help="N or TARGET-IQN/N")
+    listing.add_argument("--json", action="store_true")
+    common(listing)
+    delete = snap_sub.add_parser("delete", help="delete a snapshot (unexpose it first)")
+    delete.add_argument("ref", metavar=refs)
+    common(delete)
+    expose = snap_sub.add_parser("expose", help="show a snapshot read-only as a LUN of a "
+                                                "target (--lun) or as an NBD export (--nbd)")
+    expose.add_argument("ref", metavar=refs)
+    how = expose.add_mutually_exclusive_group(required=True)
+    how.add_argument("--lun", type=int, metavar="N", help="as LUN N of --to (or the LUN's "
+                                                          "own target)")
+    how.add_argument("--nbd", action="store_true",
+                     help="as the NBD export TARGET-IQN/LUN-ID@SNAPSHOT")
+    expose.add_argument("--to", metavar="IQN", help="the target that shows it (--lun)")
+    common(expose, edits=True)
+    unexpose = snap_sub.add_parser("unexpose", help="stop showing a snapshot (every LUN that "
+                                                    "shows it, or the NBD export)")
+    unexpose.add_argument("ref", metavar=refs)
+    unexpose.add_argument("--nbd", action="store_true", help="the NBD export")
+    common(unexpose, edits=True)
+    clone = snap_sub.add_parser("clone", help="a new writable LUN with a snapshot's contents")
+    clone.add_argument("ref", metavar=refs)
+    where = clone.add_mutually_exclusive_group(required=True)
+    where.add_argument("--path", help="the clone's backing file (file LUNs)")
+    where.add_argument("--image", help="the clone's RBD image (RBD LUNs)")
+    clone.add_argument("--pool", help="the clone image's pool (default: the LUN's)")
+    clone.add_argument("--id", type=int, metavar="N", help="its LUN number (default: lowest "
+                                                           "free)")
+    clone.add_argument("--to", metavar="IQN", help="its target (default: the LUN's)")
+    common(clone, edits=True)
+    rollback = snap_sub.add_parser("rollback", help="make a LUN's contents a snapshot's again "
+                                                    "(what was written since is lost)")
+    rollback.add_argument("ref", metavar=refs)
+    common(rollback)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         logs.setup(args.log_level, args.log_format)
         return serve(args)
-    handlers = {"status": status, "reload": reload, "lun": lun, "target": target}
+    handlers = {"status": status, "reload": reload, "lun": lun, "target": target,
+                "snapshot": snapshot}
     try:
         return handlers[args.command](args)
     except CliError as exc:
@@ -232,12 +294,17 @@ def serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- control socket
-def _control(args: argparse.Namespace, command: str) -> Any:
+# A snapshot without reflink copies the LUN's data, a rollback or clone too: allow for hours.
+SNAPSHOT_TIMEOUT = 4 * 3600.0
+
+
+def _control(args: argparse.Namespace, command: str, timeout: float = 120.0,
+             **arguments: Any) -> Any:
     from .control import ControlError, request
 
     path = Path(args.socket) if args.socket else _socket_of(args.config, args.gateway)
     try:
-        return request(path, command)
+        return request(path, command, timeout, **arguments)
     except ControlError as exc:
         raise CliError(str(exc)) from None
 
@@ -492,3 +559,197 @@ def yaml_dump(doc: Any) -> str:
 
     text: str = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=100)
     return text
+
+
+# ---------------------------------------------------------------- snapshots
+def _lun_ref(text: str, config: Config, target: str | None) -> tuple[str, int]:
+    """`N` (of --target or the only target) or `TARGET-IQN/N`."""
+    name, _, number = text.rpartition("/")
+    if not number.isdigit():
+        raise CliError(f"{text!r} is not a LUN (N or TARGET-IQN/N)", EXIT_CONFIG)
+    return _pick_target(config, name or target), int(number)
+
+
+def _snapshot_ref(text: str, config: Config, target: str | None) -> tuple[str, int, str]:
+    from .config import parse_snapshot_ref
+
+    try:
+        ref = parse_snapshot_ref(text, "")
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    return _pick_target(config, ref.target or target), ref.lun, ref.name
+
+
+def snapshot(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    text = _read_config_text(path, create_default=False)
+    config = parse(text, str(path), path.resolve().parent)
+    action = args.action
+    if action == "create":
+        from .config import check_snapshot_name
+
+        try:
+            check_snapshot_name(args.name)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_CONFIG) from None
+        members = [dict(zip(("target", "lun"), _lun_ref(r, config, args.target), strict=True))
+                   for r in args.luns]
+        result = _control(args, "snapshot_create", SNAPSHOT_TIMEOUT, name=args.name,
+                          members=members)
+        for s in result["snapshots"]:
+            print(f"snapshot {s['target']}/{s['lun']}@{s['name']} taken ({s['method']})")
+        print(f"writes held back {result['held_ms']:.1f} ms")
+        return 0
+    if action == "list":
+        rows: list[dict[str, Any]] = []
+        if args.luns:
+            for r in args.luns:
+                tname, number = _lun_ref(r, config, args.target)
+                rows += _control(args, "snapshot_list", target=tname, lun=number)
+        else:
+            rows = _control(args, "snapshot_list")
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(_snapshot_table(rows), end="")
+        return 0
+    target_name, lun_id, name = _snapshot_ref(args.ref, config, args.target)
+    ref: dict[str, Any] = {"target": target_name, "lun": lun_id, "name": name}
+    full = f"{target_name}/{lun_id}@{name}"
+    if action == "delete":
+        _control(args, "snapshot_delete", **ref)
+        print(f"snapshot {full} deleted")
+        return 0
+    if action == "rollback":
+        result = _control(args, "snapshot_rollback", SNAPSHOT_TIMEOUT, **ref)
+        print(f"LUN {lun_id} of {target_name} rolled back to {name}"
+              + (" (its capacity changed)" if result["capacity_changed"] else ""))
+        return 0
+    if action == "expose" and args.nbd:
+        result = _control(args, "snapshot_expose_nbd", **ref)
+        print(f"snapshot {full} exported over NBD as {result['export']}")
+        return 0
+    if action == "unexpose" and args.nbd:
+        result = _control(args, "snapshot_unexpose_nbd", **ref)
+        print(f"NBD export {result['export']} removed")
+        return 0
+    if action == "expose":
+        return _expose(args, path, text, config, target_name, lun_id, name)
+    if action == "unexpose":
+        return _unexpose(args, path, text, config, target_name, lun_id, name)
+    return _clone(args, path, text, config, target_name, lun_id, name)
+
+
+def _snapshot_table(rows: list[dict[str, Any]]) -> str:
+    from .status import size_text
+
+    if not rows:
+        return "no snapshots\n"
+    lines = [("SNAPSHOT", "CREATED", "SIZE", "HOW", "HELD", "SHOWN AS")]
+    for r in rows:
+        shown = [*r["shown_as"], *(["nbd"] if r["nbd"] else [])]
+        lines.append((r["export"], r["created"], size_text(r["size"]), r["method"],
+                      f"{r['held_ms']:.1f}ms", ", ".join(shown) or "-"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                   + "\n" for line in lines)
+
+
+def _snapshot_exists(config: Config, target_name: str, lun_id: int, name: str) -> None:
+    """CliError unless the LUN has snapshot `name` on its medium."""
+    from .assembly import backstore_kind, snapshot_params
+
+    tc = next(t for t in config.targets if t.name == target_name)
+    lc = next((c for c in tc.luns if c.id == lun_id), None)
+    if lc is None or lc.snapshot is not None:
+        raise CliError(f"target {target_name} has no LUN {lun_id} with snapshots", EXIT_CONFIG)
+    kind = backstore_kind(config, tc, lc)
+    try:
+        found = kind.exists(snapshot_params(kind, lc, name))
+    except OSError as exc:
+        raise CliError(f"{lc.location}: {exc.strerror or exc}") from None
+    if not found:
+        raise CliError(f"LUN {lun_id} of {target_name} has no snapshot {name} (see `pytarget "
+                       "snapshot list`)", EXIT_CONFIG)
+
+
+def _expose(args: argparse.Namespace, path: Path, text: str, config: Config, target_name: str,
+            lun_id: int, name: str) -> int:
+    from . import confedit
+
+    _snapshot_exists(config, target_name, lun_id, name)
+    to = _pick_target(config, args.to or target_name)
+    tc = next(t for t in config.targets if t.name == to)
+    if any(lc.id == args.lun for lc in tc.luns):
+        raise CliError(f"target {to} already has LUN {args.lun}", EXIT_CONFIG)
+    if not 0 <= args.lun <= MAX_LUN:
+        raise CliError(f"--lun must be 0..{MAX_LUN}", EXIT_CONFIG)
+    ref = f"{lun_id}@{name}" if to == target_name else f"{target_name}/{lun_id}@{name}"
+    try:
+        result = confedit.add_lun(text, to, {"id": args.lun, "snapshot": ref})
+    except confedit.EditError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    return _commit(path, text, result, f"snapshot {target_name}/{lun_id}@{name} shown "
+                   f"read-only as LUN {args.lun} of {to}", args.no_reload)
+
+
+def _unexpose(args: argparse.Namespace, path: Path, text: str, config: Config,
+              target_name: str, lun_id: int, name: str) -> int:
+    from . import confedit
+
+    shown = [(tc.name, lc.id) for tc in config.targets for lc in tc.luns
+             if lc.snapshot is not None and lc.snapshot.target == target_name
+             and lc.snapshot.lun == lun_id and lc.snapshot.name == name]
+    if not shown:
+        raise CliError(f"no LUN shows snapshot {target_name}/{lun_id}@{name}", EXIT_CONFIG)
+    result = None
+    edited = text
+    try:
+        for tname, number in shown:
+            result = confedit.remove_lun(edited, tname, number)
+            edited = result.text
+    except confedit.EditError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    luns = ", ".join(f"LUN {n} of {t}" for t, n in shown)
+    return _commit(path, text, result, f"removed {luns} (snapshot {target_name}/{lun_id}@{name} "
+                   "is kept)", args.no_reload)
+
+
+def _clone(args: argparse.Namespace, path: Path, text: str, config: Config, target_name: str,
+           lun_id: int, name: str) -> int:
+    from . import confedit
+
+    to = _pick_target(config, args.to or target_name)
+    tc = next(t for t in config.targets if t.name == to)
+    used = {lc.id for lc in tc.luns}
+    new_id = args.id if args.id is not None else next(i for i in range(MAX_LUN + 1)
+                                                      if i not in used)
+    if new_id in used or not 0 <= new_id <= MAX_LUN:
+        raise CliError(f"target {to} already has LUN {new_id}" if new_id in used
+                       else f"--id must be 0..{MAX_LUN}", EXIT_CONFIG)
+    ref: dict[str, Any] = {"target": target_name, "lun": lun_id, "name": name}
+    if args.path is not None:
+        absolute = Path(os.path.normpath(Path.cwd() / Path(args.path).expanduser()))
+        result = _control(args, "snapshot_clone", SNAPSHOT_TIMEOUT, **ref,
+                          file=str(absolute))
+        entry: dict[str, Any] = {"id": new_id, "path": _config_relative(args.path, config.base)}
+    else:
+        result = _control(args, "snapshot_clone", SNAPSHOT_TIMEOUT, **ref, image=args.image,
+                          pool=args.pool)
+        params = result["params"]
+        entry = {"id": new_id, "backstore": "rbd", "pool": params["pool"],
+                 "image": params["image"]}
+        entry.update((k, params[k]) for k in ("conf", "keyring", "client_id") if k in params)
+    source = next(c for t in config.targets if t.name == target_name for c in t.luns
+                  if c.id == lun_id)
+    if source.block_size != 512:
+        entry["block_size"] = source.block_size
+    if not source.thin:
+        entry["thin"] = False
+    try:
+        edit = confedit.add_lun(text, to, entry)
+    except confedit.EditError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    where = entry.get("path") or f"{entry.get('pool')}/{entry.get('image')}"
+    return _commit(path, text, edit, f"added LUN {new_id} of {to}: a clone of "
+                   f"{target_name}/{lun_id}@{name} in {where}", args.no_reload)

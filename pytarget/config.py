@@ -75,13 +75,56 @@ class LunConfig:
     rbd: dict[str, Any] = field(default_factory=dict)  # backstore: rbd: pool, image, ...
     sanitize_rate: int = 0  # bytes per second of a SANITIZE OVERWRITE; 0: unlimited
     atomic_write_size: int | None = None  # the WRITE ATOMIC(16) length; None: the default
+    # `snapshot:`: this LUN is a read-only view of another LUN's snapshot; it then has that
+    # LUN's backstore, path or image, block size and provisioning (docs/snapshots.md).
+    snapshot: SnapshotSource | None = None
 
     @property
     def location(self) -> str:
         """Where the data lives, for messages: the file, or pool/image."""
         if self.path is not None:
-            return str(self.path)
-        return f"{self.rbd.get('pool')}/{self.rbd.get('image')}"
+            where = str(self.path)
+        else:
+            where = f"{self.rbd.get('pool')}/{self.rbd.get('image')}"
+        return where if self.snapshot is None else f"{where}@{self.snapshot.name}"
+
+
+@dataclass(frozen=True)
+class SnapshotSource:
+    """The snapshot a `snapshot:` LUN shows: snapshot `name` of LUN `lun` of target `target`."""
+
+    target: str
+    lun: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.target}/{self.lun}@{self.name}"
+
+
+SNAPSHOT_REF_RE = re.compile(r"^(?:(?P<target>[^/@]+)/)?(?P<lun>[0-9]+)@(?P<name>[^/@]+)$")
+SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,62}$")  # backstore.SNAPSHOT_NAME
+
+
+def parse_snapshot_ref(text: str, default_target: str | None) -> SnapshotSource:
+    """`[TARGET-IQN/]LUN@SNAPSHOT` (the NBD export name of a snapshot); ValueError saying what
+    is wrong. Without a target, `default_target` (ValueError when that is None too)."""
+    match = SNAPSHOT_REF_RE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not [TARGET-IQN/]LUN@SNAPSHOT")
+    target = match["target"] or default_target
+    if target is None:
+        raise ValueError(f"{text!r}: name the target (TARGET-IQN/LUN@SNAPSHOT)")
+    lun = int(match["lun"])
+    if lun > MAX_LUN:
+        raise ValueError(f"{text!r}: LUN {lun} is not 0..{MAX_LUN}")
+    check_snapshot_name(match["name"])
+    return SnapshotSource(target, lun, match["name"])
+
+
+def check_snapshot_name(name: str) -> None:
+    if not SNAPSHOT_NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a snapshot name (1-63 of A-Z a-z 0-9 _ . + -, not "
+                         "starting with . + or -)")
 
 
 # backstore: rbd: the LUN's keys and their types (pool and image are required).
@@ -325,7 +368,9 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
             if lun.id in ids:
                 raise r.fail(f"{lkey}.id", f"duplicate LUN id {lun.id}")
             ids.add(lun.id)
-            if lun.path is not None:
+            if lun.snapshot is not None:
+                pass  # shares its source's medium, resolved below
+            elif lun.path is not None:
                 resolved = lun.path.resolve()
                 if resolved in paths:
                     raise r.fail(f"{lkey}.path", f"same file as {paths[resolved]}")
@@ -340,6 +385,7 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
         _target_security(r, t, tkey, target, ids)
         target.qos = _qos(r, t, tkey)
         targets.append(target)
+    _snapshot_luns(r, targets)
     config = Config(file, base, portals, targets, _management_addresses(r, doc))
     _operating(r, doc, config)
     config.discovery_auth = _auth(r, doc, "discovery_auth")
@@ -664,7 +710,57 @@ def _management_addresses(r: _Reader, doc: dict[str, Any]) -> list[tuple[int, st
     return out
 
 
+def _snapshot_lun(r: _Reader, item: dict[str, Any], key: str) -> LunConfig:
+    """`{id: N, snapshot: "[TARGET-IQN/]LUN@SNAPSHOT"}`, its medium resolved later
+    (`_snapshot_luns`); its target `""` stands for the LUN's own."""
+    item = r.mapping(item, key, {"id", "snapshot", "serial"}, {"id", "snapshot"})
+    lun_id = item["id"]
+    if isinstance(lun_id, bool) or not isinstance(lun_id, int) or not 0 <= lun_id <= MAX_LUN:
+        raise r.fail(f"{key}.id", f"expected an integer 0..{MAX_LUN}")
+    raw = item["snapshot"]
+    if not isinstance(raw, str):
+        raise r.fail(f"{key}.snapshot", "expected [TARGET-IQN/]LUN@SNAPSHOT")
+    try:
+        source = parse_snapshot_ref(raw, "")
+    except ValueError as exc:
+        raise r.fail(f"{key}.snapshot", str(exc)) from None
+    serial = item.get("serial")
+    if serial is not None and (not isinstance(serial, str) or not serial.isascii()
+                               or not 0 < len(serial) <= 32):
+        raise r.fail(f"{key}.serial", "expected 1-32 ASCII characters")
+    return LunConfig(lun_id, None, readonly=True, serial=serial, snapshot=source)
+
+
+def _snapshot_luns(r: _Reader, targets: list[TargetConfig]) -> None:
+    """Give each `snapshot:` LUN the medium of the LUN it shows a snapshot of."""
+    by_name = {t.name.lower(): t for t in targets}
+    shown: dict[SnapshotSource, str] = {}
+    for ti, tc in enumerate(targets):
+        for li, lc in enumerate(tc.luns):
+            if lc.snapshot is None:
+                continue
+            key = f"targets[{ti}].luns[{li}].snapshot"
+            ref = lc.snapshot
+            source_target = by_name.get((ref.target or tc.name).lower())
+            if source_target is None:
+                raise r.fail(key, f"no target {ref.target}")
+            source = next((s for s in source_target.luns if s.id == ref.lun), None)
+            if source is None:
+                raise r.fail(key, f"target {source_target.name} has no LUN {ref.lun}")
+            if source.snapshot is not None:
+                raise r.fail(key, f"LUN {ref.lun} of {source_target.name} is itself a "
+                                  "snapshot")
+            lc.snapshot = SnapshotSource(source_target.name, ref.lun, ref.name)
+            if lc.snapshot in shown:
+                raise r.fail(key, f"{lc.snapshot} is already shown by {shown[lc.snapshot]}")
+            shown[lc.snapshot] = f"targets[{ti}].luns[{li}]"
+            lc.path, lc.rbd, lc.backstore = source.path, dict(source.rbd), source.backstore
+            lc.block_size, lc.thin = source.block_size, source.thin
+
+
 def _lun(r: _Reader, item: Any, key: str, base: Path) -> LunConfig:
+    if isinstance(item, dict) and "snapshot" in item:
+        return _snapshot_lun(r, item, key)
     backstore = item.get("backstore", "file") if isinstance(item, dict) else "file"
     common = {"id", "size", "block_size", "readonly", "thin", "removable", "serial",
               "backstore", "reservations", "sanitize_rate",

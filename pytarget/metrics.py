@@ -135,7 +135,8 @@ def render(server: Measured) -> str:
                          "COMPARE AND WRITE commands that ended in MISCOMPARE (failed ATS).")
     copy_bytes = family("pytarget_copy_bytes_total", "counter",
                         "Bytes copied into a LUN by third-party copy, by data path: reflink "
-                        "(FICLONERANGE), copy_range (copy_file_range), buffered (read and "
+                        "(FICLONERANGE), copy_range (copy_file_range, RADOS copy-from between "
+                        "RBD images), buffered (read and "
                         "write), hole (unallocated source ranges), zero (the block device "
                         "zero ROD token, by WRITE SAME).")
     copy_chunks = family("pytarget_copy_chunks_total", "counter",

@@ -51,7 +51,7 @@ _REGISTRY_STATE = frozenset({"targets", "portals", "sessions", "_next_tsih", "le
 _NODE_STATE = frozenset({"name", "luns"})
 # A change to any of these replaces the LUN with a new logical unit.
 _IDENTITY = ("path", "rbd", "block_size", "readonly", "thin", "removable", "serial",
-             "backstore", "reservations", "sanitize_rate", "atomic_write_size")
+             "backstore", "reservations", "sanitize_rate", "atomic_write_size", "snapshot")
 
 
 class ReloadRefused(Exception):

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from . import status
 from .assembly import build_copy_manager, build_exports, build_registry, prepare_backing_files
+from .backstore.threads import run_blocking
 from .config import Config, ConfigError, load
 from .control import ControlError, ControlServer, socket_path
 from .iscsi.bounds import Bounds, MemoryBudget
@@ -26,6 +27,8 @@ from .metrics import MetricsServer, render
 from .nbd_transport import NbdService, tls_context
 from .reconfigure import Reload, ReloadRefused
 from .scsi.device import LogicalUnit, io_threads_busy
+from .snapshots import COMMANDS as SNAPSHOT_COMMANDS
+from .snapshots import Snapshots
 from .transport import ConnectionDriver, Listener, PollingSelector
 
 log = logging.getLogger("pytarget")
@@ -59,6 +62,9 @@ class Server:
         self.registry = build_registry(config)
         self.registry.portals = list(self.portals)
         self.copy_manager = build_copy_manager(self.registry, config)
+        self.snapshots = Snapshots(self)
+        for problem in self.snapshots.open_exposed():
+            log.error("%s", problem)
         limits = config.limits
         self.budget = MemoryBudget(limits.data_out_memory, limits.session_data_out_memory)
         self.connection_options = {**limits.connection_options(), "budget": self.budget,
@@ -106,7 +112,8 @@ class Server:
             log.info("listening on %s:%d", *listener.address)
         self._announce_portals()
         if self.config.nbd is not None:
-            self.nbd = NbdService(build_exports(self.registry, self.config),
+            self.nbd = NbdService(build_exports(self.registry, self.config,
+                                                self.snapshots.units),
                                   self.config.limits.max_connections)
             self.nbd.tls, self.nbd.tls_required = _nbd_tls(self.config)
             self.nbd.serve_on(self.nbd.listen(*self.config.nbd.address))
@@ -184,7 +191,17 @@ class Server:
             log.info("reload requested over the control socket (uid %s)", uid,
                      extra={"event": "reload_request", "uid": uid})
             return {"changes": await self.reload()}
-        raise ControlError(f"unknown command {command!r} (status, reload)")
+        if command in SNAPSHOT_COMMANDS:
+            return await self.snapshots.handle(command, request)
+        raise ControlError(f"unknown command {command!r} (status, reload, "
+                           + ", ".join(SNAPSHOT_COMMANDS) + ")")
+
+    def snapshot_exports_changed(self) -> None:
+        """A snapshot was exposed over NBD or stopped being: serve the new set of exports
+        (connections to one that is gone are closed)."""
+        if self.nbd is not None:
+            self.nbd.use_exports(build_exports(self.registry, self.config,
+                                               self.snapshots.units))
 
     # ---------------------------------------------------------------- sessions
     def session_started(self, session: Session, driver: ConnectionLink) -> None:
@@ -247,12 +264,16 @@ class Server:
                 except ConfigError as exc:
                     raise ReloadRefused(str(exc)) from None
                 nbd_listener = self._prepare_nbd(new)
+                nbd_before = self.config.nbd
                 try:
                     changes = await Reload(self, new).apply()
                 except BaseException:
                     if nbd_listener is not None:
                         nbd_listener.close()
                     raise
+                changes += self.snapshots.prune(new)
+                if nbd_before is None and new.nbd is not None:
+                    changes += await run_blocking(self.snapshots.open_exposed)
                 changes += self._commit_nbd(new, nbd_listener)
             except ReloadRefused as exc:
                 self.reloads["refused"] = self.reloads.get("refused", 0) + 1
@@ -303,7 +324,7 @@ class Server:
             self.nbd.serve_on(listener)
             changes.append("NBD exports served on {}:{}".format(*listener.address))
         self.nbd.tls, self.nbd.tls_required = self._next_nbd_tls  # for new connections
-        closed = self.nbd.use_exports(build_exports(self.registry, new))
+        closed = self.nbd.use_exports(build_exports(self.registry, new, self.snapshots.units))
         if closed:
             changes.append(f"{closed} NBD connection(s) to removed exports closed")
         return changes
@@ -446,6 +467,7 @@ class Server:
         for node in self.registry.targets.values():
             for lu in node.luns.values():
                 lu.close()
+        self.snapshots.close()
         self.stopped.set()
 
     async def run_forever(self) -> None:

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+
+from .ceph_cluster import CephCluster, missing, running
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_IQN = "iqn.2026-11.io.pytarget:test"
@@ -39,6 +42,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif where in IN_PROCESS:
             item.add_marker(pytest.mark.inprocess)
+        # With pytest-xdist (tools/test runs two workers), every test of the session's Ceph
+        # cluster stays in one worker, so the cluster starts once, and the guest tests share
+        # another, so two TCG guests never compete for the two cores.
+        if "ceph_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ceph"))
+        elif where.startswith("interop/"):
+            item.add_marker(pytest.mark.xdist_group("guest"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends the run as Ctrl-C does, so fixtures still stop the daemons they started."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
@@ -125,6 +143,19 @@ def start_target(config: Path, *args: str, log_name: str = "pytarget.log",
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"pytarget did not start:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """The session's throw-away Ceph cluster (tests/ceph_cluster.py), for tests marked `ceph`.
+
+    They are skipped only when Ceph is not installed here; once it is, a cluster that fails to
+    start is an error of every test that needs it, not a skip."""
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    with running(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

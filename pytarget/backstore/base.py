@@ -23,6 +23,13 @@ asks for whole logical blocks within the medium. It offers three kinds of calls:
 Failures of the medium are OSError with an errno (ENOSPC and EDQUOT: out of space; anything
 else: a medium error); a backstore turns its library's exceptions into OSError.
 
+Snapshots (docs/snapshots.md) are named point-in-time copies of the whole medium that a backstore
+keeps beside it: `snapshot_params` names the read-only medium of a snapshot (a backstore of the
+same kind opens it), `create_snapshot` takes one (the device server has quiesced the logical
+unit), `delete_snapshot`, `clone_snapshot` (a new writable medium from it) and
+`rollback_snapshot` (the medium back to it). A kind without them raises OSError(EOPNOTSUPP).
+Snapshot names are checked by the caller against `SNAPSHOT_NAME` before they reach a backstore.
+
 Adding a kind of backstore is one module with a subclass and one entry in
 `pytarget.backstore.KINDS`, the configuration key (`backstore: <kind>`) that names it. The
 subclass is built from plain parameters (`open`, `provision`), never from configuration
@@ -31,6 +38,8 @@ objects. A kind whose library may be missing imports it inside `open`.
 
 from __future__ import annotations
 
+import errno
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +48,10 @@ from typing import Any, ClassVar
 from .threads import run_blocking
 
 ReadHook = Callable[[memoryview], None]
+
+# A snapshot's name: a file name, an RBD snapshot name and the tail of an NBD export name
+# (`TARGET-IQN/LUN-ID@SNAPSHOT`) at once, so no slash, no `@`, no leading dot or dash.
+SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,62}$")
 
 
 @dataclass
@@ -70,6 +83,7 @@ class Capabilities:
     clone: bool = False  # `clone_from` may share blocks with a backstore of the same kind
     clone_alignment: int = 0  # bytes that clone offsets and lengths must be multiples of
     copy_range: bool = False  # `copy_range_from` may copy inside the storage
+    copy_range_alignment: int = 0  # bytes that copy_range offsets and lengths must be multiples of
     compare_and_write_max: int = 0  # bytes `acompare_and_write` does atomically; 0: not offered
     compare_and_write_boundary: int = 0  # a range crossing a multiple of this is refused; 0: none
     atomic_write_unit_min: int = 0  # `awrite_atomic`: power-of-two lengths from min to max,
@@ -181,7 +195,8 @@ class Backstore(ABC):
     def copy_range_from(self, src: Backstore, src_offset: int, dst_offset: int,
                         length: int) -> bool:
         """Copy inside the storage, the data never passing through this process
-        (copy_file_range); False, with nothing changed, when it cannot."""
+        (copy_file_range, RADOS copy-from); False, with nothing changed, when it cannot.
+        Offsets and length are multiples of `caps.copy_range_alignment` (when not 0)."""
         return False
 
     @abstractmethod
@@ -196,6 +211,36 @@ class Backstore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the medium; a second close does nothing."""
+
+    # -- snapshots (blocking, on the I/O threads)
+    @classmethod
+    def snapshot_params(cls, params: Mapping[str, Any], name: str) -> dict[str, Any]:
+        """The parameters that open snapshot `name` of the medium `params` names (read-only,
+        with `open`), and whose `exists` says whether the snapshot exists."""
+        raise OSError(errno.EOPNOTSUPP, f"backstore {cls.kind!r} keeps no snapshots")
+
+    def create_snapshot(self, name: str) -> str:
+        """Take snapshot `name` of the medium as it is now: every write completed before the
+        call is in it, none issued after it (the caller holds writes back meanwhile).
+        FileExistsError when it exists. Returns how it was made, for operators ("reflink",
+        "copy", "rbd")."""
+        raise OSError(errno.EOPNOTSUPP, f"{self.location}: this medium keeps no snapshots")
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete snapshot `name` and free what only it holds; FileNotFoundError when it does
+        not exist, OSError(EBUSY) when a clone still depends on it."""
+        raise OSError(errno.EOPNOTSUPP, f"{self.location}: this medium keeps no snapshots")
+
+    def clone_snapshot(self, name: str, params: Mapping[str, Any]) -> None:
+        """Create the writable medium `params` names (same kind) with the snapshot's
+        contents, sharing its blocks where the storage can; FileExistsError rather than
+        touching an existing medium."""
+        raise OSError(errno.EOPNOTSUPP, f"{self.location}: this medium keeps no snapshots")
+
+    def rollback_snapshot(self, name: str) -> None:
+        """Make the medium's contents and size those of snapshot `name` (the caller keeps every
+        reader and writer out meanwhile and sets `size` from `medium_size` afterwards)."""
+        raise OSError(errno.EOPNOTSUPP, f"{self.location}: this medium keeps no snapshots")
 
     # -- awaitable: on the event loop
     def aread(self, buf: memoryview, offset: int, then: ReadHook | None = None

@@ -16,6 +16,13 @@ descriptor opened with O_DIRECT, for power-of-two lengths within the unit range
 reflink=1; ext4 with bigalloc: its cluster; elsewhere nothing, and nothing is advertised). The
 normal descriptor and its page-cache path are untouched; the kernel writes back and drops the
 cached pages of a range before a direct write to it.
+
+Snapshots are files in a directory beside the backing file, `<file>.snapshots/<name>`. Where the
+filesystem shares blocks (XFS with reflink=1, Btrfs) a snapshot is one FICLONE of the whole
+file: instant, atomic against concurrent writes, and sharing every block until either side
+writes it. Elsewhere it is a full sparse copy: SEEK_DATA/SEEK_HOLE find the data, which is
+copied with `copy_file_range`, and holes stay holes, so the cost is the allocated bytes, not the
+LUN's size (docs/snapshots.md has the figures and why not copy-on-write).
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 FICLONERANGE = 0x4020940D
+FICLONE = 0x40049409
+SNAPSHOT_DIR_SUFFIX = ".snapshots"
+# FICLONE refusals that mean "this filesystem (or pair of files) cannot share blocks".
+_NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+               errno.EPERM)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -382,6 +394,60 @@ class FileBackstore(Backstore):
         os.ftruncate(self.fd, size)
         self.size = size
 
+    # -- snapshots
+    @classmethod
+    def snapshot_params(cls, params: Mapping[str, Any], name: str) -> dict[str, Any]:
+        path = str(params["path"])
+        return {"path": os.path.join(path + SNAPSHOT_DIR_SUFFIX, name)}
+
+    def _snapshot_path(self, name: str) -> str:
+        return str(self.snapshot_params({"path": self.path}, name)["path"])
+
+    def _regular(self) -> None:
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            raise OSError(errno.EOPNOTSUPP, f"{self.path} is a block device: snapshot it with "
+                          "the volume manager below it")
+
+    def create_snapshot(self, name: str) -> str:
+        """FICLONE the whole file into `<file>.snapshots/<name>`, or copy its data sparsely
+        where the filesystem cannot share blocks."""
+        self._regular()
+        path = self._snapshot_path(name)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return _new_file_from(self.fd, path, self.size)
+
+    def delete_snapshot(self, name: str) -> None:
+        path = self._snapshot_path(name)
+        os.unlink(path)
+        _fsync_directory(os.path.dirname(path))
+        try:
+            os.rmdir(os.path.dirname(path))
+        except OSError:
+            pass  # other snapshots remain
+
+    def clone_snapshot(self, name: str, params: Mapping[str, Any]) -> None:
+        path = str(params["path"])
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        src = os.open(self._snapshot_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _new_file_from(src, path, os.fstat(src).st_size)
+        finally:
+            os.close(src)
+
+    def rollback_snapshot(self, name: str) -> None:
+        """Empty the file and clone (or sparsely copy) the snapshot into it. Not atomic across
+        a crash: an interrupted rollback is run again (docs/snapshots.md)."""
+        self._regular()
+        src = os.open(self._snapshot_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(src).st_size
+            self._windows.clear()  # views lent from them stay valid until dropped
+            os.ftruncate(self.fd, 0)
+            _clone_or_copy(src, self.fd, size)
+            os.fsync(self.fd)
+        finally:
+            os.close(src)
+
     # -- copy offload between files
     def clone_from(self, src: Backstore, src_offset: int, dst_offset: int, length: int) -> bool:
         """Share src's blocks (FICLONERANGE); False when the filesystem cannot."""
@@ -420,6 +486,79 @@ class FileBackstore(Backstore):
                 self.caps.copy_range = False
                 return False
             raise
+
+
+def _new_file_from(src: int, path: str, size: int) -> str:
+    """Create `path` (never an existing file) holding the `size` bytes of the open file `src`,
+    durably; how ("reflink" or "copy")."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        method = _clone_or_copy(src, fd, size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    return method
+
+
+def _clone_or_copy(src: int, dst: int, size: int) -> str:
+    """Make the empty file `dst` hold the first `size` bytes of `src`: FICLONE of the whole
+    file ("reflink"), else a sparse copy of its data extents ("copy")."""
+    if os.fstat(src).st_size == size:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return "reflink"
+        except OSError as exc:
+            if exc.errno not in _NO_REFLINK:
+                raise
+    os.ftruncate(dst, size)
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
+        _copy_extent(src, dst, data, hole - data)
+        pos = hole
+    return "copy"
+
+
+def _copy_extent(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy in the kernel (copy_file_range), or through a buffer across filesystems."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            break
+        if n == 0:
+            raise OSError(errno.EIO, f"{offset + done}: the source ended early")
+        done += n
+    buf = bytearray(min(length - done, 1 << 20))
+    while done < length:
+        n = os.preadv(src, (memoryview(buf)[:length - done],), offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"{offset + done}: the source ended early")
+        os.pwrite(dst, memoryview(buf)[:n], offset + done)
+        done += n
+
+
+def _fsync_directory(path: str) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _zeros(n: int) -> bytes:

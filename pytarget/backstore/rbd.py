@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import threads
+from . import rados_copy, threads
 from .base import Backstore, Capabilities, Extent, ReadHook
 
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
@@ -47,6 +47,8 @@ TARGET_OPTIONS = {"rbd_cache": "false"}
 _completion_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _diff_cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int,
                             ctypes.c_void_p)
+
+_NO_CALLBACK = _completion_cb()  # NULL: a completion that is waited for
 
 
 class _ImageInfo(ctypes.Structure):
@@ -126,6 +128,8 @@ class _Lib:
             (rados, "rados_shutdown", None, [vp]),
             (rados, "rados_ioctx_create", i, [vp, cp, ctypes.POINTER(vp)]),
             (rados, "rados_ioctx_destroy", None, [vp]),
+            (rados, "rados_ioctx_create2", i, [vp, ctypes.c_int64, ctypes.POINTER(vp)]),
+            (rados, "rados_cluster_fsid", i, [vp, cp, sz]),
             (rbd, "rbd_version", None, [ctypes.POINTER(i)] * 3),
             (rbd, "rbd_create", i, [vp, cp, u64, ctypes.POINTER(i)]),
             (rbd, "rbd_remove", i, [vp, cp]),
@@ -135,6 +139,10 @@ class _Lib:
             (rbd, "rbd_get_size", i, [vp, ctypes.POINTER(u64)]),
             (rbd, "rbd_get_features", i, [vp, ctypes.POINTER(u64)]),
             (rbd, "rbd_get_stripe_unit", i, [vp, ctypes.POINTER(u64)]),
+            (rbd, "rbd_get_stripe_count", i, [vp, ctypes.POINTER(u64)]),
+            (rbd, "rbd_get_block_name_prefix", i, [vp, cp, sz]),
+            (rbd, "rbd_get_data_pool_id", ctypes.c_int64, [vp]),
+            (rbd, "rbd_aio_wait_for_complete", i, [vp]),
             (rbd, "rbd_aio_create_completion", i, [vp, _completion_cb, ctypes.POINTER(vp)]),
             (rbd, "rbd_aio_get_return_value", ctypes.c_ssize_t, [vp]),
             (rbd, "rbd_aio_release", None, [vp]),
@@ -152,6 +160,12 @@ class _Lib:
             (rbd, "rbd_snap_remove", i, [vp, cp]),
             (rbd, "rbd_snap_list", i, [vp, ctypes.POINTER(_SnapInfo), ctypes.POINTER(i)]),
             (rbd, "rbd_snap_list_end", None, [ctypes.POINTER(_SnapInfo)]),
+            (rbd, "rbd_snap_rollback", i, [vp, cp]),
+            (rbd, "rbd_snap_protect", i, [vp, cp]),
+            (rbd, "rbd_snap_unprotect", i, [vp, cp]),
+            (rbd, "rbd_snap_is_protected", i, [vp, cp, ctypes.POINTER(i)]),
+            (rbd, "rbd_clone", i, [vp, cp, cp, vp, cp, u64, ctypes.POINTER(i)]),
+            (rbd, "rbd_open_read_only", i, [vp, cp, ctypes.POINTER(vp), cp]),
             (rbd, "rbd_read", ctypes.c_ssize_t, [vp, u64, sz, vp]),
             (rbd, "rbd_write", ctypes.c_ssize_t, [vp, u64, sz, vp]),
             (rbd, "rbd_flush", i, [vp]),
@@ -240,6 +254,8 @@ class RbdImage:
     _image: ctypes.c_void_p
     _in_flight: set[asyncio.Future[int]] = field(default_factory=set)
     _closed: bool = False
+    _objects: tuple[ctypes.c_void_p, rados_copy.IoCtx] | None = None  # see _data_ioctx
+    _objects_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     async def open(cls, pool: str, name: str, *, conf: str = DEFAULT_CONF,
@@ -257,14 +273,20 @@ class RbdImage:
     def open_blocking(cls, pool: str, name: str, *, conf: str = DEFAULT_CONF,
                       keyring: str | None = None, client_id: str = "admin",
                       size: int | None = None, options: dict[str, str] | None = None,
-                      object_size: int = 0) -> RbdImage:
+                      object_size: int = 0, snapshot: str | None = None) -> RbdImage:
         """`open`, on the calling thread; a created image has objects of `object_size`
-        bytes (a power of two from 4 KiB; 0: librbd's default, 4 MiB)."""
+        bytes (a power of two from 4 KiB; 0: librbd's default, 4 MiB). With `snapshot`, the
+        image as that snapshot holds it, read-only (no exclusive lock taken)."""
         lib = _Lib.get()
         cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, options)
         image = ctypes.c_void_p()
         try:
-            ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
+            if snapshot is not None:
+                ret = lib.rbd_open_read_only(ioctx, name.encode(), ctypes.byref(image),
+                                             snapshot.encode())
+                _check(ret, f"opening snapshot {pool}/{name}@{snapshot}")
+            else:
+                ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
             if ret == -errno.ENOENT and size is not None:
                 ret = _create(lib, ioctx, name, size, object_size)
                 if ret not in (0, -errno.EEXIST):
@@ -278,6 +300,14 @@ class RbdImage:
             stripe_unit = ctypes.c_uint64()
             _check(lib.rbd_get_stripe_unit(image, ctypes.byref(stripe_unit)),
                    "rbd_get_stripe_unit")
+            stripe_count = ctypes.c_uint64()
+            _check(lib.rbd_get_stripe_count(image, ctypes.byref(stripe_count)),
+                   "rbd_get_stripe_count")
+            prefix = ctypes.create_string_buffer(128)
+            _check(lib.rbd_get_block_name_prefix(image, prefix, len(prefix)),
+                   "rbd_get_block_name_prefix")
+            fsid = ctypes.create_string_buffer(64)
+            _check(lib.rados_cluster_fsid(cluster, fsid, len(fsid)), "rados_cluster_fsid")
             caps = {
                 "object_size": int(info.obj_size),
                 "discard_granularity": _conf_int(lib, cluster, "rbd_discard_granularity_bytes"),
@@ -286,6 +316,11 @@ class RbdImage:
                 "stripe_unit": int(stripe_unit.value),
                 "caw_atomic_max": min(CAW_SECTOR, int(stripe_unit.value) or CAW_SECTOR),
                 "features": int(features.value),
+                "stripe_count": int(stripe_count.value),
+                "block_name_prefix": prefix.value.decode(),
+                "data_pool_id": int(_check(lib.rbd_get_data_pool_id(image),
+                                           "rbd_get_data_pool_id")),
+                "fsid": fsid.value.decode(),
             }
         except BaseException:
             if image.value:
@@ -427,7 +462,8 @@ class RbdImage:
             return 0
 
         callback = _diff_cb(collect)
-        _check(self._lib.rbd_diff_iterate2(self._image, None, offset, length, 0, 0, callback,
+        # include_parent = 1: a clone's data still in its parent is data, not a hole
+        _check(self._lib.rbd_diff_iterate2(self._image, None, offset, length, 1, 0, callback,
                                            None), "rbd_diff_iterate2")
         found.sort()
         merged: list[tuple[int, int]] = []
@@ -449,6 +485,57 @@ class RbdImage:
     async def snapshot_remove(self, name: str) -> None:
         await asyncio.to_thread(lambda: _check(
             self._lib.rbd_snap_remove(self._image, name.encode()), f"removing snapshot {name}"))
+
+    def snapshot_create_blocking(self, name: str) -> None:
+        _check(self._lib.rbd_snap_create(self._handle(), name.encode()),
+               f"creating snapshot {self.pool}/{self.name}@{name}")
+
+    def snapshot_remove_blocking(self, name: str) -> None:
+        """Remove a snapshot, unprotecting it first; EBUSY while clones depend on it."""
+        image = self._handle()
+        if self._protected(name):
+            _check(self._lib.rbd_snap_unprotect(image, name.encode()),
+                   f"unprotecting snapshot {self.pool}/{self.name}@{name} (does a clone "
+                   "still depend on it? flatten or remove the clone first)")
+        _check(self._lib.rbd_snap_remove(image, name.encode()),
+               f"removing snapshot {self.pool}/{self.name}@{name}")
+
+    def _protected(self, name: str) -> bool:
+        flag = ctypes.c_int()
+        _check(self._lib.rbd_snap_is_protected(self._handle(), name.encode(),
+                                               ctypes.byref(flag)),
+               f"snapshot {self.pool}/{self.name}@{name}")
+        return bool(flag.value)
+
+    def snapshot_rollback_blocking(self, name: str) -> None:
+        _check(self._lib.rbd_snap_rollback(self._handle(), name.encode()),
+               f"rolling {self.pool}/{self.name} back to {name}")
+        self.size = self.size_now()
+
+    def snapshot_clone_blocking(self, name: str, pool: str, image: str) -> None:
+        """A copy-on-write child `pool`/`image` of snapshot `name` (protected first, as
+        clone format 1 requires; FileExistsError when the child exists)."""
+        handle = self._handle()
+        if not self._protected(name):
+            _check(self._lib.rbd_snap_protect(handle, name.encode()),
+                   f"protecting snapshot {self.pool}/{self.name}@{name}")
+        ioctx = self._ioctx
+        child = ctypes.c_void_p()
+        if pool != self.pool:
+            _check(self._lib.rados_ioctx_create(self._cluster, pool.encode(),
+                                                ctypes.byref(child)), f"opening pool {pool}")
+            ioctx = child
+        try:
+            features = ctypes.c_uint64()
+            _check(self._lib.rbd_get_features(handle, ctypes.byref(features)),
+                   "rbd_get_features")
+            order = ctypes.c_int(0)
+            _check(self._lib.rbd_clone(self._ioctx, self.name.encode(), name.encode(), ioctx,
+                                       image.encode(), features.value, ctypes.byref(order)),
+                   f"cloning {self.pool}/{self.name}@{name} to {pool}/{image}")
+        finally:
+            if child.value:
+                self._lib.rados_ioctx_destroy(child)
 
     async def snapshots(self) -> list[tuple[str, int, int]]:
         """(name, id, size) of each snapshot of the image."""
@@ -492,6 +579,10 @@ class RbdImage:
 
     def _close_sync(self) -> None:
         self._lib.rbd_close(self._image)
+        if self._objects is not None:
+            self._objects[1].close()
+            self._lib.rados_ioctx_destroy(self._objects[0])
+            self._objects = None
         self._lib.rados_ioctx_destroy(self._ioctx)
         self._lib.rados_shutdown(self._cluster)
 
@@ -530,6 +621,83 @@ class RbdImage:
         """`extents`, on the calling thread."""
         self._handle()
         return self._extents_sync(offset, length)
+
+    def object_name(self, number: int) -> str:
+        """The RADOS name of the image's data object `number` (rbd_data.<id>.<16 hex>)."""
+        return f"{self.caps['block_name_prefix']}.{number:016x}"
+
+    def _data_ioctx(self) -> rados_copy.IoCtx:
+        """A C++ IoCtx on the pool holding the image's data objects, made at first use and
+        closed with the image."""
+        with self._objects_lock:
+            self._handle()
+            if self._objects is None:
+                c_ioctx = ctypes.c_void_p()
+                _check(self._lib.rados_ioctx_create2(self._cluster, self.caps["data_pool_id"],
+                                                     ctypes.byref(c_ioctx)),
+                       f"opening the data pool of {self.pool}/{self.name}")
+                try:
+                    self._objects = (c_ioctx, rados_copy.IoCtx(c_ioctx))
+                except BaseException:
+                    self._lib.rados_ioctx_destroy(c_ioctx)
+                    raise
+            return self._objects[1]
+
+    def copy_objects_from_blocking(self, src: RbdImage, src_first: int, dst_first: int,
+                                   count: int) -> list[int]:
+        """Make this image's data objects dst_first... copies of `src`'s objects
+        src_first... inside the cluster (RADOS copy-from, OSD to OSD); per object 0 or
+        -errno (-ENOENT: the source object does not exist, as a clone's data still in its
+        parent). Both images are plainly striped with objects of one size in one cluster
+        (`copy_offer_refusal`).
+
+        Each destination object is first written through librbd (512 zero bytes at its start),
+        and only then replaced whole by the copy. That write is what keeps librbd's view true:
+        it records the object in the object map (fast-diff reads it as changed), takes the
+        exclusive lock, copies a clone's parent data up, and reaches the OSD with the image's
+        snapshot context, so the object's old content is kept for every snapshot; the copy
+        that follows carries no snapshot context and the OSD writes it under the newer one the
+        object now has. A snapshot taken between the two writes sees the copied data: the copy
+        was in flight then, as a write in flight at a crash."""
+        dst_io = self._data_ioctx()
+        src_io = src._data_ioctx()
+        zeros = ctypes.create_string_buffer(CAW_SECTOR)
+        osz = int(self.caps["object_size"])
+        pending: list[ctypes.c_void_p] = []
+        failed: list[int] = []
+
+        def reap() -> None:
+            completion = pending.pop(0)
+            self._lib.rbd_aio_wait_for_complete(completion)
+            ret = int(self._lib.rbd_aio_get_return_value(completion))
+            self._lib.rbd_aio_release(completion)
+            if ret < 0:
+                failed.append(ret)
+
+        try:
+            for number in range(dst_first, dst_first + count):
+                completion = ctypes.c_void_p()
+                _check(self._lib.rbd_aio_create_completion(None, _NO_CALLBACK,
+                                                           ctypes.byref(completion)),
+                       "rbd_aio_create_completion")
+                ret = self._lib.rbd_aio_write(self._handle(), number * osz, CAW_SECTOR,
+                                              ctypes.addressof(zeros), completion)
+                if ret < 0:
+                    self._lib.rbd_aio_release(completion)
+                    failed.append(ret)
+                    break
+                pending.append(completion)
+                if len(pending) >= rados_copy.DEPTH:
+                    reap()
+        finally:
+            while pending:
+                reap()
+        if failed:
+            raise _errno_error(failed[0], f"write to object {dst_first} of "
+                               f"{self.pool}/{self.name}")
+        pairs = [(src.object_name(src_first + n), self.object_name(dst_first + n))
+                 for n in range(count)]
+        return rados_copy.copy_objects(dst_io, src_io, pairs)
 
     def size_now(self) -> int:
         """The image's size as the cluster has it now (another client may have resized it)."""
@@ -570,6 +738,38 @@ class RbdImage:
         self.size = size
 
 
+RBD_FEATURE_JOURNALING = 1 << 6
+# Answers of a copy-from that mean "not here" rather than a failure of the medium: the OSD or
+# the client's caps refuse it (EPERM: no read access to the source pool for the OSD's copy).
+COPY_REFUSED = frozenset((errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.EXDEV,
+                          errno.EINVAL))
+
+
+def copy_offer_refusal(dst: Mapping[str, Any], src: Mapping[str, Any] | None = None
+                       ) -> str | None:
+    """Why data cannot be copied into the image whose `RbdImage.caps` are `dst` (from the
+    image `src`, when given) inside the cluster, object by object; None when it can.
+
+    Object-by-object copying needs image offsets that map to objects one to one (no fancy
+    striping: one stripe of one object), objects of one size on both sides, both images in
+    one cluster (a copy-from names a pool of the OSDs' own cluster), and no journaling (a
+    journaled image's writes must go through its journal, which rbd-mirror replays)."""
+    sides = [("destination", dst)] + ([] if src is None else [("source", src)])
+    for side, caps in sides:
+        if caps["stripe_count"] != 1 or caps["stripe_unit"] != caps["object_size"]:
+            return (f"the {side} image is striped ({caps['stripe_count']} x "
+                    f"{caps['stripe_unit']} bytes over {caps['object_size']}-byte objects)")
+        if caps["features"] & RBD_FEATURE_JOURNALING:
+            return f"the {side} image is journaled"
+    if src is not None:
+        if src["fsid"] != dst["fsid"]:
+            return "the images are in different clusters"
+        if src["object_size"] != dst["object_size"]:
+            return (f"the object sizes differ ({src['object_size']} and "
+                    f"{dst['object_size']} bytes)")
+    return None
+
+
 class RbdBackstore(Backstore):
     """`backstore: rbd`: a logical unit in one RBD image, every I/O through librbd's aio.
 
@@ -584,7 +784,7 @@ class RbdBackstore(Backstore):
 
     kind = "rbd"
     PARAMS = ("pool", "image")
-    OPTIONAL_PARAMS = ("conf", "keyring", "client_id", "object_size")
+    OPTIONAL_PARAMS = ("conf", "keyring", "client_id", "object_size", "snapshot")
     ALLOCATED_REFRESH = 1.0  # seconds a figure given on the event loop may be old
 
     def __init__(self, image: RbdImage, readonly: bool = False) -> None:
@@ -598,7 +798,10 @@ class RbdBackstore(Backstore):
         self.caps = Capabilities(
             thin=True, deallocated_reads_zero=True,
             deallocate_granularity=granule or 512, deallocate_alignment=0,
-            compare_and_write_max=caw, compare_and_write_boundary=caw)
+            compare_and_write_max=caw, compare_and_write_boundary=caw,
+            copy_range=not readonly and rados_copy.available()
+            and copy_offer_refusal(image.caps) is None,
+            copy_range_alignment=image.caps["object_size"])
         self._allocated = 0
         self._allocated_at = -1.0
         self._refreshing = False
@@ -614,16 +817,24 @@ class RbdBackstore(Backstore):
     @classmethod
     def open(cls, params: Mapping[str, Any], *, readonly: bool = False) -> RbdBackstore:
         try:
+            snapshot = params.get("snapshot")
             image = RbdImage.open_blocking(str(params["pool"]), str(params["image"]),
+                                           snapshot=None if snapshot is None else str(snapshot),
                                            **cls._connection(params))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise FileNotFoundError(exc.errno, exc.strerror) from None
             raise
-        return cls(image, readonly)
+        return cls(image, readonly or snapshot is not None)
 
     @classmethod
     def exists(cls, params: Mapping[str, Any]) -> bool:
+        if "snapshot" in params:
+            try:
+                cls.open(params, readonly=True).close()
+            except FileNotFoundError:
+                return False
+            return True
         return image_exists(str(params["pool"]), str(params["image"]),
                             **cls._connection(params))
 
@@ -745,6 +956,40 @@ class RbdBackstore(Backstore):
         found = self.image.extents_blocking(span[0], span[1] - span[0])
         return self._extents(found, span, offset, length)
 
+    def copy_range_from(self, src: Backstore, src_offset: int, dst_offset: int,
+                        length: int) -> bool:
+        """Copy whole objects inside the cluster, OSD to OSD (RADOS copy-from, see
+        `RbdImage.copy_objects_from_blocking`), when both images allow it
+        (`copy_offer_refusal`) and the ranges are whole objects on both sides; False, with
+        nothing changed, otherwise. A source object that does not exist in RADOS (a clone's
+        data still in its parent) is read and written instead; so are the objects of a copy
+        the cluster refuses (COPY_REFUSED), and the offer is then withdrawn."""
+        if not self.caps.copy_range or not isinstance(src, RbdBackstore) or src.closed:
+            return False
+        osz = int(self.image.caps["object_size"])
+        if src_offset % osz or dst_offset % osz or length % osz or length <= 0 \
+                or copy_offer_refusal(self.image.caps, src.image.caps) is not None:
+            return False
+        self._writable()
+        results = self.image.copy_objects_from_blocking(src.image, src_offset // osz,
+                                                        dst_offset // osz, length // osz)
+        for n, ret in enumerate(results):
+            if ret == 0:
+                continue
+            if -ret in COPY_REFUSED:
+                self.caps.copy_range = False
+            elif ret != -errno.ENOENT:
+                raise _errno_error(ret, f"copy of object {src_offset // osz + n} of "
+                                   f"{src.location} into {self.location}")
+            self._copy_through(src, src_offset + n * osz, dst_offset + n * osz, osz)
+        return True
+
+    def _copy_through(self, src: RbdBackstore, src_offset: int, dst_offset: int,
+                      length: int) -> None:
+        buf = memoryview(bytearray(length))
+        src.read_into(buf, src_offset)
+        self.write(buf, dst_offset)
+
     def medium_size(self) -> int:
         return self.image.size_now()
 
@@ -752,6 +997,26 @@ class RbdBackstore(Backstore):
         self._writable()
         self.image.resize_blocking(size)
         self.size = size
+
+    # -- snapshots: RBD snapshots of the image
+    @classmethod
+    def snapshot_params(cls, params: Mapping[str, Any], name: str) -> dict[str, Any]:
+        return {**params, "snapshot": name}
+
+    def create_snapshot(self, name: str) -> str:
+        self._writable()
+        self.image.snapshot_create_blocking(name)
+        return "rbd"
+
+    def delete_snapshot(self, name: str) -> None:
+        self.image.snapshot_remove_blocking(name)
+
+    def clone_snapshot(self, name: str, params: Mapping[str, Any]) -> None:
+        self.image.snapshot_clone_blocking(name, str(params["pool"]), str(params["image"]))
+
+    def rollback_snapshot(self, name: str) -> None:
+        self._writable()
+        self.image.snapshot_rollback_blocking(name)
 
     # -- awaitable calls: librbd aio, completed on the event loop
     async def aread(self, buf: memoryview, offset: int,

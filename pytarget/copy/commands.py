@@ -347,7 +347,9 @@ async def _snapshot(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, int
         for guard in guards:
             await guard.__aenter__()
             entered.append(guard)
-        return manager.tokens.create(lu, task.nexus, ranges, inactivity)
+        token = manager.tokens.create(lu, task.nexus, ranges, inactivity)
+        await manager.tokens.publish(token)
+        return token
     finally:
         for guard in reversed(entered):
             await guard.__aexit__(None, None, None)
@@ -365,27 +367,28 @@ async def write_using_token(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
     raw = data[WUT_TOKEN_AT:WUT_TOKEN_AT + TOKEN_LENGTH]
     ranges = _ranges(lu, data, WUT_HEADER)
     zero = be32(raw, 0) == ROD_TYPE_BLOCK_ZERO
-    token = None if zero else service.manager.tokens.lookup(raw, task.nexus, WUT_TOKEN_AT)
+    tokens = service.manager.tokens
+    token = None if zero else await tokens.lookup(raw, task.nexus, WUT_TOKEN_AT)
     total = sum(n for _, n in ranges) * lu.block_size
     if token is not None and offset * lu.block_size + total > token.nbytes:
         raise S.invalid_field_in_parameter_list(8, 7)  # past the end of the ROD
     op = service.begin(task.nexus, list_id, ThirdPartyCopyOut.WRITE_USING_TOKEN, held=True,
                        identified=True)
     op.total_bytes = total
-    if token is None:
-        work = _write_zeros(lu, task, ranges, op)
-    else:
-        work = _write_from_token(service, lu, task, token, offset, ranges, op)
-    tokens = service.manager.tokens
-    if token is not None:
-        tokens.acquire(token)
-    try:
-        await _run(service, op, None, lambda: work)
-    finally:
-        if token is not None:
-            tokens.release(token)
-            if delete and op.status is CopyStatus.COMPLETED:
-                tokens.delete(token)
+
+    async def work() -> None:
+        if token is None:
+            await _write_zeros(lu, task, ranges, op)
+            return
+        await tokens.acquire(token)
+        try:
+            await _write_from_token(service, lu, task, token, offset, ranges, op)
+        finally:
+            await tokens.release(token)
+
+    await _run(service, op, None, work)
+    if token is not None and delete and op.status is CopyStatus.COMPLETED:
+        await tokens.delete(token)
 
 
 async def _write_zeros(lu: LogicalUnit, task: ScsiTask, ranges: list[tuple[int, int]],
@@ -439,8 +442,8 @@ async def _write_from_token(service: CopyService, lu: LogicalUnit, task: ScsiTas
                 source = _chain((s_at + n, s_len - n), source)
             seg = Segment(index, WUT_HEADER + RANGE_DESCRIPTOR * index,
                           SegmentType.BLOCK_TO_BLOCK, 0, 0)
-            tokens.check(token)
-            await job._copy_blocks(Plan(seg, Side(src, None), Side(lu, None), s_at, at, n))
+            async with tokens.reading(token):
+                await job._copy_blocks(Plan(seg, Side(src, None), Side(lu, None), s_at, at, n))
             at += n
             want -= n
         op.segments_processed += 1

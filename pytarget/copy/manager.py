@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -260,7 +260,8 @@ class CopyManager:
         self.clock = clock
         self.tokens: TokenStore = TokenStore(self, clock)
         self.services: list[CopyService] = []
-        self.chunk_delay = 0.0  # seconds each chunk waits first: lets tests watch a copy move
+        # awaited before each chunk moves, when set: lets a test hold a copy and watch it move
+        self.chunk_gate: Callable[[], Awaitable[object]] | None = None
         self.stats_operations: dict[tuple[str, str], int] = {}  # (operation, outcome) -> count
         self.stats_bytes: dict[str, int] = {}  # operation -> bytes moved
 
@@ -291,6 +292,8 @@ class CopyManager:
         service = CopyService(self, lu)
         lu.attach_copy_service(service)
         lu.write_observers.append(lambda lba, count: self.tokens.blocks_written(lu, lba, count))
+        if lu.token_store is not None:
+            self.tokens.share(lu, lu.token_store)
         self.services.append(service)
         return service
 

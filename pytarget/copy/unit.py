@@ -7,12 +7,14 @@ sub-commands (`execute`) and `copy_blocks_from`, under the policy `admit_interna
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
     from ..core.locks import RangeLock
+    from ..core.reservations import SharedDocument
     from ..core.table import OpTable
     from ..core.task import Nexus, ScsiTask
 
@@ -52,8 +54,14 @@ class LogicalUnit(Protocol):
     @property
     def copy_service(self) -> CopyServiceHooks | None: ...
     @property
-    def write_observers(self) -> list[Callable[[int, int], None]]:
-        """Called with (LBA, count) before blocks change (`_UnitRangeLock`)."""
+    def write_observers(self) -> list[Callable[[int, int], asyncio.Future[None] | None]]:
+        """Called with (LBA, count) before blocks change (`_UnitRangeLock`); an observer that
+        returns a future holds the write until it is done, then is asked again (the future
+        may be shared: the write awaits it shielded)."""
+        ...
+    @property
+    def token_store(self) -> SharedDocument | None:
+        """Where the unit's ROD tokens are shared with the other gateways serving it."""
         ...
     @property
     def stats_copy_bytes(self) -> dict[str, int]: ...

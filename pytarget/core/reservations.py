@@ -1,10 +1,12 @@
-"""The interface to reservation state that several gateways share: one versioned document per
-logical unit, replaced only by compare-and-update, with change notification.
+"""The interface to state that several gateways share: one versioned document, replaced only by
+compare-and-update, with change notification.
 
-The device server's persistent reservation code (`scsi/pr.py`) keeps a decoded copy of the
-document and programs against `ReservationStore`; `cluster/rados.py` implements it over one
-RADOS object (docs/scale-out-consistency.md). The store knows nothing of what the document
-means: it moves bytes, versions and change notices.
+A logical unit whose gateways share state has two such documents: its reservations, which the
+device server's persistent reservation code (`scsi/pr.py`) keeps a decoded copy of, and its ROD
+tokens (`copy/sharedtokens.py`). Both program against `ReservationStore` (also named
+`SharedDocument`); `cluster/rados.py` implements it over one RADOS object
+(docs/scale-out-consistency.md). The store knows nothing of what the document means: it moves
+bytes, versions and change notices.
 
 The contract that makes a cached copy safe to act on:
 - `load` establishes the change subscription before it reads, so every change committed after
@@ -63,3 +65,7 @@ class ReservationStore(Protocol):
     def close(self) -> None:
         """Unsubscribe and let go of the connection (blocking; at shutdown)."""
         ...
+
+
+SharedDocument = ReservationStore
+"""The same contract, named for the documents that are not reservations (ROD tokens)."""

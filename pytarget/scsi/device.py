@@ -53,7 +53,8 @@ from .unit import LunDirectory
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
     from ..core.ownership import OwnershipService
-    from ..core.reservations import ReservationStore
+    from ..core.reservations import ReservationStore, SharedDocument
+    from ..core.snapshots import QuiescedObserver
     from .qos import QosGate
 
 log = logging.getLogger("pytarget.scsi")
@@ -81,7 +82,10 @@ class _UnitRangeLock(RangeLock):
     Everything that changes blocks holds an exclusive lock on exactly those blocks, granted only
     once earlier readers of them are done; the copy manager uses this to invalidate ROD tokens
     (SBC-3 4.29.4). An exclusive lock reaching past the medium is a barrier (RESERVE), not a
-    write.
+    write. An observer may hold the write back (ROD tokens shared with other gateways, whose
+    cancellation must reach them first): the lock is then granted only through `acquire`,
+    which waits for what the observers return and asks them again; if that fails, the lock is
+    released and the failure (a SenseError) is the command's.
     """
 
     def __init__(self, lu: LogicalUnit) -> None:
@@ -91,19 +95,27 @@ class _UnitRangeLock(RangeLock):
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
         req = await super().acquire(start, count, exclusive)
         if exclusive:
-            self._will_write(start, count)
+            try:
+                while waits := self._will_write(start, count):
+                    for wait in waits:
+                        await asyncio.shield(wait)
+            except BaseException:
+                self.release(req)
+                raise
         return req
 
     def try_acquire(self, start: int, count: int, exclusive: bool) -> _Request | None:
         req = super().try_acquire(start, count, exclusive)
-        if req is not None and exclusive:
-            self._will_write(start, count)
+        if req is not None and exclusive and self._will_write(start, count):
+            self.release(req)
+            return None
         return req
 
-    def _will_write(self, start: int, count: int) -> None:
-        if start + count <= self.lu.nblocks:
-            for observer in self.lu.write_observers:
-                observer(start, max(count, 1))
+    def _will_write(self, start: int, count: int) -> list[asyncio.Future[None]]:
+        if start + count > self.lu.nblocks:
+            return []
+        return [wait for observer in self.lu.write_observers
+                if (wait := observer(start, max(count, 1))) is not None]
 
 
 @dataclass
@@ -141,7 +153,8 @@ class LogicalUnit:
 
     def __init__(self, config: LuConfig, backstore: Backstore | None,
                  directory: LunDirectory, services: Iterable[OpSpec] = (),
-                 reservations: ReservationStore | None = None) -> None:
+                 reservations: ReservationStore | None = None,
+                 tokens: SharedDocument | None = None) -> None:
         self.config = config
         self.lun = config.lun
         self.backstore = backstore
@@ -182,7 +195,10 @@ class LogicalUnit:
         if not self.thin:
             del self.vpd[0xB2]
         self.mode = ModePages(self)
-        self.write_observers: list[Callable[[int, int], None]] = []
+        self.write_observers: list[Callable[[int, int], asyncio.Future[None] | None]] = []
+        self.token_store = tokens  # the copy manager shares the unit's ROD tokens through it
+        # called while the unit is quiesced for a snapshot (core/snapshots.py)
+        self.snapshot_observers: list[QuiescedObserver] = []
         self.ranges: RangeLock = _UnitRangeLock(self)
         self.copy_service: CopyServiceHooks | None = None  # see attach_copy_service
         self.qos: QosGate | None = None  # the target's QoS scheduler when a policy applies
@@ -673,23 +689,29 @@ class LogicalUnit:
         return paths
 
     def _copy_data(self, src: Backstore, so: int, do: int, n: int) -> Counter[str]:
+        """Data: the destination's clone offer, else its in-storage copy, each for the part
+        of the range its alignment allows (the unaligned head and tail go the next way),
+        else read and written."""
         dst = self.backstore
         assert dst is not None
-        paths: Counter[str] = Counter()
-        align = max(dst.caps.clone_alignment, self.block_size)
-        if dst.caps.clone and so % align == do % align:
+        overlap = src is dst and so < do + n and do < so + n
+        offers = (("reflink", dst.caps.clone, dst.caps.clone_alignment, dst.clone_from),
+                  ("copy_range", dst.caps.copy_range and not overlap,
+                   dst.caps.copy_range_alignment, dst.copy_range_from))
+        for path, offered, alignment, offer in offers:
+            align = max(alignment, self.block_size)
+            if not offered or so % align != do % align:
+                continue
             head = min(n, -so % align)
             body = (n - head) // align * align
-            if body and dst.clone_from(src, so + head, do + head, body):
-                paths["reflink"] += body
+            if body and offer(src, so + head, do + head, body):
+                paths: Counter[str] = Counter({path: body})
                 if head:
                     paths.update(self._copy_data(src, so, do, head))
                 tail = n - head - body
                 if tail:
                     paths.update(self._copy_data(src, so + head + body, do + head + body, tail))
                 return paths
-        if not (src is dst and so < do + n and do < so + n) and dst.copy_range_from(src, so, do, n):
-            return Counter({"copy_range": n})
         return Counter({self._copy_buffered(src, so, do, n): n})
 
     def _copy_buffered(self, src: Backstore, so: int, do: int, n: int,
@@ -740,6 +762,8 @@ class LogicalUnit:
             finally:
                 self.backstore.close()
                 self.pr.close()
+                if self.token_store is not None:
+                    self.token_store.close()
         self.closed = True
 
 

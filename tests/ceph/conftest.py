@@ -1,26 +1,11 @@
-"""The throw-away Ceph cluster (tests/ceph_cluster.py) as a session fixture for `ceph` tests.
-
-The tests are skipped only when Ceph is not installed here; once it is, a cluster that fails
-to start is an error of every test that needs it, not a skip.
-"""
+"""Fixtures of the `ceph` tests. The session's throw-away cluster, `ceph_cluster`, is in
+tests/conftest.py, so that tests elsewhere (tests/interop) share the same one."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
-
-from ..ceph_cluster import CephCluster, missing, running
-
-
-@pytest.fixture(scope="session")
-def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    reason = missing()
-    if reason:
-        pytest.skip(reason)
-    with running(tmp_path_factory.mktemp("ceph")) as cluster:
-        yield cluster
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def test_rbd_kind_by_configuration_key(ceph_cluster: CephCluster, image_name: st
 
 def test_capabilities_say_what_librbd_does(ceph_cluster: CephCluster, image_name: str) -> None:
     """No fast path on the loop; UNMAP granularity = librbd's discard granule; COMPARE AND
-    WRITE atomic within one 512-byte sector."""
+    WRITE atomic within one 512-byte sector; no clones, in-cluster copies of whole objects."""
     params = rbd_params(ceph_cluster, image_name)
     provision_backstore("rbd", params, SIZE)
     store = open_backstore("rbd", params)
@@ -113,7 +113,8 @@ def test_capabilities_say_what_librbd_does(ceph_cluster: CephCluster, image_name
         assert caps.thin and caps.deallocated_reads_zero
         assert caps.deallocate_granularity == GRANULE and caps.deallocate_alignment == 0
         assert caps.compare_and_write_max == 512 and caps.compare_and_write_boundary == 512
-        assert not caps.clone and not caps.copy_range
+        assert not caps.clone
+        assert caps.copy_range and caps.copy_range_alignment == 4 * MiB
     finally:
         store.close()
         remove(ceph_cluster, image_name)

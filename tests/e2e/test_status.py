@@ -36,7 +36,8 @@ def test_status_follows_an_extended_copy(tmp_path: Path) -> None:
         server = Server(load(config), source=str(config))
         await server.start()
         try:
-            server.copy_manager.chunk_delay = 1.5
+            chunks = asyncio.Semaphore(0)  # one chunk moves per status sample
+            server.copy_manager.chunk_gate = chunks.acquire
             sock = tmp_path / "pytarget.sock"
             assert stat.S_IMODE(sock.stat().st_mode) == 0o600
             host, port = server.registry.portals[0]
@@ -79,7 +80,11 @@ def test_status_follows_an_extended_copy(tmp_path: Path) -> None:
                 if samples and not table:
                     status, table = await pytarget("status", "--config", str(config))
                 if len({s["bytes_done"] for s in samples}) >= 3:
-                    server.copy_manager.chunk_delay = 0  # seen it move: let it finish
+                    server.copy_manager.chunk_gate = None  # seen it move: let it finish
+                    for _ in range(COPY_MIB):
+                        chunks.release()
+                else:
+                    chunks.release()
             (await copy).check()
         finally:
             await server.stop()

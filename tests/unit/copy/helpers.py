@@ -11,6 +11,7 @@ from pytarget.backstore.base import Backstore
 from pytarget.backstore.file import FileBackstore
 from pytarget.copy import commands
 from pytarget.copy.manager import CopyManager
+from pytarget.core.reservations import SharedDocument
 from pytarget.core.task import Nexus
 from pytarget.iscsi.node import TargetNode
 from pytarget.iscsi.target import TargetRegistry
@@ -41,8 +42,10 @@ class Rig:
 
     def unit(self, lun: int, blocks: int = 8192, block_size: int = 512, thin: bool = True,
              node: TargetNode | None = None, readonly: bool = False,
-             backstore: Backstore | None = None) -> LogicalUnit:
-        """A LUN on a new sparse file, or on `backstore` when given."""
+             backstore: Backstore | None = None,
+             tokens: SharedDocument | None = None) -> LogicalUnit:
+        """A LUN on a new sparse file, or on `backstore` when given; its ROD tokens shared
+        through `tokens` when given."""
         node = node or self.node
         self._naa += 1
         if backstore is None:
@@ -52,7 +55,7 @@ class Rig:
         lu = LogicalUnit(LuConfig(lun=lun, block_size=block_size, thin=thin, readonly=readonly,
                                   serial=f"SER{self._naa:X}",
                                   naa=self._naa.to_bytes(8, "big")),
-                         backstore, node, commands.ROWS)
+                         backstore, node, commands.ROWS, tokens=tokens)
         node.luns[lun] = lu
         self.manager.attach(lu)
         return lu
