@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # With pytest-xdist (tools/test runs two workers), the guest tests stay in one worker,
         # so two TCG guests never compete for the two cores, and the other tests of the
         # session's Ceph cluster in one worker, so it starts once more at most.
-        if item.get_closest_marker("interop") is not None:
+        if item.get_closest_marker("interop") is not None or where.startswith("interop/"):
             item.add_marker(pytest.mark.xdist_group("guest"))
         elif "ceph_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ceph"))
