@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 from .backstore import KINDS
 from .backstore.base import Backstore
+from .backstore.rbd import RbdBackstore
+from .cluster.ownership import RadosOwnership, object_name
 from .cluster.rados import RadosReservationStore
 from .config import (
     Config,
@@ -46,6 +49,8 @@ from .scsi.qos import QosGate
 from .transport import is_local_address
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+log = logging.getLogger("pytarget")
 
 
 def backstore_kind(config: Config, tc: TargetConfig, lc: LunConfig) -> type[Backstore]:
@@ -278,12 +283,39 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
         if lc.atomic_write_size is not None:
             lu_config.atomic_write_bytes = lc.atomic_write_size
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
-        return LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
-                           reservations=reservation_store(lc, naa),
-                           tokens=token_store(lc, naa))
+        lu = LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
+                         reservations=reservation_store(lc, naa),
+                         tokens=token_store(lc, naa))
+        lu.ownership = ownership(config, tc, lc, lu)
+        return lu
     except BaseException:
         backstore.close()
         raise
+
+
+def ownership(config: Config, tc: TargetConfig, lc: LunConfig,
+              lu: LogicalUnit) -> RadosOwnership | None:
+    """What moves the LU's owner when a gateway dies: for an RBD LUN served by gateways, the
+    ownership record beside its image, on the image's own client (cluster/ownership.py).
+    The image's exclusive-lock feature is turned off first: every gateway writes the image
+    (active/non-optimized paths serve I/O), and with the feature on the lock would move at
+    every write of another gateway."""
+    backstore = lu.backstore
+    gateway, owner = local_gateway(config), lun_owner(config, lc)
+    if not isinstance(backstore, RbdBackstore) or gateway is None or owner is None \
+            or lc.snapshot is not None:
+        return None  # a snapshot LUN is read-only at a snapshot of another LUN's image
+    lu.alua.pref_follows_owner = True
+    if not lu.readonly and backstore.image.allow_concurrent_writers_blocking():
+        log.warning("%s LUN %d: turned off the exclusive-lock feature (and object map, fast "
+                    "diff, journaling) of %s: gateways write it concurrently "
+                    "(docs/guides/scale-out.md)", tc.name, lc.id, backstore.location)
+    return RadosOwnership(
+        backstore.image.rados_handles(), object_name(str(lc.rbd["image"])),
+        local=gateway.name, gateways=[g.name for g in config.gateways], preferred=owner.name,
+        set_owner=lu.set_owner, begin_transition=lu.begin_transition,
+        timeout=config.failover.timeout, heartbeat=config.failover.heartbeat,
+        label=f"{tc.name} LUN {lc.id}")
 
 
 def build_registry(config: Config, luns: bool = True) -> TargetRegistry:

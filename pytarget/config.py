@@ -145,6 +145,15 @@ class GatewayConfig:
 
 
 @dataclass
+class FailoverConfig:
+    """`failover:`: how gateways over a shared RBD image follow each other's liveness
+    (cluster/ownership.py, docs/guides/scale-out.md)."""
+
+    timeout: float = 8.0  # seconds without a heartbeat before a gateway is dead
+    heartbeat: float = 1.0  # seconds between heartbeats
+
+
+@dataclass
 class AclConfig:
     initiator: str
     luns: list[int] | None = None  # None: every LUN of the target
@@ -180,6 +189,7 @@ class Config:
     nbd: NbdConfig | None = None  # the NBD front end; None: off
     gateways: list[GatewayConfig] = field(default_factory=list)  # empty: one process
     gateway: str | None = None  # which of `gateways` this process is
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
 
     def poll_window(self) -> float:
         """The event loop's polling window in seconds."""
@@ -316,7 +326,7 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
     doc = r.mapping(doc if doc is not None else {}, "",
                     {"portals", "targets", "management_addresses", "control_socket",
                      "control_group", "metrics", "discovery_auth", "limits",
-                     "busy_poll_us", "gateways", "gateway"}, {"targets"})
+                     "busy_poll_us", "gateways", "gateway", "failover"}, {"targets"})
     portals_raw = doc.get("portals", ["0.0.0.0:3260"])
     if not isinstance(portals_raw, list) or not portals_raw:
         raise r.fail("portals", "expected a non-empty list of HOST:PORT")
@@ -384,7 +394,26 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
     _check_secrets(r, config)
     config.nbd = nbd
     _gateways(r, doc, config, gateway)
+    config.failover = _failover(r, doc)
     return config
+
+
+def _failover(r: _Reader, doc: dict[str, Any]) -> FailoverConfig:
+    """failover: {timeout: SECONDS, heartbeat: SECONDS}; the heartbeat must leave room for
+    at least two heartbeats within the timeout."""
+    failover = FailoverConfig()
+    if "failover" not in doc:
+        return failover
+    raw = r.mapping(doc["failover"], "failover", {"timeout", "heartbeat"}, set())
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0.1 <= value <= 3600:
+            raise r.fail(f"failover.{name}", "expected seconds, 0.1..3600")
+        setattr(failover, name, float(value))
+    if failover.heartbeat * 2 > failover.timeout:
+        raise r.fail("failover.heartbeat", f"expected at most half of failover.timeout "
+                     f"({failover.timeout:g} s)")
+    return failover
 
 
 # ---------------------------------------------------------------- gateways

@@ -374,6 +374,8 @@ class Reload:
             for lc in tc.luns:
                 lu = node.luns.get(lc.id)
                 owner = lun_owner(self.new, lc)
+                if lu is not None and lu.ownership is not None and owner is not None:
+                    lu.ownership.set_preferred(owner.name)
                 if lu is not None and lu.set_port_groups(groups, owner.id if owner else None):
                     self.changes.append(f"target {node.name} LUN {lc.id}: target port groups "
                                         f"changed, owner {owner.name if owner else '-'}")

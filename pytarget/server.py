@@ -121,6 +121,10 @@ class Server:
         if self.config.metrics is not None:
             self.metrics = await self.start_metrics(self.config.metrics)
         self.update_management_addresses(self.config)
+        for node in self.registry.targets.values():
+            for lu in node.luns.values():
+                if lu.ownership is not None:
+                    lu.ownership.start()
         await self._start_control()
 
     def _announce_portals(self) -> None:
@@ -381,6 +385,8 @@ class Server:
         previous = node.luns.get(lu.lun)
         node.luns[lu.lun] = lu
         self.copy_manager.attach(lu)
+        if lu.ownership is not None:
+            lu.ownership.start()
         return previous
 
     def remove_lu(self, node: TargetNode[LogicalUnit], lun: int) -> None:
@@ -394,6 +400,8 @@ class Server:
         self.registry.add_target(node)
         for lu in node.luns.values():
             self.copy_manager.attach(lu)
+            if lu.ownership is not None:
+                lu.ownership.start()
 
     async def remove_target(self, node: TargetNode[LogicalUnit], reason: str) -> int:
         """Stop serving a target: no new logins, its sessions end, its logical units retire.

@@ -89,8 +89,12 @@ def _access(lu: LogicalUnit) -> dict[str, Any]:
     """The LU's owner gateway and its asymmetric access state here and in every group."""
     alua = lu.alua
     owner = alua.groups.find(alua.owner)
-    return {"owner": owner.name or None, "alua_state": alua.local_state.name.lower(),
-            "alua_states": alua.summary()}
+    doc: dict[str, Any] = {"owner": owner.name or None,
+                           "alua_state": alua.local_state.name.lower(),
+                           "alua_states": alua.summary()}
+    if lu.ownership is not None:
+        doc["ownership"] = lu.ownership.describe()
+    return doc
 
 
 def _gateways(config: Config) -> list[dict[str, Any]]:
@@ -242,6 +246,28 @@ def _alua_text(state: str) -> str:
     return _ALUA_TEXT.get(state, state)
 
 
+def _access_by_gateway(doc: dict[str, Any], names: list[str]) -> list[str]:
+    """Each LUN's access state in every gateway's group, with the seconds since this gateway
+    last saw that gateway's heartbeat change (LUNs whose owner follows liveness)."""
+    rows = []
+    for t in doc["targets"]:
+        for lun in t["luns"]:
+            ownership = lun.get("ownership") or {}
+            beats = ownership.get("heartbeats") or {}
+            cells = []
+            for name in names:
+                cell = _alua_text(lun.get("alua_states", {}).get(name, "-"))
+                if beats.get(name) is not None:
+                    cell += f" ({beats[name]:.1f} s)"
+                elif ownership:
+                    cell += " (not seen)"
+                cells.append(cell)
+            epoch = ownership.get("epoch") if ownership else None
+            rows.append((t["name"], lun["lun"], lun["owner"], epoch, *cells))
+    return ["", "Access by gateway (heartbeat last seen):"] + _table(
+        ("TARGET", "LUN", "OWNER", "EPOCH", *(n.upper() for n in names)), rows)
+
+
 def render(doc: dict[str, Any]) -> str:
     """The status document as tables for a terminal."""
     out = [f"pytarget {doc['version']} (pid {doc['pid']}, up {doc['uptime_seconds']:.0f} s), "
@@ -278,6 +304,8 @@ def render(doc: dict[str, Any]) -> str:
     out += ["", "Targets and LUNs:"]
     out += _table(("TARGET", "LUN", "SIZE", "ALLOCATED", "BLOCK", "FLAGS", "PATH", "SESSIONS")
                   + (("OWNER", "ALUA (HERE)") if gateways else ()), rows)
+    if gateways:
+        out += _access_by_gateway(doc, [g["name"] for g in gateways])
     rows = []
     for s in doc["sessions"]:
         for c in s["connections"] or [{}]:

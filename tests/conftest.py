@@ -42,13 +42,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif where in IN_PROCESS:
             item.add_marker(pytest.mark.inprocess)
-        # With pytest-xdist (tools/test runs two workers), every test of the session's Ceph
-        # cluster stays in one worker, so the cluster starts once, and the guest tests share
-        # another, so two TCG guests never compete for the two cores.
-        if "ceph_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("ceph"))
-        elif where.startswith("interop/"):
+        # With pytest-xdist (tools/test runs two workers), the guest tests stay in one worker,
+        # so two TCG guests never compete for the two cores, and the other tests of the
+        # session's Ceph cluster in one worker, so it starts once more at most.
+        if item.get_closest_marker("interop") is not None or where.startswith("interop/"):
             item.add_marker(pytest.mark.xdist_group("guest"))
+        elif "ceph_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ceph"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

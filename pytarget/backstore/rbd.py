@@ -67,6 +67,13 @@ class _SnapInfo(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint64), ("size", ctypes.c_uint64), ("name", ctypes.c_char_p)]
 
 
+# Image features (librbd.h RBD_FEATURE_*) a gateway turns off: see
+# RbdImage.allow_concurrent_writers_blocking.
+RBD_FEATURE_EXCLUSIVE_LOCK = 1 << 2
+RBD_FEATURE_OBJECT_MAP = 1 << 3
+RBD_FEATURE_FAST_DIFF = 1 << 4
+RBD_FEATURE_JOURNALING = 1 << 6
+
 # librbd 16.2 compares and writes atomically only inside one 512-byte sector of one stripe
 # unit (ImageCompareAndWriteRequest::prune_object_extents); anything else is EINVAL.
 CAW_SECTOR = 512
@@ -165,6 +172,7 @@ class _Lib:
             (rbd, "rbd_discard", i, [vp, u64, u64]),
             (rbd, "rbd_write_zeroes", ctypes.c_ssize_t, [vp, u64, sz, i, i]),
             (rbd, "rbd_resize", i, [vp, u64]),
+            (rbd, "rbd_update_features", i, [vp, u64, ctypes.c_uint8]),
         ]
         for lib, name, restype, argtypes in prototypes:
             function = getattr(lib, name)
@@ -696,6 +704,33 @@ class RbdImage:
         size = ctypes.c_uint64()
         _check(self._lib.rbd_get_size(self._handle(), ctypes.byref(size)), "rbd_get_size")
         return int(size.value)
+
+    def rados_handles(self) -> tuple[int, int]:
+        """The addresses of this image's librados cluster and pool handles, for state kept
+        beside the image on the same client (cluster/ownership.py): fencing that client's
+        address then fences this image's I/O too."""
+        self._handle()
+        return int(self._cluster.value or 0), int(self._ioctx.value or 0)
+
+    def allow_concurrent_writers_blocking(self) -> bool:
+        """Turn off the exclusive-lock feature (and the features that need it: object map,
+        fast diff, journaling), so that several gateways write the image at once without the
+        lock moving at every write; True when features were turned off."""
+        features = ctypes.c_uint64()
+        _check(self._lib.rbd_get_features(self._handle(), ctypes.byref(features)),
+               "rbd_get_features")
+        changed = False
+        for feature in (RBD_FEATURE_JOURNALING, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
+                        RBD_FEATURE_EXCLUSIVE_LOCK):
+            if features.value & feature:
+                ret = self._lib.rbd_update_features(self._image, feature, 0)
+                if ret != -errno.EINVAL:  # EINVAL: another gateway turned it off first
+                    _check(ret, f"turning off feature {feature:#x} of {self.pool}/{self.name}")
+                changed = True
+        _check(self._lib.rbd_get_features(self._image, ctypes.byref(features)),
+               "rbd_get_features")
+        self.caps["features"] = int(features.value)
+        return changed
 
     def resize_blocking(self, size: int) -> None:
         _check(self._lib.rbd_resize(self._handle(), size),

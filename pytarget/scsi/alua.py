@@ -114,6 +114,11 @@ class AluaState:
         self.owner = self.preferred
         self.transitioning = False  # the local group's state is 0Fh
         self.status = TpgStatus.NONE
+        # PREF marks the configured owner's group, or, when ownership follows the gateways'
+        # liveness (cluster/ownership.py), the current owner's: an initiator that favours a
+        # preferred group over an optimized one (Linux's alua prioritizer does) must not send
+        # its I/O back to the configured owner's non-optimized path after a takeover.
+        self.pref_follows_owner = False
 
     def state(self, tpg: int) -> AccessState:
         if self.transitioning and tpg == self.groups.local:
@@ -147,8 +152,9 @@ class AluaState:
         """Target port group descriptors (SPC-4 6.37), in group id order."""
         out = bytearray()
         supported = self.supported
+        preferred = self.owner if self.pref_follows_owner else self.preferred
         for group in sorted(self.groups.groups, key=lambda g: g.id):
-            pref = 0x80 if group.id == self.preferred else 0
+            pref = 0x80 if group.id == preferred else 0
             out += struct.pack(">BBHBBBB", pref | self.state(group.id), supported, group.id, 0,
                                self.status, 0, len(group.relative_ports))
             for port in group.relative_ports:

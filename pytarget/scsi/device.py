@@ -53,6 +53,7 @@ from .unit import LunDirectory
 
 if TYPE_CHECKING:
     from ..core.copyservice import CopyServiceHooks
+    from ..core.ownership import OwnershipService
     from ..core.reservations import ReservationStore, SharedDocument
     from ..core.snapshots import QuiescedObserver
     from .qos import QosGate
@@ -262,6 +263,8 @@ class LogicalUnit:
         self.pr = PersistentReservations(self, reservations)
         self.alua = AluaState(config.port_groups, config.owner,
                               unavailable=reservations is not None)
+        # Moves the owner when a gateway dies (a shared medium's; set by assembly).
+        self.ownership: OwnershipService | None = None
         self.sanitize = SanitizeState(config.sanitize_state_path, config.sanitize_rate)
         self.closed = False
         self.stats_miscompares = 0
@@ -429,6 +432,7 @@ class LogicalUnit:
             return False
         if new.preferred == old.preferred and any(g.id == old.owner for g in groups.groups):
             new.owner = old.owner
+        new.pref_follows_owner = old.pref_follows_owner
         if new.owner != old.owner:
             new.status = TpgStatus.ALTERED_BY_IMPLICIT_BEHAVIOR
         else:
@@ -826,6 +830,8 @@ class LogicalUnit:
 
     def close(self) -> None:
         self.sanitize.abandon()
+        if self.ownership is not None:
+            self.ownership.close()
         if self.backstore is not None and not self.closed:
             flushed = False
             try:

@@ -12,6 +12,7 @@ installed.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,8 @@ def gateways(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[list[LiveTar
         for target in started:
             target.stop()
         run(remove_state(ceph_cluster.pool, f"{name}.reservations", **client))
-        run(remove_image(ceph_cluster.pool, name, **client))
+        with contextlib.suppress(FileNotFoundError):  # never created: start failed
+            run(remove_image(ceph_cluster.pool, name, **client))
 
 
 def test_reservation_and_preempt_across_gateways(gateways: list[LiveTarget],

@@ -158,3 +158,25 @@ def test_command_line_gateway_option(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "gateway: no gateway 'gw-x'" in capsys.readouterr().err
     assert main(["status", "--config", path, "--gateway", "gw-b"]) == 1
     assert str(tmp_path / "site.gw-b.sock") in capsys.readouterr().err
+
+
+def test_failover_timing(tmp_path: Path) -> None:
+    config = load(write(tmp_path, GATEWAYS), "gw-a")
+    assert (config.failover.timeout, config.failover.heartbeat) == (8.0, 1.0)
+    config = load(write(tmp_path, GATEWAYS + "failover: {timeout: 4, heartbeat: 0.5}\n"),
+                  "gw-a")
+    assert (config.failover.timeout, config.failover.heartbeat) == (4.0, 0.5)
+
+
+@pytest.mark.parametrize("failover, key", [
+    ("{timeout: 2, heartbeat: 1.5}", "failover.heartbeat"),
+    ("{timeout: fast}", "failover.timeout"),
+    ("{timeout: 0}", "failover.timeout"),
+    ("{heartbeat: true}", "failover.heartbeat"),
+    ("{interval: 1}", "failover.interval"),
+    ("8", "failover"),
+])
+def test_failover_errors_name_the_key(tmp_path: Path, failover: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, GATEWAYS + f"failover: {failover}\n"), "gw-a")
+    assert exc.value.key == key, str(exc.value)

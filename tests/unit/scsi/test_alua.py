@@ -212,3 +212,20 @@ def test_a_shared_reservation_store_adds_the_unavailable_state(tmp_path) -> None
         assert AluaState(PortGroups.single(), unavailable=True).supported == 0x01
     finally:
         lu.close()
+
+
+def test_pref_follows_the_owner_when_ownership_follows_liveness(gateway_lu) -> None:
+    # An RBD LUN's owner moves when a gateway dies (cluster/ownership.py): PREF goes with it,
+    # so that Linux's alua prioritizer (which ranks a preferred non-optimized group above an
+    # optimized one) follows the owner, not the configured one.
+    lu = gateway_lu
+    lu.alua.pref_follows_owner = True
+    assert lu.set_owner("gw2") is True
+    data = rtpg(lu, NEXUS_GW2).data
+    assert data[4] == 0x01 and data[16] == 0x80  # gw1: active/non-optimized; gw2: PREF, AO
+    groups = lu.alua.groups
+    assert lu.set_port_groups(groups, 1) is False  # same groups, same preferred owner
+    assert rtpg(lu, NEXUS_GW2).data[16] == 0x80
+    three = port_groups([(1, "gw1", (1,)), (2, "gw2", (2,)), (3, "gw3", (3,))], local=2)
+    assert lu.set_port_groups(three, 1) is True  # a gateway added: the owner stays, PREF too
+    assert lu.alua.pref_follows_owner and rtpg(lu, NEXUS_GW2).data[16] == 0x80
