@@ -156,6 +156,11 @@ class Fabric:
         scsi.on_data_sent = None
         queued = self.conn.queued_bytes
         self._respond(scsi)
+        # The queued PDUs hold the view now. The task and its IscsiTask refer to each other,
+        # so the task may outlive its command until the cyclic garbage collector runs: it must
+        # not keep the file's mapping (and the descriptor the mapping holds) alive meanwhile,
+        # or a retired LUN's file, such as a deleted snapshot, keeps its blocks.
+        scsi.data_in = None
         if self.conn.queued_bytes == queued or self.closed:
             release()
         else:

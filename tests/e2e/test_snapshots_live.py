@@ -8,6 +8,7 @@ clone, bad input, and the catalog and exposures kept across a stop and start. Th
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from pytarget.config import load
 from pytarget.initiator.client import CommandResult, Initiator
 from pytarget.server import Server
 
-from ..conftest import INITIATOR1, TARGET_IQN, run, write_config
+from ..conftest import INITIATOR1, TARGET_IQN, run, until, write_config
 from .test_reload import pytarget
 
 BS = 512
@@ -208,3 +209,51 @@ def test_a_set_taken_during_dependent_writes_is_consistent(tmp_path: Path) -> No
                                                        f"{last[1]}"
 
     run(go(), timeout=300)
+
+
+def open_names(fragment: str) -> list[str]:
+    """The files this process has open whose path contains `fragment`."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile
+    return [name for name in names if fragment in name]
+
+
+def test_a_deleted_snapshot_that_was_read_through_iscsi_is_let_go_at_once(tmp_path: Path) -> None:
+    """Reads of a snapshot LUN are lent from its file's page-cache mapping; once the LUN is
+    unexposed and the snapshot deleted, nothing of the target may keep the file (and so its
+    blocks) open, even before Python's cyclic garbage collector runs."""
+    config = write_config(tmp_path, luns=[{"id": 0, "path": "lun0.img", "size": "8MiB"}])
+    data = os.urandom(2048 * BS)
+
+    async def go() -> None:
+        server = Server(load(config), source=str(config))
+        await server.start()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            host, port = server.registry.portals[0]
+            ini = await Initiator.connect(host, port)
+            await ini.login(TARGET_IQN, initiator_name=INITIATOR1)
+            await ini.clear_unit_attentions(0)
+            (await ini.write(0, 0, data)).check()
+            await cli(config, "create", "s1", "0")
+            await cli(config, "expose", "0@s1", "--lun", "1")
+            await ini.clear_unit_attentions(1)
+            for _ in range(4):  # the first reads fill the page cache, later ones are lent
+                assert (await ini.read(1, 0, 2048)).check().data == data
+            await ini.logout()
+            await ini.close()
+            await cli(config, "unexpose", "0@s1")
+            await cli(config, "delete", "0@s1")
+            await until(lambda: not open_names("lun0.img.snapshots"),
+                        "the target closes the deleted snapshot's file")
+        finally:
+            if collecting:
+                gc.enable()
+            await server.stop()
+
+    run(go(), timeout=120)
