@@ -189,9 +189,8 @@ def test_snapshots_of_a_guest_writing_ext4(xfs_target: tuple[LiveTarget, Path],
         problems.append("snapshot A's file is still there after `snapshot delete`")
     if not found["target let go of A"]:
         problems.append("60 s after `snapshot delete` the target still has snapshot A's file "
-                        "open (a page-cache mapping of it, with the descriptor the mapping "
-                        "keeps, outlives the retired LUN until Python's cyclic garbage "
-                        "collector runs), so its blocks are not given back")
+                        "open (a page-cache mapping of it that outlived the retired LUN?), so "
+                        "its blocks are not given back")
     elif freed < OVERWRITTEN:
         problems.append(f"deleting A gave back {freed} bytes, expected at least "
                         f"the {OVERWRITTEN} the guest overwrote between A and B")
