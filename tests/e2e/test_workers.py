@@ -41,6 +41,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTarget]:
         {"id": 0, "path": "lun0.img", "size": "64MiB"},
         {"id": 1, "path": "lun1.img", "size": "64MiB"},
         {"id": 2, "path": "lun2.img", "size": "64MiB"},
+        {"id": 4, "path": "lun4.img", "size": "64MiB"},  # MultipathIO's, never written before
     ], workers=2)
     target = start_target(config)
     try:
@@ -142,15 +143,27 @@ def test_reload_reaches_every_worker(workers: LiveTarget) -> None:
                 await ini.close()
 
     run(go())
-    assert {lun["lun"] for lun in status(workers)["targets"][0]["luns"]} == {0, 1, 2, 3}
+    assert {lun["lun"] for lun in status(workers)["targets"][0]["luns"]} == {0, 1, 2, 3, 4}
 
 
 @pytest.mark.libiscsi
 @pytest.mark.skipif(ISCSI_TEST_CU is None, reason="iscsi-test-cu (libiscsi-bin) not installed")
-@pytest.mark.parametrize("suite", ["PrinReadKeys", "ProutRegister", "ProutReserve",
-                                   "ProutPreempt", "Reserve6", "CompareAndWrite", "Read10"])
+@pytest.mark.parametrize("suite", ["PrinReadKeys", "PrinReportCapabilities", "ProutRegister",
+                                   "ProutReserve", "ProutClear", "ProutPreempt", "Reserve6",
+                                   "CompareAndWrite", "Read10", "Write10"])
 def test_libiscsi_against_two_workers(workers: LiveTarget, suite: str) -> None:
+    """Each suite's two initiators log in one after the other: one session per worker."""
     assert_clean(run_suite(suite, workers.url(1), INITIATOR1, INITIATOR2))
+
+
+@pytest.mark.libiscsi
+@pytest.mark.skipif(ISCSI_TEST_CU is None, reason="iscsi-test-cu (libiscsi-bin) not installed")
+def test_libiscsi_multipath_across_workers(workers: LiveTarget) -> None:
+    """MultipathIO (plain I/O, COMPARE AND WRITE, LOGICAL UNIT RESET) with its two paths in the
+    two workers: the reset reaches the other worker's nexus, unlike two gateways without a
+    shared store (tests/e2e/test_libiscsi_gateways.py)."""
+    assert_clean(run_suite("MultipathIO", workers.url(4), INITIATOR1, INITIATOR2,
+                           urls=[workers.url(4)]))
 
 
 def test_workers_key_is_checked(tmp_path: Path) -> None:
