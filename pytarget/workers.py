@@ -17,6 +17,7 @@ has the design, what is shared and how, and its limits.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
@@ -215,11 +216,16 @@ class WorkerChannel:
             await self.server.stop()
 
     def _reply(self, message: dict[str, Any]) -> None:
-        if self.open:
-            try:
-                send_message(self.sock, message)
-            except OSError:
+        if not self.open:
+            return
+        try:
+            send_message(self.sock, message)
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
                 self._lost()
+                return
+            self._reply({"op": "reply", "id": message.get("id"),
+                         "error": f"the answer is larger than the channel takes ({exc})"})
 
     def _lost(self) -> None:
         if not self.open:
@@ -334,6 +340,7 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._reload_lock: asyncio.Lock | None = None
         self._bound: list[socket.socket] = []
+        self._pending: dict[socket.socket, asyncio.TimerHandle] = {}  # before their first PDU
 
     # -- before the event loop: bind, prepare, fork
     def spawn(self) -> int | None:
@@ -418,7 +425,21 @@ class Supervisor:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FIRST_PDU_TIMEOUT
+        self._pending[sock] = loop.call_later(FIRST_PDU_TIMEOUT, self._silent, sock)
         loop.add_reader(sock.fileno(), self._first_pdu, sock, deadline)
+
+    def _silent(self, sock: socket.socket) -> None:
+        """A connection that sent no whole first PDU in time is closed (as a worker closes
+        one that does not complete its login)."""
+        self._pending.pop(sock, None)
+        if sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+
+    def _look_again(self, sock: socket.socket, deadline: float) -> None:
+        if sock in self._pending:  # not closed as silent meanwhile
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._first_pdu, sock,
+                                                  deadline)
 
     def _first_pdu(self, sock: socket.socket, deadline: float) -> None:
         """Look at the first PDU without taking it from the socket (the worker reads it)."""
@@ -432,10 +453,12 @@ class Supervisor:
         complete = len(pdu) >= first_pdu_length(pdu)
         if pdu and not complete and loop.time() < deadline:
             loop.remove_reader(sock.fileno())  # the rest is on its way
-            loop.call_later(PEEK_RETRY, loop.add_reader, sock.fileno(), self._first_pdu,
-                            sock, deadline)
+            loop.call_later(PEEK_RETRY, self._look_again, sock, deadline)
             return
         loop.remove_reader(sock.fileno())
+        timer = self._pending.pop(sock, None)
+        if timer is not None:
+            timer.cancel()
         if not complete or self.stopping:
             sock.close()
             return
@@ -537,6 +560,9 @@ class Supervisor:
         """Worker 0's document (the LUNs and reservations every worker shares), with every
         worker's sessions, copies and pid, and the parent's portals and control socket."""
         replies = [await self._ask(w, "status") for w in self.workers if w.alive]
+        for reply in replies:
+            if "error" in reply:
+                raise ControlError(f"status: {reply['error']}")
         docs = [r["result"] for r in replies]
         doc = dict(docs[0])
         doc["pid"] = os.getpid()
@@ -608,6 +634,10 @@ class Supervisor:
             await self.control.close()
         for _, listener in self.listeners:
             listener.close()
+        for sock in list(self._pending):
+            self._pending.pop(sock).cancel()
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
         for worker in self.workers:
             self._send(worker, {"op": "stop"})
         exits = [w.exited for w in self.workers if w.exited is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -86,6 +87,11 @@ def test_sessions_land_in_different_workers_and_reservations_hold_across(
             by_isid = {s["isid"]: s["worker"] for s in doc["sessions"]}
             assert by_isid[isid_of(0).hex()] != by_isid[isid_of(1).hex()]
             assert doc["targets"][0]["sessions"] == 2
+            text = subprocess.run([sys.executable, "-m", "pytarget", "status", "--config",
+                                   str(workers.config)], capture_output=True, text=True,
+                                  check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                  timeout=60).stdout
+            assert "WORKER" in text and all(str(pid) in text for pid in by_isid.values())
 
             # Write Exclusive through worker 0 fences the unregistered nexus on worker 1.
             (await a.command(0, *prout(0x00, 0, 0xA))).check()  # REGISTER key A
@@ -196,3 +202,26 @@ def test_single_worker_is_the_one_process(tmp_path: Path) -> None:
         asyncio.run(go())
     finally:
         assert target.stop() == 0
+
+
+def test_a_connection_that_does_not_log_in_is_closed(workers: LiveTarget) -> None:
+    """The parent hands a first PDU that is not a Login Request to worker 0, which drops the
+    connection as one process would; a connection stuck in its first header holds up no
+    other login."""
+    with socket.create_connection((workers.host, workers.port), timeout=30) as sock:
+        sock.sendall(bytes([0x00, 0x80]) + bytes(46))  # a NOP-Out before any login
+        assert sock.recv(1024) == b""
+
+    async def go() -> None:
+        _, writer = await asyncio.open_connection(workers.host, workers.port)
+        ini = await Initiator.connect(workers.host, workers.port)
+        try:
+            writer.write(bytes([0x43]))  # a first byte of a login, then nothing more
+            await writer.drain()
+            await ini.login(workers.iqn, initiator_name=INITIATOR1, isid=isid_of(9))
+            assert (await ini.test_unit_ready(0)).status is not None  # not held up by it
+        finally:
+            writer.close()
+            await ini.close()
+
+    run(go())
