@@ -2,8 +2,9 @@
 processes (the status document names each session's worker pid), and the logical unit
 behaves as one across them: a persistent reservation taken through one worker fences a write
 through the other, a PREEMPT through the other reaches the first session's nexus as a unit
-attention, COMPARE AND WRITE stays atomic with counter sessions spread over both workers, and
-a reload and a LOGICAL UNIT RESET reach every worker. libiscsi families run against it too."""
+attention, ROD tokens made through one worker are used and cancelled through the other, COMPARE AND
+WRITE stays atomic with counter sessions spread over both workers, and a reload and a
+LOGICAL UNIT RESET reach every worker. libiscsi families run against it too."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pytarget.initiator.client import Initiator
 from ..caw_stress import run_stress
 from ..conftest import INITIATOR1, INITIATOR2, REPO, LiveTarget, run, start_target, write_config
 from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
+from .test_odx import populate, write_using_token
 
 RESERVATION_CONFLICT = 0x18
 UNIT_ATTENTION = 0x06
@@ -117,6 +119,32 @@ def test_sessions_land_in_different_workers_and_reservations_hold_across(
             assert told.sense_key == UNIT_ATTENTION and (told.asc, told.ascq) == RESET_OCCURRED
         finally:
             (await b.command(0, *prout(0x03, 0xB, rtype=WRITE_EXCLUSIVE))).check()  # CLEAR
+            await a.close()
+            await b.close()
+
+    run(go(), timeout=120)
+
+
+def test_rod_tokens_work_across_workers(workers: LiveTarget) -> None:
+    """POPULATE TOKEN through one worker, WRITE USING TOKEN through the other; a write through
+    the other worker cancels a token the first one made (SBC-3 4.29.4)."""
+    async def go() -> None:
+        a = await login(workers, 4, INITIATOR1)
+        b = await login(workers, 5, INITIATOR1)
+        try:
+            by_isid = {s["isid"]: s["worker"] for s in status(workers)["sessions"]}
+            assert by_isid[isid_of(4).hex()] != by_isid[isid_of(5).hex()]
+            data = os.urandom(64 * 512)
+            (await a.write(0, 4000, data)).check()
+            token = await populate(a, 0, 1, (4000, 64))
+            (await write_using_token(b, 1, 2, token, (100, 64))).check()
+            assert (await a.read(1, 100, 64)).check().data == data
+
+            token = await populate(a, 0, 3, (6000, 16))
+            (await b.write(0, 6008, b"\x01" * 512)).check()
+            cancelled = await write_using_token(a, 1, 4, token, (200, 16))
+            assert (cancelled.sense_key, cancelled.asc, cancelled.ascq) == (0x05, 0x23, 0x08)
+        finally:
             await a.close()
             await b.close()
 
