@@ -286,6 +286,7 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
                              sanitize_rate=lc.sanitize_rate)
         if lc.atomic_write_size is not None:
             lu_config.atomic_write_bytes = lc.atomic_write_size
+        lu_config.sanitize = _worker_relay is None
         reservations, tokens = reservation_store(lc, naa), token_store(lc, naa)
         if _worker_relay is not None:
             backstore.share_with_processes()

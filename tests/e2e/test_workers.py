@@ -125,6 +125,24 @@ def test_sessions_land_in_different_workers_and_reservations_hold_across(
     run(go(), timeout=120)
 
 
+def test_sanitize_is_not_offered_by_workers(workers: LiveTarget) -> None:
+    """Its in-progress state fences every command of the unit, and is not shared between the
+    workers: the command does not exist there (and REPORT SUPPORTED OPERATION CODES says so)."""
+    async def go() -> None:
+        ini = await login(workers, 6, INITIATOR1)
+        try:
+            block_erase = bytes((0x48, 0x02)) + bytes(8)
+            r = await ini.command(1, block_erase)
+            assert (r.sense_key, r.asc, r.ascq) == (0x05, 0x20, 0x00)
+            one = bytes((0xA3, 0x0C, 0x01, 0x48)) + bytes(2) + (512).to_bytes(4, "big") \
+                + bytes(2)  # REPORT SUPPORTED OPERATION CODES, SANITIZE: not supported
+            assert (await ini.command(1, one, read_length=512)).check().data[1] & 0x07 == 0x01
+        finally:
+            await ini.close()
+
+    run(go())
+
+
 def test_rod_tokens_work_across_workers(workers: LiveTarget) -> None:
     """POPULATE TOKEN through one worker, WRITE USING TOKEN through the other; a write through
     the other worker cancels a token the first one made (SBC-3 4.29.4)."""
