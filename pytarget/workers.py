@@ -47,7 +47,10 @@ FIRST_PDU_TIMEOUT = 30.0  # seconds a new connection may take to send its first 
 PEEK_RETRY = 0.002  # seconds before looking again at a partly received header
 MAX_LOGIN_DATA = 8192  # a first Login Request's data segment (MaxRecvDataSegmentLength)
 ROUTE_MEMORY = 65536  # sessions whose worker the router remembers
-MAX_MESSAGE = 1 << 22  # the largest message on a channel (a status document)
+# The largest message a channel end receives (a status document). A datagram larger than the
+# sender's socket buffer (net.core.wmem_max, 208 KiB by default) fails at send with EMSGSIZE,
+# which the worker answers with an error reply.
+MAX_MESSAGE = 1 << 20
 STOP_GRACE = 30.0  # seconds the workers have to stop (their own shutdown grace is 10 s)
 
 

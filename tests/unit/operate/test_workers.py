@@ -1,15 +1,24 @@
 """The parent's side of `workers: N` without processes: a connection's socket handed over a
-channel arrives as the same connection, messages keep their boundaries, the route of a login
-follows its ISID, and each worker allocates its own TSIHs."""
+channel arrives as the same connection, messages keep their boundaries, logins are routed by
+session name, each worker allocates its own TSIHs, and the relay acknowledges a change to its
+author only once every other worker has."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from pytarget.config import parse
 from pytarget.iscsi.target import TargetRegistry
 from pytarget.workers import (
     Router,
+    Supervisor,
+    _Worker,
     channel_pair,
     first_pdu_length,
     receive_message,
@@ -91,3 +100,51 @@ def test_each_worker_allocates_its_own_tsihs() -> None:
     assert first == [1, 3, 5] and second == [2, 4, 6]
     registries[1]._next_tsih = 0xFFFE
     assert [registries[1]._allocate_tsih() for _ in range(2)] == [0xFFFE, 2]
+
+
+def test_a_change_is_acknowledged_once_every_other_worker_handled_it(tmp_path: Path) -> None:
+    """The parent's relay: an announce reaches every other worker as a notice; the author
+    hears `acked` only after the last acknowledgement, or once a silent worker is gone."""
+    config = parse("targets: [{name: 'iqn.2026-11.io.pytarget:t', luns: []}]\nworkers: 3\n",
+                   str(tmp_path / "pytarget.yaml"), tmp_path)
+    supervisor = Supervisor(config, None, None)
+    pairs = [channel_pair() for _ in range(3)]
+    ends = [worker_end for _, worker_end in pairs]
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for index, (parent_end, _) in enumerate(pairs):
+            worker = _Worker(index, 0, parent_end)
+            supervisor.workers.append(worker)
+            loop.add_reader(parent_end.fileno(), supervisor._readable, worker)
+
+        async def receive(end: socket.socket) -> dict[str, Any]:
+            ready = loop.create_future()
+            loop.add_reader(end.fileno(), ready.set_result, None)
+            await ready
+            loop.remove_reader(end.fileno())
+            message, _ = receive_message(end)
+            assert message is not None
+            return message
+
+        send_message(ends[0], {"op": "announce", "key": "/lun0.workers.pr", "version": 7,
+                               "id": 41})
+        notices = [await receive(ends[1]), await receive(ends[2])]
+        assert [n["key"] for n in notices] == ["/lun0.workers.pr"] * 2
+        send_message(ends[1], {"op": "ack", "id": notices[0]["id"]})
+        while [r.waiting for r in supervisor._rounds.values()] != [{2}]:
+            await asyncio.sleep(0)  # until the parent has taken worker 1's acknowledgement
+        ends[0].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ends[0].recv(1)  # nothing for the author yet: worker 2 has not acknowledged
+        ends[0].setblocking(True)
+        supervisor.stopping = True  # worker 2 goes away as at shutdown
+        ends[2].close()
+        assert await receive(ends[0]) == {"op": "acked", "id": 41}
+
+    try:
+        asyncio.run(go())
+    finally:
+        for parent_end, worker_end in pairs:
+            parent_end.close()
+            worker_end.close()
