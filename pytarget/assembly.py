@@ -21,6 +21,7 @@ from typing import Any
 from .backstore import KINDS
 from .backstore.base import Backstore
 from .backstore.rbd import RbdBackstore
+from .cluster.local import LocalDocument, Relay
 from .cluster.ownership import RadosOwnership, object_name
 from .cluster.rados import RadosReservationStore
 from .config import (
@@ -113,6 +114,27 @@ def snapshot_catalog_path(config: Config, lc: LunConfig) -> Path:
     if lc.path is None:
         return _image_state_path(config, lc, ".snapshots.json")
     return lc.path.with_name(f"{lc.path.name}.snapshots.json")
+
+
+# The channel to the other worker processes (`workers:`), set by a worker before it builds
+# anything; None in a single process.
+_worker_relay: Relay | None = None
+
+
+def serve_as_worker(relay: Relay) -> None:
+    """This process is one of several workers: the logical units it builds from now on keep
+    their shared state (reservations, ROD tokens) in documents the workers share through
+    `relay`, and their atomic operations exclude the other workers'."""
+    global _worker_relay
+    _worker_relay = relay
+
+
+def worker_documents(config: Config, lc: LunConfig) -> tuple[Path, Path]:
+    """Where the workers of one machine share a LUN's reservations and ROD tokens: beside its
+    APTPL file, `<backing file>.workers.pr` and `<backing file>.workers.tokens`."""
+    aptpl = pr_state_path(config, lc)
+    stem = aptpl.name.removesuffix(".pr.json")
+    return aptpl.with_name(f"{stem}.workers.pr"), aptpl.with_name(f"{stem}.workers.tokens")
 
 
 def reservation_store(lc: LunConfig, naa: bytes) -> ReservationStore | None:
@@ -282,10 +304,17 @@ def build_lu(config: Config, tc: TargetConfig, lc: LunConfig,
                              checkpoint_granularity=lc.checkpoint_granularity)
         if lc.atomic_write_size is not None:
             lu_config.atomic_write_bytes = lc.atomic_write_size
+        lu_config.sanitize = _worker_relay is None
+        reservations, tokens = reservation_store(lc, naa), token_store(lc, naa)
+        if _worker_relay is not None:
+            backstore.share_with_processes()
+            if reservations is None:
+                pr_path, tokens_path = worker_documents(config, lc)
+                reservations = LocalDocument(pr_path, _worker_relay)
+                tokens = LocalDocument(tokens_path, _worker_relay)
         # The unit's opcode table: SPC/SBC rows joined with the copy manager's.
         lu = LogicalUnit(lu_config, backstore, node, copy_commands.ROWS,
-                         reservations=reservation_store(lc, naa),
-                         tokens=token_store(lc, naa))
+                         reservations=reservations, tokens=tokens)
         lu.ownership = ownership(config, tc, lc, lu)
         return lu
     except BaseException:

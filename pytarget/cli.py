@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import logging
 import os
 import sys
 from importlib import resources
@@ -292,6 +293,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pytarget: --portal: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
+    if config.workers > 1:
+        return serve_workers(args, config, portals)
+
     from .transport import PollingSelector
 
     poller = PollingSelector(config.poll_window())
@@ -314,6 +318,30 @@ def serve(args: argparse.Namespace) -> int:
         print(f"pytarget: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def serve_workers(args: argparse.Namespace, config: Config,
+                  portals: list[tuple[str, int]] | None) -> int:
+    """`workers: N`: the parent process and its forked workers (pytarget/workers.py)."""
+    from .workers import Supervisor
+
+    timers = {name: value for name in ("nop_interval", "nop_timeout", "login_timeout")
+              if (value := getattr(args, name)) is not None}
+    supervisor = Supervisor(config, portals, args.config, **timers)
+    try:
+        code = supervisor.spawn()
+    except OSError as exc:
+        print(f"pytarget: {exc}", file=sys.stderr)
+        return 1
+    if code is not None:  # a worker, after its life: nothing of the parent's to run
+        logging.shutdown()
+        os._exit(code)
+    try:
+        with asyncio.Runner() as runner:
+            return runner.run(supervisor.run())
+    except OSError as exc:
+        print(f"pytarget: {exc}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------- control socket

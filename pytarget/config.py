@@ -190,6 +190,7 @@ class Config:
     gateways: list[GatewayConfig] = field(default_factory=list)  # empty: one process
     gateway: str | None = None  # which of `gateways` this process is
     failover: FailoverConfig = field(default_factory=FailoverConfig)
+    workers: int = 1  # processes serving sessions (docs/performance.md, *More than one core*)
 
     def poll_window(self) -> float:
         """The event loop's polling window in seconds."""
@@ -230,6 +231,7 @@ class NbdTls:
 NBD_PORT = 10809
 DEFAULT_BUSY_POLL_US = 100
 MAX_BUSY_POLL_US = 10000
+MAX_WORKERS = 64
 
 MANAGEMENT_SERVICES = {
     "unspecified": 0x00, "storage-configuration": 0x01, "diagnostics": 0x02, "status": 0x03,
@@ -326,7 +328,8 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
     doc = r.mapping(doc if doc is not None else {}, "",
                     {"portals", "targets", "management_addresses", "control_socket",
                      "control_group", "metrics", "discovery_auth", "limits",
-                     "busy_poll_us", "gateways", "gateway", "failover"}, {"targets"})
+                     "busy_poll_us", "gateways", "gateway", "failover",
+                     "workers"}, {"targets"})
     portals_raw = doc.get("portals", ["0.0.0.0:3260"])
     if not isinstance(portals_raw, list) or not portals_raw:
         raise r.fail("portals", "expected a non-empty list of HOST:PORT")
@@ -395,6 +398,7 @@ def parse(text: str, file: str, base: Path, gateway: str | None = None) -> Confi
     config.nbd = nbd
     _gateways(r, doc, config, gateway)
     config.failover = _failover(r, doc)
+    _workers(r, doc, config)
     return config
 
 
@@ -414,6 +418,28 @@ def _failover(r: _Reader, doc: dict[str, Any]) -> FailoverConfig:
         raise r.fail("failover.heartbeat", f"expected at most half of failover.timeout "
                      f"({failover.timeout:g} s)")
     return failover
+
+
+def _workers(r: _Reader, doc: dict[str, Any], config: Config) -> None:
+    """workers: N, the processes that serve sessions (1: the one process of old). What the
+    worker processes cannot share yet is refused by name."""
+    if "workers" not in doc:
+        return
+    raw = doc["workers"]
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_WORKERS:
+        raise r.fail("workers", f"expected a number of processes, 1..{MAX_WORKERS}")
+    config.workers = raw
+    if raw == 1:
+        return
+    if config.nbd is not None:
+        raise r.fail("nbd", "not served with workers > 1 (the NBD front end runs in one "
+                     "process); remove nbd or set workers: 1")
+    if config.metrics is not None:
+        raise r.fail("metrics", "not served with workers > 1 (each worker keeps its own "
+                     "counters); remove metrics or set workers: 1")
+    if config.gateways:
+        raise r.fail("workers", "not served with gateways yet (each worker would keep its own "
+                     "heartbeat to the cluster); set workers: 1 on gateways")
 
 
 # ---------------------------------------------------------------- gateways

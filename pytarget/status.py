@@ -306,6 +306,9 @@ def render(doc: dict[str, Any]) -> str:
                   + (("OWNER", "ALUA (HERE)") if gateways else ()), rows)
     if gateways:
         out += _access_by_gateway(doc, [g["name"] for g in gateways])
+    workers = doc.get("workers")  # `workers: N`: the pid of each worker process
+    if workers:
+        out += ["", f"Workers: {len(workers)} (pids {', '.join(str(p) for p in workers)})"]
     rows = []
     for s in doc["sessions"]:
         for c in s["connections"] or [{}]:
@@ -315,11 +318,12 @@ def render(doc: dict[str, Any]) -> str:
                        f"{s['max_burst_length']}/{s['first_burst_length']}")
             rows.append((s["tsih"], s["initiator"], s["isid"], s["target"] or "(discovery)",
                          c.get("portal"), c.get("peer"), digests, lengths,
-                         c.get("commands_in_flight")))
+                         c.get("commands_in_flight")) + ((s["worker"],) if workers else ()))
     out += ["", "Sessions:" if rows else "Sessions: none"]
     if rows:
         out += _table(("TSIH", "INITIATOR", "ISID", "TARGET", "PORTAL", "PEER",
-                       "DIGESTS(H/D)", "MRDSL(I/T)/BURST/FIRST", "IN-FLIGHT"), rows)
+                       "DIGESTS(H/D)", "MRDSL(I/T)/BURST/FIRST", "IN-FLIGHT")
+                      + (("WORKER",) if workers else ()), rows)
     rows = []
     for r in doc["reservations"]:
         rows.append((r["target"], r["lun"], r["type"] or ("SPC-2 RESERVE" if r["spc2_holder"]

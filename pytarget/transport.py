@@ -336,17 +336,28 @@ class ConnectionDriver:
         self._process()
 
 
-class Listener:
-    """One listening socket of a portal."""
+def bind_portal(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to a portal's address, not yet listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, acceptor: Acceptor, host: str, port: int) -> None:
+
+class Listener:
+    """One listening socket of a portal (bound here, or given `bound`)."""
+
+    def __init__(self, acceptor: Acceptor, host: str, port: int,
+                 bound: socket.socket | None = None) -> None:
         self.acceptor = acceptor
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        self.sock.bind((host, port))
+        self.sock = bound if bound is not None else bind_portal(host, port)
         self.sock.listen(128)
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]

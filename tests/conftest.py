@@ -33,6 +33,7 @@ T = TypeVar("T")
 IN_PROCESS = ("e2e/test_lent_reads.py", "e2e/test_polling.py", "e2e/test_gateways.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if not item.path.is_relative_to(REPO / "tests"):

@@ -212,6 +212,12 @@ class Backstore(ABC):
     def close(self) -> None:
         """Release the medium; a second close does nothing."""
 
+    def share_with_processes(self) -> None:
+        """Other processes of this machine serve the medium too (`workers:`): from now on
+        offer `acompare_and_write` and make `awrite_atomic` atomic against them as well. A
+        medium whose atomic operations already hold across gateways does nothing."""
+        return None
+
     # -- snapshots (blocking, on the I/O threads)
     @classmethod
     def snapshot_params(cls, params: Mapping[str, Any], name: str) -> dict[str, Any]:

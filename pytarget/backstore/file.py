@@ -53,6 +53,13 @@ SNAPSHOT_DIR_SUFFIX = ".snapshots"
 _NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
                errno.EPERM)
 
+# Byte-range locks of the open file description (F_OFD_SETLKW), exclusive between the worker
+# processes that each opened the file; `struct flock` on Linux: type, whence, start, len, pid.
+F_OFD_SETLKW = 38
+_FLOCK = struct.Struct("hhqqi4x")
+# COMPARE AND WRITE under such a lock: what the device server may ask for at most.
+SHARED_COMPARE_AND_WRITE_MAX = 1 << 20
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -149,6 +156,7 @@ class FileBackstore(Backstore):
         self._residency_c: ctypes.Array[ctypes.c_char] | None = None  # pins its address
         self._residency_at = 0
         self._direct_fd = -1  # O_DIRECT descriptor for atomic writes
+        self._shared = False  # other processes write the file (share_with_processes)
         if not readonly:
             self._open_atomic()
 
@@ -309,7 +317,50 @@ class FileBackstore(Backstore):
             raise OSError(errno.EINVAL, "not an atomic write unit of this file")
         await run_blocking(self._write_atomic, data, offset)
 
+    def share_with_processes(self) -> None:
+        """Atomic operations also exclude the other processes' atomic operations on the same
+        bytes, by an OFD byte-range lock around them (writes that need no atomicity take no
+        lock: the range locks order them within each process)."""
+        self._shared = True
+        if not self.readonly:
+            self.caps.compare_and_write_max = SHARED_COMPARE_AND_WRITE_MAX
+
+    def _range_lock(self, kind: int, offset: int, length: int) -> None:
+        fcntl.fcntl(self.fd, F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, offset, length, 0))
+
+    async def acompare_and_write(self, compare: memoryview, data: memoryview,
+                                 offset: int) -> int | None:
+        if not self._shared:
+            raise NotImplementedError(f"{self.path}: compare-and-write is the device server's")
+        return await run_blocking(self._compare_and_write, compare, data, offset)
+
+    def _compare_and_write(self, compare: memoryview, data: memoryview,
+                           offset: int) -> int | None:
+        n = len(compare)
+        self._range_lock(fcntl.F_WRLCK, offset, n)
+        try:
+            current = bytearray(n)
+            self.read_into(memoryview(current), offset)
+            diff = np.flatnonzero(np.frombuffer(current, dtype=np.uint8)
+                                  != np.frombuffer(compare, dtype=np.uint8))
+            if diff.size:
+                return int(diff[0])
+            self.write(data, offset)
+            return None
+        finally:
+            self._range_lock(fcntl.F_UNLCK, offset, n)
+
     def _write_atomic(self, data: memoryview, offset: int) -> None:
+        if self._shared:
+            self._range_lock(fcntl.F_WRLCK, offset, len(data))
+            try:
+                self._write_atomic_unlocked(data, offset)
+            finally:
+                self._range_lock(fcntl.F_UNLCK, offset, len(data))
+        else:
+            self._write_atomic_unlocked(data, offset)
+
+    def _write_atomic_unlocked(self, data: memoryview, offset: int) -> None:
         with mmap.mmap(-1, len(data)) as aligned:
             aligned[:] = data
             view = memoryview(aligned)

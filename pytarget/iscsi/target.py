@@ -43,6 +43,7 @@ class TargetRegistry:
         self.portals: list[tuple[str, int]] = []
         self.sessions: dict[int, Session] = {}
         self._next_tsih = 1
+        self._tsih_first, self._tsih_step = 1, 1  # this process's share of TSIHs
         self.discovery_auth: ChapCredentials | None = None
         self.max_sessions = 0  # every session, discovery included (0: no limit)
         # The portal group this process serves (a gateway's id, docs/guides/scale-out.md): the
@@ -171,10 +172,18 @@ class TargetRegistry:
         self.sessions[tsih] = session
         return session, replaced
 
+    def share_tsihs(self, index: int, count: int) -> None:
+        """This process is worker `index` of `count` serving one target port: it allocates
+        only the TSIHs congruent to index + 1 modulo count, so no two sessions of the port
+        share one (RFC 7143 11.12.6)."""
+        self._tsih_first, self._tsih_step = index + 1, count
+        self._next_tsih = index + 1
+
     def _allocate_tsih(self) -> int:
-        for _ in range(65535):
+        for _ in range(65535 // self._tsih_step + 1):
             tsih = self._next_tsih
-            self._next_tsih = tsih % 65535 + 1
+            following = tsih + self._tsih_step
+            self._next_tsih = following if following <= 0xFFFF else self._tsih_first
             if tsih not in self.sessions:
                 return tsih
         raise LoginError(LoginStatus.OUT_OF_RESOURCES, "no free TSIH")

@@ -181,6 +181,9 @@ class LuConfig:
     owner: int | None = None
     sanitize_state_path: str | None = None  # sanitize in progress or failed; None: not kept
     sanitize_rate: int = 0  # bytes per second a sanitize OVERWRITE writes; 0: unlimited
+    # SANITIZE is offered only where one process serves the medium: its in-progress state
+    # (which fences every other command) is not shared between worker processes.
+    sanitize: bool = True
     atomic_write_bytes: int = limits.ATOMIC_WRITE_BYTES  # the WRITE ATOMIC(16) length wanted
     checkpoint_state_path: str | None = None  # checkpoints' bitmaps; None: kept in memory only
     checkpoint_granularity: int = GRANULARITY  # bytes per bit of a new checkpoint chain
@@ -225,7 +228,8 @@ class LogicalUnit:
                                                        config.atomic_write_bytes)
         self.table: OpTable = lu_table(self.thin, services,
                                        compare_and_write=self.max_compare_and_write_blocks > 0,
-                                       atomic=bool(self.atomic_write_blocks))
+                                       atomic=bool(self.atomic_write_blocks),
+                                       sanitize=config.sanitize)
         # The fast paths the backstore offers, as the lengths they start or stop at.
         self._inline_write_max = INLINE_WRITE_MAX if self.caps.write_inline else -1
         self._lend_min = LEND_MIN if self.caps.lend else NEVER

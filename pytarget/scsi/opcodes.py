@@ -242,18 +242,18 @@ UNMAP_SPEC = OpSpec(Op.UNMAP, None, "UNMAP", _u(Op.UNMAP, 0x01, 0, 0, 0, 0, GROU
 
 
 def lu_table(thin: bool, services: Iterable[OpSpec] = (), compare_and_write: bool = True,
-             atomic: bool = False) -> OpTable:
+             atomic: bool = False, sanitize: bool = True) -> OpTable:
     """The table of a direct-access logical unit, with the rows of the services that serve it.
 
     Thin LUNs accept UNMAP; fully provisioned ones do not know the command, as a disk would not.
     A unit whose medium offers no atomic COMPARE AND WRITE of one block does not know that
     command either (MAXIMUM COMPARE AND WRITE LENGTH 0, SBC-3 6.6.3). WRITE ATOMIC(16) exists
-    only where the backstore writes atomically.
+    only where the backstore writes atomically, SANITIZE only where it is asked for.
     """
     specs = SBC_SPECS if compare_and_write else [
         s for s in SBC_SPECS if s.opcode != Op.COMPARE_AND_WRITE]
-    return OpTable([*specs, *SANITIZE_SPECS, *services, *((UNMAP_SPEC,) if thin else ()),
-                    *((WRITE_ATOMIC_SPEC,) if atomic else ())])
+    return OpTable([*specs, *(SANITIZE_SPECS if sanitize else ()), *services,
+                    *((UNMAP_SPEC,) if thin else ()), *((WRITE_ATOMIC_SPEC,) if atomic else ())])
 
 
 # A LUN with no logical unit answers only these (SPC-4 4.6.4); the rest get LOGICAL UNIT NOT

@@ -88,6 +88,7 @@ def test_without_gateways_nothing_changes(tmp_path: Path) -> None:
     (GATEWAYS + "gateway: gw-q\n", "gateway"),
     (GATEWAYS + "gateway: [gw-a]\n", "gateway"),
     (GATEWAYS + "portals: ['127.0.0.1:3260']\n", "portals"),
+    (GATEWAYS + "workers: 2\n", "workers"),
     ("gateways: []\n" + GATEWAYS.partition("targets:")[1] + GATEWAYS.partition("targets:")[2],
      "gateways"),
     (f"targets: [{{name: {IQN}, luns: [{{id: 0, path: a.img, size: 1MiB, owner: gw}}]}}]\n",
