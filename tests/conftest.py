@@ -33,10 +33,6 @@ T = TypeVar("T")
 IN_PROCESS = ("e2e/test_lent_reads.py", "e2e/test_polling.py", "e2e/test_gateways.py")
 
 
-# Guest tests that run beside the guest lane (see pytest_collection_modifyitems).
-GUEST_LANE_2 = ("interop/test_snapshot_guest.py", "interop/test_gateways_pr.py")
-
-
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -48,13 +44,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         elif where in IN_PROCESS:
             item.add_marker(pytest.mark.inprocess)
         # With pytest-xdist (tools/test runs two workers), the guest tests stay in one worker,
-        # the longest lane of the run, so at most two TCG guests share the two cores: a few
-        # (GUEST_LANE_2) run in the other worker after its Ceph tests, which share its cluster.
-        # The other tests of the session's Ceph cluster stay in one worker, so it starts once
-        # more at most.
-        if where in GUEST_LANE_2:
-            item.add_marker(pytest.mark.xdist_group("guest2"))
-        elif item.get_closest_marker("interop") is not None or where.startswith("interop/"):
+        # so two TCG guests never compete for the two cores, and the other tests of the
+        # session's Ceph cluster in one worker, so it starts once more at most.
+        if item.get_closest_marker("interop") is not None or where.startswith("interop/"):
             item.add_marker(pytest.mark.xdist_group("guest"))
         elif "ceph_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ceph"))
