@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .rados import Librados
+
 log = logging.getLogger("pytarget.cluster")
 
 OWNER_XATTR = "owner"
@@ -245,51 +247,6 @@ class OwnershipMachine:
         return [Follow(owner)]
 
 
-# ------------------------------------------------------------------ librados
-class _Librados:
-    """librados.so.2 with the prototypes used here, loaded once per process."""
-
-    _instance: _Librados | None = None
-    _lock = threading.Lock()
-
-    def __init__(self) -> None:
-        vp, sz, i, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p
-        lib = ctypes.CDLL("librados.so.2")
-        prototypes: list[tuple[str, Any, list[Any]]] = [
-            ("rados_getaddrs", i, [vp, ctypes.POINTER(ctypes.c_void_p)]),
-            ("rados_buffer_free", None, [vp]),
-            ("rados_blocklist_add", i, [vp, cp, ctypes.c_uint32]),
-            ("rados_wait_for_latest_osdmap", i, [vp]),
-            ("rados_setxattr", i, [vp, cp, cp, cp, sz]),
-            ("rados_getxattrs", i, [vp, cp, ctypes.POINTER(vp)]),
-            ("rados_getxattrs_next", i, [vp, ctypes.POINTER(cp), ctypes.POINTER(vp),
-                                         ctypes.POINTER(sz)]),
-            ("rados_getxattrs_end", None, [vp]),
-            ("rados_create_write_op", vp, []),
-            ("rados_release_write_op", None, [vp]),
-            ("rados_write_op_create", None, [vp, i, cp]),
-            ("rados_write_op_cmpxattr", None, [vp, cp, ctypes.c_uint8, cp, sz]),
-            ("rados_write_op_setxattr", None, [vp, cp, cp, sz]),
-            ("rados_write_op_operate", i, [vp, vp, cp, vp, i]),
-        ]
-        for name, restype, argtypes in prototypes:
-            function = getattr(lib, name)
-            function.restype = restype
-            function.argtypes = argtypes
-            setattr(self, name, function)
-
-    def __getattr__(self, name: str) -> Any:
-        """The C functions set in __init__, by name (declared here for the type checker)."""
-        raise AttributeError(name)
-
-    @classmethod
-    def get(cls) -> _Librados:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = _Librados()
-            return cls._instance
-
-
 _CREATE_EXCLUSIVE = 1  # LIBRADOS_CREATE_EXCLUSIVE
 _CMPXATTR_EQ = 1  # LIBRADOS_CMPXATTR_OP_EQ
 
@@ -335,7 +292,7 @@ class RadosOwnership:
         self.machine = OwnershipMachine(local, gateways, preferred, timeout, clock())
         self._set_owner = set_owner
         self._begin_transition = begin_transition
-        self._lib: _Librados | None = None
+        self._lib: Librados | None = None
         self._beat = 0
         self._task: asyncio.Task[None] | None = None
         self._io = threading.Lock()  # held around every librados call; close waits on it
@@ -459,7 +416,7 @@ class RadosOwnership:
         del self.events[:-32]
 
     # -------------------------------------------------------------- librados calls
-    def _call(self, fn: Callable[[_Librados], Any]) -> Any:
+    def _call(self, fn: Callable[[Librados], Any]) -> Any:
         with self._io:
             lib = self._lib
             if lib is None or self._closed:
@@ -472,9 +429,9 @@ class RadosOwnership:
         with self._io:
             if self._closed:
                 raise asyncio.CancelledError
-            self._lib = _Librados.get()
+            self._lib = Librados.get()
 
-        def prepare(lib: _Librados) -> tuple[str, ...]:
+        def prepare(lib: Librados) -> tuple[str, ...]:
             op = lib.rados_create_write_op()
             try:
                 lib.rados_write_op_create(op, _CREATE_EXCLUSIVE, None)
@@ -502,7 +459,7 @@ class RadosOwnership:
                                                          len(value)), "heartbeat"))
 
     def _read(self) -> Record:
-        def read(lib: _Librados) -> Record:
+        def read(lib: Librados) -> Record:
             it = ctypes.c_void_p()
             _check(lib.rados_getxattrs(self._ioctx, self._oid, ctypes.byref(it)),
                    f"reading {self.name}")
@@ -526,7 +483,7 @@ class RadosOwnership:
     def _fence(self, gateway: str, addrs: Sequence[str]) -> None:
         started = self.clock()
 
-        def fence(lib: _Librados) -> None:
+        def fence(lib: Librados) -> None:
             for addr in addrs:
                 _check(lib.rados_blocklist_add(self._cluster, addr.encode(), BLOCKLIST_SECONDS),
                        f"blocklisting {addr}")
@@ -538,7 +495,7 @@ class RadosOwnership:
                     extra={"event": "fence", "gateway": gateway})
 
     def _compare_and_set(self, expected: bytes, new: bytes) -> bool:
-        def operate(lib: _Librados) -> bool:
+        def operate(lib: Librados) -> bool:
             op = lib.rados_create_write_op()
             try:
                 lib.rados_write_op_cmpxattr(op, OWNER_XATTR.encode(), _CMPXATTR_EQ, expected,

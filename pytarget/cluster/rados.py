@@ -76,10 +76,11 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-class _Librados:
-    """librados.so.2 with the prototypes used here, loaded once per process."""
+class Librados:
+    """librados.so.2 with the prototypes the cluster modules use (this one and ownership.py),
+    loaded once per process."""
 
-    _instance: _Librados | None = None
+    _instance: Librados | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -113,6 +114,14 @@ class _Librados:
                                   ctypes.POINTER(sz)]),
             ("rados_notify_ack", i, [vp, cp, u64, u64, cp, i]),
             ("rados_buffer_free", None, [vp]),
+            ("rados_getaddrs", i, [vp, ctypes.POINTER(ctypes.c_void_p)]),
+            ("rados_blocklist_add", i, [vp, cp, ctypes.c_uint32]),
+            ("rados_wait_for_latest_osdmap", i, [vp]),
+            ("rados_setxattr", i, [vp, cp, cp, cp, sz]),
+            ("rados_getxattrs", i, [vp, cp, ctypes.POINTER(vp)]),
+            ("rados_getxattrs_next", i, [vp, ctypes.POINTER(cp), ctypes.POINTER(vp),
+                                         ctypes.POINTER(sz)]),
+            ("rados_getxattrs_end", None, [vp]),
         ]
         for name, restype, argtypes in prototypes:
             function = getattr(lib, name)
@@ -125,10 +134,10 @@ class _Librados:
         raise AttributeError(name)
 
     @classmethod
-    def get(cls) -> _Librados:
+    def get(cls) -> Librados:
         with cls._lock:
             if cls._instance is None:
-                cls._instance = _Librados()
+                cls._instance = Librados()
             return cls._instance
 
 
@@ -143,7 +152,7 @@ class RadosReservationStore:
         self.keyring = keyring
         self.client_id = client_id
         self._oid = object_name.encode()
-        self._lib: _Librados | None = None
+        self._lib: Librados | None = None
         self._cluster = ctypes.c_void_p()
         self._ioctx = ctypes.c_void_p()
         self._instance_id = 0
@@ -240,7 +249,7 @@ class RadosReservationStore:
 
     # -------------------------------------------------------------- blocking parts
     def _connect(self) -> None:
-        lib = _Librados.get()
+        lib = Librados.get()
         cluster = ctypes.c_void_p()
         _check(lib.rados_create(ctypes.byref(cluster), self.client_id.encode()), "rados_create")
         ioctx = ctypes.c_void_p()
