@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from . import checkpoints, status
+from . import __version__, checkpoints, status
 from .assembly import build_copy_manager, build_exports, build_registry, prepare_backing_files
 from .backstore.threads import run_blocking
 from .config import Config, ConfigError, load
@@ -29,7 +29,7 @@ from .reconfigure import Reload, ReloadRefused
 from .scsi.device import LogicalUnit, io_threads_busy
 from .snapshots import COMMANDS as SNAPSHOT_COMMANDS
 from .snapshots import Snapshots
-from .transport import ConnectionDriver, Listener, PollingSelector
+from .transport import COMPILED, ConnectionDriver, Listener, PollingSelector
 
 log = logging.getLogger("pytarget")
 
@@ -106,6 +106,8 @@ class Server:
         poller.quiet = lambda: self.streams == 0 and not io_threads_busy()
 
     async def start(self) -> None:
+        log.info("pytarget %s, data path %s", __version__,
+                 "compiled (mypyc)" if COMPILED else "pure Python")
         for host, port in self.portals:
             listener = Listener(self, host, port)
             self.listeners.append(((host, port), listener))

@@ -30,6 +30,9 @@ log = logging.getLogger("pytarget.transport")
 
 MAX_SEND_PARTS = 512  # IOV_MAX is 1024; keep well below it
 
+# True when this module (and with it the data path, setup.py) was compiled by mypyc.
+COMPILED = not __file__.endswith(".py")
+
 
 class ServerHooks(SessionHost, Protocol):
     """What a ConnectionDriver needs of the server that accepted its socket."""

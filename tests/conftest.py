@@ -21,6 +21,9 @@ import yaml
 from .ceph_cluster import CephCluster, missing, running
 
 REPO = Path(__file__).resolve().parent.parent
+# The code of the targets and CLIs the tests start: this checkout's sources, or, in tools/test's
+# full run, the same sources with the data path compiled by setup.py (PYTARGET_CODE).
+CODE = Path(os.environ.get("PYTARGET_CODE") or REPO)
 TARGET_IQN = "iqn.2026-11.io.pytarget:test"
 INITIATOR1 = "iqn.2026-11.io.pytarget.test:initiator1"
 INITIATOR2 = "iqn.2026-11.io.pytarget.test:initiator2"
@@ -122,17 +125,22 @@ class LiveTarget:
         return self.process.returncode
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a pytarget process a test starts: it runs `CODE` whatever
+    `pip install` points at."""
+    pythonpath = os.pathsep.join(filter(None, [str(CODE), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": pythonpath}
+
+
 def start_target(config: Path, *args: str, log_name: str = "pytarget.log",
                  env: dict[str, str] | None = None) -> LiveTarget:
     """Start `pytarget serve` and wait until it reports its listening port."""
     log = config.parent / log_name
     out = log.open("w")
-    # PYTHONPATH: the child runs this checkout's code whatever `pip install -e` points at.
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytarget", "serve", "--config", str(config), *args],
         stdout=out, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
-        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
+        env={**child_env(), **(env or {})})
     deadline = time.monotonic() + 30
     pattern = re.compile(r"listening on ([0-9.:a-f]+):(\d+)")
     while time.monotonic() < deadline:

@@ -129,7 +129,7 @@ _LOGIN_PHASE = frozenset({State.LOGIN, State.LOGIN_BINDING})  # login PDUs are h
 _LOGIN_TIMED = frozenset({State.LOGIN, State.LOGIN_BINDING, State.LOGIN_FAILED})
 
 
-class StateError(RuntimeError):
+class StateError(Exception):
     """A step the connection's state does not allow: the caller's error, not the peer's."""
 
 

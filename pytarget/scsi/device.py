@@ -95,6 +95,7 @@ class _UnitRangeLock(RangeLock):
         self.lu = lu
         self.tracker = tracker
         self._unchanged: set[_Request] = set()
+        self.tracking = False
 
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
         req = await super().acquire(start, count, exclusive)
@@ -124,12 +125,16 @@ class _UnitRangeLock(RangeLock):
     def track(self, on: bool) -> None:
         """While the tracker has checkpoints, releasing an exclusive lock within the medium
         marks its blocks changed (scsi/cbt.py): the choke point every change passes through.
-        Without checkpoints `release` is RangeLock's own: tracking costs nothing then."""
-        if on:
-            self.release = self._release_tracked  # type: ignore[method-assign]
-        else:
-            self.__dict__.pop("release", None)
+        Without checkpoints `release` is RangeLock's own plus one test of a flag."""
+        self.tracking = on
+        if not on:
             self._unchanged.clear()
+
+    def release(self, req: _Request) -> None:
+        if self.tracking:
+            self._release_tracked(req)
+        else:
+            RangeLock.release(self, req)
 
     def _release_tracked(self, req: _Request) -> None:
         RangeLock.release(self, req)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -21,7 +20,14 @@ import pytest
 
 from pytarget.initiator.client import Initiator
 
-from ..conftest import INITIATOR1, REPO, TARGET_IQN, LiveTarget, start_target, write_config
+from ..conftest import (
+    INITIATOR1,
+    TARGET_IQN,
+    LiveTarget,
+    child_env,
+    start_target,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None
                                 or shutil.which("qemu-io") is None,
@@ -42,8 +48,7 @@ def nbd_port(target: LiveTarget) -> int:
 
 
 def pytarget(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "pytarget", *args, "--config", str(config)],
                           capture_output=True, text=True, timeout=60, env=env)
 

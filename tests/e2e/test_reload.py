@@ -23,7 +23,7 @@ import yaml
 
 from pytarget.initiator.client import CommandResult, Initiator
 
-from ..conftest import INITIATOR1, REPO, TARGET_IQN, LiveTarget, start_target, write_config
+from ..conftest import INITIATOR1, TARGET_IQN, LiveTarget, child_env, start_target, write_config
 
 BS = 512
 MiB = 1 << 20
@@ -33,8 +33,7 @@ CAPACITY_CHANGED = (0x2A, 0x09)
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return child_env()
 
 
 async def pytarget(*args: str) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import start_target, write_config
+from ..conftest import child_env, start_target, write_config
 
 ISCSI_LS = shutil.which("iscsi-ls")
 
@@ -34,7 +34,7 @@ def test_default_configuration_serves_on_3260(tmp_path: Path) -> None:
     """With no arguments and no luns/ directory, the built-in luns/default.yaml is served."""
     assert _port_free(3260), "port 3260 is taken by another program"
     log = (tmp_path / "serve.log").open("w")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-m", "pytarget", "serve"], cwd=tmp_path,
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -67,3 +67,17 @@ def test_existing_backing_file_is_kept_and_sigterm_flushes(tmp_path: Path) -> No
     assert target.stop(signal.SIGTERM) == 0
     assert image.read_bytes() == content
     assert "shutting down" in target.log_text()
+
+
+def test_log_names_the_data_path_it_runs(tmp_path: Path) -> None:
+    """The start-up log says whether the data path is compiled (setup.py). tools/test's full
+    run points the targets at the compiled build (PYTARGET_CODE): there it must be compiled,
+    or that run would test the pure-Python sources twice; elsewhere the sources run."""
+    target = start_target(write_config(tmp_path, luns=[
+        {"id": 0, "path": "lun0.img", "size": "1MiB"}]))
+    try:
+        expected = "compiled (mypyc)" if os.environ.get("PYTARGET_CODE") else "pure Python"
+        assert re.search(r"pytarget \S+, data path " + re.escape(expected), target.log_text()), \
+            target.log_text()
+    finally:
+        assert target.stop(signal.SIGTERM) == 0

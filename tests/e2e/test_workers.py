@@ -25,7 +25,15 @@ import yaml
 from pytarget.initiator.client import Initiator
 
 from ..caw_stress import run_stress
-from ..conftest import INITIATOR1, INITIATOR2, REPO, LiveTarget, run, start_target, write_config
+from ..conftest import (
+    INITIATOR1,
+    INITIATOR2,
+    LiveTarget,
+    child_env,
+    run,
+    start_target,
+    write_config,
+)
 from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
 from .test_odx import populate, write_using_token
 
@@ -56,7 +64,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTarget]:
 def status(target: LiveTarget) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "pytarget", "status", "--json", "--config",
                           str(target.config)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+                         env=child_env(), timeout=60)
     doc: dict[str, Any] = json.loads(out.stdout)
     return doc
 
@@ -91,7 +99,7 @@ def test_sessions_land_in_different_workers_and_reservations_hold_across(
             assert doc["targets"][0]["sessions"] == 2
             text = subprocess.run([sys.executable, "-m", "pytarget", "status", "--config",
                                    str(workers.config)], capture_output=True, text=True,
-                                  check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                  check=True, env=child_env(),
                                   timeout=60).stdout
             assert "WORKER" in text and all(str(pid) in text for pid in by_isid.values())
 
@@ -181,7 +189,7 @@ def test_reload_reaches_every_worker(workers: LiveTarget) -> None:
     workers.config.write_text(yaml.safe_dump(doc, sort_keys=False))
     out = subprocess.run([sys.executable, "-m", "pytarget", "reload", "--config",
                           str(workers.config)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+                         env=child_env(), timeout=60)
     assert out.returncode == 0, out.stderr
 
     async def go() -> None:
@@ -223,12 +231,12 @@ def test_workers_key_is_checked(tmp_path: Path) -> None:
         config = write_config(tmp_path, workers=value)
         out = subprocess.run([sys.executable, "-m", "pytarget", "serve", "--config",
                               str(config)], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+                             env=child_env())
         assert out.returncode != 0 and key in out.stderr, out.stderr
     config = write_config(tmp_path, workers=2, metrics="127.0.0.1:0")
     out = subprocess.run([sys.executable, "-m", "pytarget", "serve", "--config", str(config)],
                          capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env=child_env())
     assert out.returncode != 0 and "metrics" in out.stderr, out.stderr
 
 
