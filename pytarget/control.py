@@ -161,6 +161,22 @@ class ControlServer:
                 await writer.wait_closed()
 
 
+async def start_control(config: Config, handler: Handler) -> ControlServer | None:
+    """The control socket of `config` serving `handler`, started; None, with a warning, when
+    it cannot be made (the target runs on without it)."""
+    path = socket_path(config)
+    control = ControlServer(path, handler, config.control_group)
+    try:
+        await control.start()
+    except (OSError, KeyError) as exc:
+        reason = f"no group {config.control_group}" if isinstance(exc, KeyError) \
+            else (exc.strerror or str(exc))
+        log.warning("no control socket at %s (%s): `pytarget status` and `pytarget "
+                    "reload` cannot reach this target; SIGHUP still reloads", path, reason)
+        return None
+    return control
+
+
 def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     sock = writer.get_extra_info("socket")
     try:

@@ -19,7 +19,7 @@ from . import __version__, checkpoints, status
 from .assembly import build_copy_manager, build_exports, build_registry, prepare_backing_files
 from .backstore.threads import run_blocking
 from .config import Config, ConfigError, load
-from .control import ControlError, ControlServer, socket_path
+from .control import ControlError, ControlServer, start_control
 from .iscsi.bounds import Bounds, MemoryBudget
 from .iscsi.node import TargetNode
 from .iscsi.session import ConnectionLink, Session
@@ -35,6 +35,25 @@ log = logging.getLogger("pytarget")
 
 STATUS_SERVICE = 0x03  # VPD 85h SERVICE TYPE of a status service (SPC-4 7.8.9 table 663)
 RETIRE_GRACE = 30.0  # seconds a removed LUN's commands may take before they are aborted
+
+
+def swap_portals(listeners: list[tuple[tuple[str, int], Listener]],
+                 removed: list[tuple[str, int]],
+                 added: list[tuple[tuple[str, int], Listener]]) -> list[str]:
+    """In `listeners` (configured portal, its listener), close those of the `removed` portals
+    (their connections stay) and keep the `added` ones; what changed, one line each. A
+    reload's portal change, in a server and in the `workers:` supervisor, which owns the
+    portals there."""
+    changes = []
+    for portal in removed:
+        entry = next(e for e in listeners if e[0] == portal)
+        listeners.remove(entry)
+        entry[1].close()
+        changes.append("portal {}:{} removed (its connections stay)".format(*entry[1].address))
+    for entry in added:
+        listeners.append(entry)
+        changes.append("portal {}:{} added".format(*entry[1].address))
+    return changes
 
 
 def _nbd_tls(config: Config) -> tuple[ssl.SSLContext | None, bool]:
@@ -127,7 +146,7 @@ class Server:
             for lu in node.luns.values():
                 if lu.ownership is not None:
                     lu.ownership.start()
-        await self._start_control()
+        self.control = await start_control(self.config, self.control_request)
 
     def _announce_portals(self) -> None:
         # A portal given with port 0 is reported with the port the kernel chose.
@@ -140,18 +159,6 @@ class Server:
         await metrics.start()
         return metrics
 
-    async def _start_control(self) -> None:
-        path = socket_path(self.config)
-        control = ControlServer(path, self.control_request, self.config.control_group)
-        try:
-            await control.start()
-        except (OSError, KeyError) as exc:
-            reason = f"no group {self.config.control_group}" if isinstance(exc, KeyError) \
-                else (exc.strerror or str(exc))
-            log.warning("no control socket at %s (%s): `pytarget status` and `pytarget "
-                        "reload` cannot reach this target; SIGHUP still reloads", path, reason)
-            return
-        self.control = control
 
     def update_management_addresses(self, config: Config) -> bool:
         """VPD 85h: the configured addresses, and the metrics endpoint as the status service
@@ -362,15 +369,7 @@ class Server:
                        added: list[tuple[tuple[str, int], Listener]]) -> list[str]:
         """Close the listeners of `removed` configured portals (their connections stay), keep
         the `added` ones, announce the result; what changed, one line each."""
-        changes = []
-        for portal in removed:
-            entry = next(e for e in self.listeners if e[0] == portal)
-            self.listeners.remove(entry)
-            entry[1].close()
-            changes.append("portal {}:{} removed (its connections stay)".format(*entry[1].address))
-        for entry in added:
-            self.listeners.append(entry)
-            changes.append("portal {}:{} added".format(*entry[1].address))
+        changes = swap_portals(self.listeners, removed, added)
         self._announce_portals()
         return changes
 

@@ -34,9 +34,9 @@ from . import status
 from .assembly import prepare_backing_files, serve_as_worker, worker_documents
 from .cluster.local import remove_document
 from .config import Config, ConfigError, load
-from .control import ControlError, ControlServer, socket_path
+from .control import ControlError, ControlServer, start_control
 from .core.sense import SenseError
-from .server import Server
+from .server import Server, swap_portals
 from .transport import Listener, PollingSelector, bind_portal
 
 log = logging.getLogger("pytarget.workers")
@@ -402,7 +402,7 @@ class Supervisor:
             log.info("listening on %s:%d", *listener.address)
         log.info("%d workers: pids %s", len(self.workers),
                  ", ".join(str(w.pid) for w in self.workers))
-        await self._start_control()
+        self.control = await start_control(self.config, self.control_request)
         await self.stopped.wait()
         return 1 if self.failed else 0
 
@@ -411,15 +411,6 @@ class Supervisor:
         for worker in self.workers:
             self._send(worker, {"op": "portals", "portals": addresses})
 
-    async def _start_control(self) -> None:
-        path = socket_path(self.config)
-        control = ControlServer(path, self.control_request, self.config.control_group)
-        try:
-            await control.start()
-        except (OSError, KeyError) as exc:
-            log.warning("no control socket at %s (%s)", path, exc)
-            return
-        self.control = control
 
     # -- connections
     def accepted(self, sock: socket.socket) -> None:
@@ -611,14 +602,8 @@ class Supervisor:
         except OSError as exc:
             raise ControlError(f"reload refused, the running configuration stays: cannot "
                                f"listen: {exc.strerror}") from None
-        changes = []
-        for entry in [e for e in self.listeners if e[0] not in new.portals]:
-            self.listeners.remove(entry)
-            entry[1].close()
-            changes.append("portal {}:{} removed (its connections stay)".format(*entry[1].address))
-        for entry in added:
-            self.listeners.append(entry)
-            changes.append("portal {}:{} added".format(*entry[1].address))
+        removed = [p for p, _ in self.listeners if p not in new.portals]
+        changes = swap_portals(self.listeners, removed, added)
         self._announce()
         return changes
 

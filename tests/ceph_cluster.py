@@ -144,6 +144,14 @@ class CephCluster:
 
     client_id = "admin"
 
+    @property
+    def client(self) -> dict[str, str]:
+        """How pytarget reaches this cluster: the `conf`, `keyring` and `client_id` of an RBD
+        LUN or a `reservations:` store, and the same keywords of `remove_image` and
+        `remove_state`."""
+        return {"conf": str(self.conf), "keyring": str(self.keyring),
+                "client_id": self.client_id}
+
     def _run(self, *argv: str, input: bytes | None = None) -> str:
         result = subprocess.run(argv, input=input, capture_output=True, timeout=START_TIMEOUT)
         if result.returncode != 0:
@@ -209,6 +217,15 @@ class CephCluster:
         cluster.conf_set("rados_osd_op_timeout", "60")
         cluster.connect(timeout=30)
         return cluster
+
+    def remove_object(self, name: str) -> None:
+        """Delete object `name` of the pool (an ownership record a test leaves behind)."""
+        cluster = self.connect()
+        try:
+            with cluster.open_ioctx(self.pool) as ioctx:
+                ioctx.remove_object(name)
+        finally:
+            cluster.shutdown()
 
     def start(self) -> None:
         """Create the cluster if `directory` holds none, start its daemons and wait until the

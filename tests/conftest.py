@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ CODE = Path(os.environ.get("PYTARGET_CODE") or REPO)
 TARGET_IQN = "iqn.2026-11.io.pytarget:test"
 INITIATOR1 = "iqn.2026-11.io.pytarget.test:initiator1"
 INITIATOR2 = "iqn.2026-11.io.pytarget.test:initiator2"
+GATEWAYS = ("gw1", "gw2")
 
 T = TypeVar("T")
 
@@ -152,6 +154,28 @@ def start_target(config: Path, *args: str, log_name: str = "pytarget.log",
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"pytarget did not start:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def gateway_targets(directory: Path, luns: list[dict[str, Any]], **extra: Any
+                    ) -> Iterator[list[LiveTarget]]:
+    """One target (TARGET_IQN) with `luns` served by two gateway processes started from one
+    configuration, `directory`/pytarget.yaml (`extra`: more of its top-level keys), as
+    `pytarget serve --gateway gw1|gw2`, each on an ephemeral loopback portal and logging to
+    gw1.log or gw2.log (docs/guides/scale-out.md). Every target in the list, with any a test
+    appends (a gateway started again), is stopped on exit, also when one failed to start."""
+    config = directory / "pytarget.yaml"
+    config.write_text(yaml.safe_dump({
+        "gateways": [{"name": name, "portals": ["127.0.0.1:0"]} for name in GATEWAYS],
+        **extra, "targets": [{"name": TARGET_IQN, "luns": luns}]}, sort_keys=False))
+    started: list[LiveTarget] = []
+    try:
+        for name in GATEWAYS:
+            started.append(start_target(config, "--gateway", name, log_name=f"{name}.log"))
+        yield started
+    finally:
+        for target in started:
+            target.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,22 @@ from dataclasses import dataclass, field
 
 ISCSI_TEST_CU = shutil.which("iscsi-test-cu")
 
+# iscsi-test-cu's families, as the tests run them, each on a LUN made for it: block commands
+# and iSCSI (a 64 MiB thin LUN of 512-byte blocks, the size libiscsi's tests are written for),
+# a removable medium, persistent reservations and RESERVE(6), copies.
+SUITES_SBC = [
+    "Inquiry", "Mandatory", "ModeSense6", "Prefetch10", "Prefetch16", "Read6", "Read10",
+    "Read12", "Read16", "ReadCapacity10", "ReadCapacity16", "ReportSupportedOpcodes",
+    "TestUnitReady", "Verify10", "Verify12", "Verify16", "Write10", "Write12", "Write16",
+    "WriteVerify10", "WriteVerify12", "WriteVerify16", "OrWrite", "ReadDefectData10",
+    "ReadDefectData12", "iSCSIcmdsn", "iSCSIdatasn", "iSCSIResiduals", "iSCSITMF",
+    "Unmap", "WriteSame10", "WriteSame16", "GetLBAStatus", "CompareAndWrite",
+]
+SUITES_REMOVABLE = ["StartStopUnit", "NoMedia", "PreventAllow"]
+SUITES_PR = ["PrinReadKeys", "PrinServiceactionRange", "PrinReportCapabilities",
+             "ProutRegister", "ProutReserve", "ProutClear", "ProutPreempt", "Reserve6"]
+SUITES_COPY = ["ExtendedCopy", "ReceiveCopyResults"]
+
 
 @dataclass
 class SuiteResult:

@@ -27,6 +27,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .librados import Librados, declare
+
 _NS = "_ZN8librados7v14_2_0"
 _STRING = "RKNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE"
 _SYMBOLS = {
@@ -63,29 +65,19 @@ class _Cxx:
 
     def __init__(self, rados: ctypes.CDLL) -> None:
         vp, u32, u64, i = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
-        prototypes: dict[str, tuple[Any, list[Any]]] = {
-            "op_new": (None, [vp]),
-            "op_delete": (None, [vp]),
-            "copy_from2": (None, [vp, vp, vp, u64, u32, u64, u32]),
-            "aio_operate": (i, [vp, vp, vp, vp, i]),
-            "ioctx_new": (None, [vp]),
-            "ioctx_delete": (None, [vp]),
-            "ioctx_from_c": (None, [vp, vp]),
-        }
-        for name, (restype, argtypes) in prototypes.items():
-            function = getattr(rados, _SYMBOLS[name])
-            function.restype = restype
-            function.argtypes = argtypes
-            setattr(self, name, function)
-        for name, restype, argtypes in (
-                ("rados_aio_create_completion2", i, [vp, vp, ctypes.POINTER(vp)]),
-                ("rados_aio_wait_for_complete", i, [vp]),
-                ("rados_aio_get_return_value", i, [vp]),
-                ("rados_aio_release", None, [vp])):
-            function = getattr(rados, name)
-            function.restype = restype
-            function.argtypes = argtypes
-            setattr(self, name, function)
+        declare(self, rados, [
+            ("op_new", None, [vp]),
+            ("op_delete", None, [vp]),
+            ("copy_from2", None, [vp, vp, vp, u64, u32, u64, u32]),
+            ("aio_operate", i, [vp, vp, vp, vp, i]),
+            ("ioctx_new", None, [vp]),
+            ("ioctx_delete", None, [vp]),
+            ("ioctx_from_c", None, [vp, vp]),
+            ("rados_aio_create_completion2", i, [vp, vp, ctypes.POINTER(vp)]),
+            ("rados_aio_wait_for_complete", i, [vp]),
+            ("rados_aio_get_return_value", i, [vp]),
+            ("rados_aio_release", None, [vp]),
+        ], _SYMBOLS)
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(name)
@@ -96,7 +88,7 @@ class _Cxx:
             if not cls._tried:
                 cls._tried = True
                 try:
-                    cls._instance = cls(ctypes.CDLL("librados.so.2"))
+                    cls._instance = cls(Librados.get().lib)
                 except (OSError, AttributeError):
                     cls._instance = None
             return cls._instance

@@ -26,7 +26,6 @@ import asyncio
 import ctypes
 import errno
 import itertools
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,8 +36,7 @@ import numpy as np
 
 from . import rados_copy, threads
 from .base import Backstore, Capabilities, Extent, ReadHook
-
-DEFAULT_CONF = "/etc/ceph/ceph.conf"
+from .librados import DEFAULT_CONF, Librados, check, connect, declare, errno_error, load
 
 # librbd options a SCSI target needs: no client cache, so that a completed WRITE is on the
 # OSDs (what SYNCHRONIZE CACHE and FUA promise) and another gateway reading after it sees it.
@@ -91,18 +89,9 @@ class CompareAndWriteRefused(ValueError):
         self.unit = unit
 
 
-def _errno_error(ret: int, what: str) -> OSError:
-    return OSError(-ret, f"{what}: {os.strerror(-ret)}")
-
-
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        raise _errno_error(ret, what)
-    return ret
-
-
 class _Lib:
-    """librados and librbd with the prototypes used here, loaded once per process."""
+    """librbd with the prototypes used here, loaded once per process, over the process's one
+    librados (`librados.Librados`), whose functions it also answers for."""
 
     _instance: _Lib | None = None
     _lock = threading.Lock()
@@ -110,80 +99,59 @@ class _Lib:
     def __init__(self) -> None:
         vp, u64, sz, i, cp = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
                               ctypes.c_int, ctypes.c_char_p)
-        try:
-            rados = ctypes.CDLL("librados.so.2")
-            rbd = ctypes.CDLL("librbd.so.1")
-        except OSError as exc:
-            raise OSError(errno.ENOENT, f"librbd is not installed ({exc}); RBD LUNs need "
-                          "Ceph's client libraries (ceph-common, see tools/install-ceph)"
-                          ) from None
-        self.rados = rados
-        self.rbd = rbd
-        prototypes: list[tuple[Any, str, Any, list[Any]]] = [
-            (rados, "rados_create", i, [ctypes.POINTER(vp), cp]),
-            (rados, "rados_conf_read_file", i, [vp, cp]),
-            (rados, "rados_conf_set", i, [vp, cp, cp]),
-            (rados, "rados_conf_get", i, [vp, cp, cp, sz]),
-            (rados, "rados_connect", i, [vp]),
-            (rados, "rados_shutdown", None, [vp]),
-            (rados, "rados_ioctx_create", i, [vp, cp, ctypes.POINTER(vp)]),
-            (rados, "rados_ioctx_destroy", None, [vp]),
-            (rados, "rados_ioctx_create2", i, [vp, ctypes.c_int64, ctypes.POINTER(vp)]),
-            (rados, "rados_cluster_fsid", i, [vp, cp, sz]),
-            (rbd, "rbd_version", None, [ctypes.POINTER(i)] * 3),
-            (rbd, "rbd_create", i, [vp, cp, u64, ctypes.POINTER(i)]),
-            (rbd, "rbd_remove", i, [vp, cp]),
-            (rbd, "rbd_open", i, [vp, cp, ctypes.POINTER(vp), cp]),
-            (rbd, "rbd_close", i, [vp]),
-            (rbd, "rbd_stat", i, [vp, ctypes.POINTER(_ImageInfo), sz]),
-            (rbd, "rbd_get_size", i, [vp, ctypes.POINTER(u64)]),
-            (rbd, "rbd_get_features", i, [vp, ctypes.POINTER(u64)]),
-            (rbd, "rbd_get_stripe_unit", i, [vp, ctypes.POINTER(u64)]),
-            (rbd, "rbd_get_stripe_count", i, [vp, ctypes.POINTER(u64)]),
-            (rbd, "rbd_get_block_name_prefix", i, [vp, cp, sz]),
-            (rbd, "rbd_get_data_pool_id", ctypes.c_int64, [vp]),
-            (rbd, "rbd_aio_wait_for_complete", i, [vp]),
-            (rbd, "rbd_aio_create_completion", i, [vp, _completion_cb, ctypes.POINTER(vp)]),
-            (rbd, "rbd_aio_get_return_value", ctypes.c_ssize_t, [vp]),
-            (rbd, "rbd_aio_release", None, [vp]),
-            (rbd, "rbd_aio_read", i, [vp, u64, sz, vp, vp]),
-            (rbd, "rbd_aio_write", i, [vp, u64, sz, vp, vp]),
-            (rbd, "rbd_aio_flush", i, [vp, vp]),
-            (rbd, "rbd_aio_discard", i, [vp, u64, u64, vp]),
-            (rbd, "rbd_aio_write_zeroes", i, [vp, u64, sz, vp, i, i]),
-            (rbd, "rbd_aio_writesame", i, [vp, u64, sz, vp, sz, vp, i]),
-            (rbd, "rbd_aio_compare_and_write", ctypes.c_ssize_t,
+        self.rados = Librados.get()
+        declare(self, load("librbd.so.1"), [
+            ("rbd_version", None, [ctypes.POINTER(i)] * 3),
+            ("rbd_create", i, [vp, cp, u64, ctypes.POINTER(i)]),
+            ("rbd_remove", i, [vp, cp]),
+            ("rbd_open", i, [vp, cp, ctypes.POINTER(vp), cp]),
+            ("rbd_close", i, [vp]),
+            ("rbd_stat", i, [vp, ctypes.POINTER(_ImageInfo), sz]),
+            ("rbd_get_size", i, [vp, ctypes.POINTER(u64)]),
+            ("rbd_get_features", i, [vp, ctypes.POINTER(u64)]),
+            ("rbd_get_stripe_unit", i, [vp, ctypes.POINTER(u64)]),
+            ("rbd_get_stripe_count", i, [vp, ctypes.POINTER(u64)]),
+            ("rbd_get_block_name_prefix", i, [vp, cp, sz]),
+            ("rbd_get_data_pool_id", ctypes.c_int64, [vp]),
+            ("rbd_aio_wait_for_complete", i, [vp]),
+            ("rbd_aio_create_completion", i, [vp, _completion_cb, ctypes.POINTER(vp)]),
+            ("rbd_aio_get_return_value", ctypes.c_ssize_t, [vp]),
+            ("rbd_aio_release", None, [vp]),
+            ("rbd_aio_read", i, [vp, u64, sz, vp, vp]),
+            ("rbd_aio_write", i, [vp, u64, sz, vp, vp]),
+            ("rbd_aio_flush", i, [vp, vp]),
+            ("rbd_aio_discard", i, [vp, u64, u64, vp]),
+            ("rbd_aio_write_zeroes", i, [vp, u64, sz, vp, i, i]),
+            ("rbd_aio_writesame", i, [vp, u64, sz, vp, sz, vp, i]),
+            ("rbd_aio_compare_and_write", ctypes.c_ssize_t,
              [vp, u64, sz, vp, vp, vp, ctypes.POINTER(u64), i]),
-            (rbd, "rbd_diff_iterate2", i, [vp, cp, u64, u64, ctypes.c_uint8, ctypes.c_uint8,
-                                           _diff_cb, vp]),
-            (rbd, "rbd_snap_create", i, [vp, cp]),
-            (rbd, "rbd_snap_remove", i, [vp, cp]),
-            (rbd, "rbd_snap_list", i, [vp, ctypes.POINTER(_SnapInfo), ctypes.POINTER(i)]),
-            (rbd, "rbd_snap_list_end", None, [ctypes.POINTER(_SnapInfo)]),
-            (rbd, "rbd_snap_rollback", i, [vp, cp]),
-            (rbd, "rbd_snap_protect", i, [vp, cp]),
-            (rbd, "rbd_snap_unprotect", i, [vp, cp]),
-            (rbd, "rbd_snap_is_protected", i, [vp, cp, ctypes.POINTER(i)]),
-            (rbd, "rbd_clone", i, [vp, cp, cp, vp, cp, u64, ctypes.POINTER(i)]),
-            (rbd, "rbd_open_read_only", i, [vp, cp, ctypes.POINTER(vp), cp]),
-            (rbd, "rbd_read", ctypes.c_ssize_t, [vp, u64, sz, vp]),
-            (rbd, "rbd_write", ctypes.c_ssize_t, [vp, u64, sz, vp]),
-            (rbd, "rbd_flush", i, [vp]),
-            (rbd, "rbd_discard", i, [vp, u64, u64]),
-            (rbd, "rbd_write_zeroes", ctypes.c_ssize_t, [vp, u64, sz, i, i]),
-            (rbd, "rbd_resize", i, [vp, u64]),
-            (rbd, "rbd_update_features", i, [vp, u64, ctypes.c_uint8]),
-        ]
-        for lib, name, restype, argtypes in prototypes:
-            function = getattr(lib, name)
-            function.restype = restype
-            function.argtypes = argtypes
-            setattr(self, name, function)
+            ("rbd_diff_iterate2", i, [vp, cp, u64, u64, ctypes.c_uint8, ctypes.c_uint8,
+                                      _diff_cb, vp]),
+            ("rbd_snap_create", i, [vp, cp]),
+            ("rbd_snap_remove", i, [vp, cp]),
+            ("rbd_snap_list", i, [vp, ctypes.POINTER(_SnapInfo), ctypes.POINTER(i)]),
+            ("rbd_snap_list_end", None, [ctypes.POINTER(_SnapInfo)]),
+            ("rbd_snap_rollback", i, [vp, cp]),
+            ("rbd_snap_protect", i, [vp, cp]),
+            ("rbd_snap_unprotect", i, [vp, cp]),
+            ("rbd_snap_is_protected", i, [vp, cp, ctypes.POINTER(i)]),
+            ("rbd_clone", i, [vp, cp, cp, vp, cp, u64, ctypes.POINTER(i)]),
+            ("rbd_open_read_only", i, [vp, cp, ctypes.POINTER(vp), cp]),
+            ("rbd_read", ctypes.c_ssize_t, [vp, u64, sz, vp]),
+            ("rbd_write", ctypes.c_ssize_t, [vp, u64, sz, vp]),
+            ("rbd_flush", i, [vp]),
+            ("rbd_discard", i, [vp, u64, u64]),
+            ("rbd_write_zeroes", ctypes.c_ssize_t, [vp, u64, sz, i, i]),
+            ("rbd_resize", i, [vp, u64]),
+            ("rbd_update_features", i, [vp, u64, ctypes.c_uint8]),
+        ])
         self.on_complete = _completion_cb(_on_complete)
 
     def __getattr__(self, name: str) -> Any:
-        """The C functions set in __init__, by name (declared here for the type checker)."""
-        raise AttributeError(name)
+        """librados's C functions (librbd's are set in __init__)."""
+        if name == "rados":
+            raise AttributeError(name)
+        return getattr(self.rados, name)
 
     @classmethod
     def get(cls) -> _Lib:
@@ -284,30 +252,30 @@ class RbdImage:
             if snapshot is not None:
                 ret = lib.rbd_open_read_only(ioctx, name.encode(), ctypes.byref(image),
                                              snapshot.encode())
-                _check(ret, f"opening snapshot {pool}/{name}@{snapshot}")
+                check(ret, f"opening snapshot {pool}/{name}@{snapshot}")
             else:
                 ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
             if ret == -errno.ENOENT and size is not None:
                 ret = _create(lib, ioctx, name, size, object_size)
                 if ret not in (0, -errno.EEXIST):
-                    _check(ret, f"creating image {pool}/{name}")
+                    check(ret, f"creating image {pool}/{name}")
                 ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
-            _check(ret, f"opening image {pool}/{name}")
+            check(ret, f"opening image {pool}/{name}")
             info = _ImageInfo()
-            _check(lib.rbd_stat(image, ctypes.byref(info), ctypes.sizeof(info)), "rbd_stat")
+            check(lib.rbd_stat(image, ctypes.byref(info), ctypes.sizeof(info)), "rbd_stat")
             features = ctypes.c_uint64()
-            _check(lib.rbd_get_features(image, ctypes.byref(features)), "rbd_get_features")
+            check(lib.rbd_get_features(image, ctypes.byref(features)), "rbd_get_features")
             stripe_unit = ctypes.c_uint64()
-            _check(lib.rbd_get_stripe_unit(image, ctypes.byref(stripe_unit)),
-                   "rbd_get_stripe_unit")
+            check(lib.rbd_get_stripe_unit(image, ctypes.byref(stripe_unit)),
+                  "rbd_get_stripe_unit")
             stripe_count = ctypes.c_uint64()
-            _check(lib.rbd_get_stripe_count(image, ctypes.byref(stripe_count)),
-                   "rbd_get_stripe_count")
+            check(lib.rbd_get_stripe_count(image, ctypes.byref(stripe_count)),
+                  "rbd_get_stripe_count")
             prefix = ctypes.create_string_buffer(128)
-            _check(lib.rbd_get_block_name_prefix(image, prefix, len(prefix)),
-                   "rbd_get_block_name_prefix")
+            check(lib.rbd_get_block_name_prefix(image, prefix, len(prefix)),
+                  "rbd_get_block_name_prefix")
             fsid = ctypes.create_string_buffer(64)
-            _check(lib.rados_cluster_fsid(cluster, fsid, len(fsid)), "rados_cluster_fsid")
+            check(lib.rados_cluster_fsid(cluster, fsid, len(fsid)), "rados_cluster_fsid")
             caps = {
                 "object_size": int(info.obj_size),
                 "discard_granularity": _conf_int(lib, cluster, "rbd_discard_granularity_bytes"),
@@ -318,8 +286,8 @@ class RbdImage:
                 "features": int(features.value),
                 "stripe_count": int(stripe_count.value),
                 "block_name_prefix": prefix.value.decode(),
-                "data_pool_id": int(_check(lib.rbd_get_data_pool_id(image),
-                                           "rbd_get_data_pool_id")),
+                "data_pool_id": int(check(lib.rbd_get_data_pool_id(image),
+                                          "rbd_get_data_pool_id")),
                 "fsid": fsid.value.decode(),
             }
         except BaseException:
@@ -338,15 +306,15 @@ class RbdImage:
         future: asyncio.Future[int] = loop.create_future()
         key = next(_ids)
         completion = ctypes.c_void_p()
-        _check(self._lib.rbd_aio_create_completion(key, self._lib.on_complete,
-                                                   ctypes.byref(completion)),
-               "rbd_aio_create_completion")
+        check(self._lib.rbd_aio_create_completion(key, self._lib.on_complete,
+                                                  ctypes.byref(completion)),
+              "rbd_aio_create_completion")
         _pending[key] = _Pending(loop, future, keep)
         ret = start(completion)
         if ret < 0:
             _pending.pop(key, None)
             self._lib.rbd_aio_release(completion)
-            raise _errno_error(ret, what)
+            raise errno_error(ret, what)
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
         threads.io_started()
@@ -355,7 +323,7 @@ class RbdImage:
 
     async def _run(self, start: Callable[[ctypes.c_void_p], int], what: str,
                    *keep: Any) -> int:
-        return _check(await _until_complete(self._submit(start, what, *keep)), what)
+        return check(await _until_complete(self._submit(start, what, *keep)), what)
 
     async def read(self, buf: Any, offset: int) -> int:
         """Fill the writable buffer `buf` from `offset`; returns the byte count."""
@@ -424,7 +392,7 @@ class RbdImage:
         if ret == -errno.EINVAL and (length == 0
                                      or offset // unit != (offset + length - 1) // unit):
             raise CompareAndWriteRefused(offset, length, unit)
-        _check(ret, f"compare-and-write of {length} at {offset}")
+        check(ret, f"compare-and-write of {length} at {offset}")
         return None
 
     def _miscompare_index(self, reported: int, offset: int, length: int) -> int:
@@ -463,8 +431,8 @@ class RbdImage:
 
         callback = _diff_cb(collect)
         # include_parent = 1: a clone's data still in its parent is data, not a hole
-        _check(self._lib.rbd_diff_iterate2(self._image, None, offset, length, 1, 0, callback,
-                                           None), "rbd_diff_iterate2")
+        check(self._lib.rbd_diff_iterate2(self._image, None, offset, length, 1, 0, callback,
+                                          None), "rbd_diff_iterate2")
         found.sort()
         merged: list[tuple[int, int]] = []
         for start, count in found:
@@ -479,37 +447,37 @@ class RbdImage:
         return sum(count for _, count in await self.extents())
 
     async def snapshot_create(self, name: str) -> None:
-        await asyncio.to_thread(lambda: _check(
+        await asyncio.to_thread(lambda: check(
             self._lib.rbd_snap_create(self._image, name.encode()), f"creating snapshot {name}"))
 
     async def snapshot_remove(self, name: str) -> None:
-        await asyncio.to_thread(lambda: _check(
+        await asyncio.to_thread(lambda: check(
             self._lib.rbd_snap_remove(self._image, name.encode()), f"removing snapshot {name}"))
 
     def snapshot_create_blocking(self, name: str) -> None:
-        _check(self._lib.rbd_snap_create(self._handle(), name.encode()),
-               f"creating snapshot {self.pool}/{self.name}@{name}")
+        check(self._lib.rbd_snap_create(self._handle(), name.encode()),
+              f"creating snapshot {self.pool}/{self.name}@{name}")
 
     def snapshot_remove_blocking(self, name: str) -> None:
         """Remove a snapshot, unprotecting it first; EBUSY while clones depend on it."""
         image = self._handle()
         if self._protected(name):
-            _check(self._lib.rbd_snap_unprotect(image, name.encode()),
-                   f"unprotecting snapshot {self.pool}/{self.name}@{name} (does a clone "
-                   "still depend on it? flatten or remove the clone first)")
-        _check(self._lib.rbd_snap_remove(image, name.encode()),
-               f"removing snapshot {self.pool}/{self.name}@{name}")
+            check(self._lib.rbd_snap_unprotect(image, name.encode()),
+                  f"unprotecting snapshot {self.pool}/{self.name}@{name} (does a clone "
+                  "still depend on it? flatten or remove the clone first)")
+        check(self._lib.rbd_snap_remove(image, name.encode()),
+              f"removing snapshot {self.pool}/{self.name}@{name}")
 
     def _protected(self, name: str) -> bool:
         flag = ctypes.c_int()
-        _check(self._lib.rbd_snap_is_protected(self._handle(), name.encode(),
-                                               ctypes.byref(flag)),
-               f"snapshot {self.pool}/{self.name}@{name}")
+        check(self._lib.rbd_snap_is_protected(self._handle(), name.encode(),
+                                              ctypes.byref(flag)),
+              f"snapshot {self.pool}/{self.name}@{name}")
         return bool(flag.value)
 
     def snapshot_rollback_blocking(self, name: str) -> None:
-        _check(self._lib.rbd_snap_rollback(self._handle(), name.encode()),
-               f"rolling {self.pool}/{self.name} back to {name}")
+        check(self._lib.rbd_snap_rollback(self._handle(), name.encode()),
+              f"rolling {self.pool}/{self.name} back to {name}")
         self.size = self.size_now()
 
     def snapshot_clone_blocking(self, name: str, pool: str, image: str) -> None:
@@ -517,22 +485,22 @@ class RbdImage:
         clone format 1 requires; FileExistsError when the child exists)."""
         handle = self._handle()
         if not self._protected(name):
-            _check(self._lib.rbd_snap_protect(handle, name.encode()),
-                   f"protecting snapshot {self.pool}/{self.name}@{name}")
+            check(self._lib.rbd_snap_protect(handle, name.encode()),
+                  f"protecting snapshot {self.pool}/{self.name}@{name}")
         ioctx = self._ioctx
         child = ctypes.c_void_p()
         if pool != self.pool:
-            _check(self._lib.rados_ioctx_create(self._cluster, pool.encode(),
-                                                ctypes.byref(child)), f"opening pool {pool}")
+            check(self._lib.rados_ioctx_create(self._cluster, pool.encode(),
+                                               ctypes.byref(child)), f"opening pool {pool}")
             ioctx = child
         try:
             features = ctypes.c_uint64()
-            _check(self._lib.rbd_get_features(handle, ctypes.byref(features)),
-                   "rbd_get_features")
+            check(self._lib.rbd_get_features(handle, ctypes.byref(features)),
+                  "rbd_get_features")
             order = ctypes.c_int(0)
-            _check(self._lib.rbd_clone(self._ioctx, self.name.encode(), name.encode(), ioctx,
-                                       image.encode(), features.value, ctypes.byref(order)),
-                   f"cloning {self.pool}/{self.name}@{name} to {pool}/{image}")
+            check(self._lib.rbd_clone(self._ioctx, self.name.encode(), name.encode(), ioctx,
+                                      image.encode(), features.value, ctypes.byref(order)),
+                  f"cloning {self.pool}/{self.name}@{name} to {pool}/{image}")
         finally:
             if child.value:
                 self._lib.rados_ioctx_destroy(child)
@@ -550,7 +518,7 @@ class RbdImage:
             if ret == -errno.ERANGE:
                 capacity = max(count.value, capacity * 2)
                 continue
-            _check(ret, "rbd_snap_list")
+            check(ret, "rbd_snap_list")
             try:
                 return [(snaps[n].name.decode(), int(snaps[n].id), int(snaps[n].size))
                         for n in range(ret)]
@@ -595,27 +563,27 @@ class RbdImage:
     def read_blocking(self, buf: Any, offset: int) -> None:
         address, keep = _address(buf)
         what = f"read of {len(keep)} at {offset}"
-        got = _check(self._lib.rbd_read(self._handle(), offset, len(keep), address), what)
+        got = check(self._lib.rbd_read(self._handle(), offset, len(keep), address), what)
         if got != len(keep):
             raise OSError(errno.EIO, f"{what}: {got} bytes")
 
     def write_blocking(self, data: Any, offset: int) -> None:
         address, keep = _address(data)
         what = f"write of {len(keep)} at {offset}"
-        done = _check(self._lib.rbd_write(self._handle(), offset, len(keep), address), what)
+        done = check(self._lib.rbd_write(self._handle(), offset, len(keep), address), what)
         if done != len(keep):
             raise OSError(errno.EIO, f"{what}: {done} bytes")
 
     def flush_blocking(self) -> None:
-        _check(self._lib.rbd_flush(self._handle()), "flush")
+        check(self._lib.rbd_flush(self._handle()), "flush")
 
     def discard_blocking(self, offset: int, length: int) -> None:
-        _check(self._lib.rbd_discard(self._handle(), offset, length),
-               f"discard of {length} at {offset}")
+        check(self._lib.rbd_discard(self._handle(), offset, length),
+              f"discard of {length} at {offset}")
 
     def write_zeroes_blocking(self, offset: int, length: int) -> None:
-        _check(self._lib.rbd_write_zeroes(self._handle(), offset, length, 0, 0),
-               f"write-zeroes of {length} at {offset}")
+        check(self._lib.rbd_write_zeroes(self._handle(), offset, length, 0, 0),
+              f"write-zeroes of {length} at {offset}")
 
     def extents_blocking(self, offset: int, length: int) -> list[tuple[int, int]]:
         """`extents`, on the calling thread."""
@@ -633,9 +601,9 @@ class RbdImage:
             self._handle()
             if self._objects is None:
                 c_ioctx = ctypes.c_void_p()
-                _check(self._lib.rados_ioctx_create2(self._cluster, self.caps["data_pool_id"],
-                                                     ctypes.byref(c_ioctx)),
-                       f"opening the data pool of {self.pool}/{self.name}")
+                check(self._lib.rados_ioctx_create2(self._cluster, self.caps["data_pool_id"],
+                                                    ctypes.byref(c_ioctx)),
+                      f"opening the data pool of {self.pool}/{self.name}")
                 try:
                     self._objects = (c_ioctx, rados_copy.IoCtx(c_ioctx))
                 except BaseException:
@@ -677,9 +645,9 @@ class RbdImage:
         try:
             for number in range(dst_first, dst_first + count):
                 completion = ctypes.c_void_p()
-                _check(self._lib.rbd_aio_create_completion(None, _NO_CALLBACK,
-                                                           ctypes.byref(completion)),
-                       "rbd_aio_create_completion")
+                check(self._lib.rbd_aio_create_completion(None, _NO_CALLBACK,
+                                                          ctypes.byref(completion)),
+                      "rbd_aio_create_completion")
                 ret = self._lib.rbd_aio_write(self._handle(), number * osz, CAW_SECTOR,
                                               ctypes.addressof(zeros), completion)
                 if ret < 0:
@@ -693,8 +661,8 @@ class RbdImage:
             while pending:
                 reap()
         if failed:
-            raise _errno_error(failed[0], f"write to object {dst_first} of "
-                               f"{self.pool}/{self.name}")
+            raise errno_error(failed[0], f"write to object {dst_first} of "
+                              f"{self.pool}/{self.name}")
         pairs = [(src.object_name(src_first + n), self.object_name(dst_first + n))
                  for n in range(count)]
         return rados_copy.copy_objects(dst_io, src_io, pairs)
@@ -702,7 +670,7 @@ class RbdImage:
     def size_now(self) -> int:
         """The image's size as the cluster has it now (another client may have resized it)."""
         size = ctypes.c_uint64()
-        _check(self._lib.rbd_get_size(self._handle(), ctypes.byref(size)), "rbd_get_size")
+        check(self._lib.rbd_get_size(self._handle(), ctypes.byref(size)), "rbd_get_size")
         return int(size.value)
 
     def rados_handles(self) -> tuple[int, int]:
@@ -717,24 +685,24 @@ class RbdImage:
         fast diff, journaling), so that several gateways write the image at once without the
         lock moving at every write; True when features were turned off."""
         features = ctypes.c_uint64()
-        _check(self._lib.rbd_get_features(self._handle(), ctypes.byref(features)),
-               "rbd_get_features")
+        check(self._lib.rbd_get_features(self._handle(), ctypes.byref(features)),
+              "rbd_get_features")
         changed = False
         for feature in (RBD_FEATURE_JOURNALING, RBD_FEATURE_FAST_DIFF, RBD_FEATURE_OBJECT_MAP,
                         RBD_FEATURE_EXCLUSIVE_LOCK):
             if features.value & feature:
                 ret = self._lib.rbd_update_features(self._image, feature, 0)
                 if ret != -errno.EINVAL:  # EINVAL: another gateway turned it off first
-                    _check(ret, f"turning off feature {feature:#x} of {self.pool}/{self.name}")
+                    check(ret, f"turning off feature {feature:#x} of {self.pool}/{self.name}")
                 changed = True
-        _check(self._lib.rbd_get_features(self._image, ctypes.byref(features)),
-               "rbd_get_features")
+        check(self._lib.rbd_get_features(self._image, ctypes.byref(features)),
+              "rbd_get_features")
         self.caps["features"] = int(features.value)
         return changed
 
     def resize_blocking(self, size: int) -> None:
-        _check(self._lib.rbd_resize(self._handle(), size),
-               f"resizing {self.pool}/{self.name} to {size}")
+        check(self._lib.rbd_resize(self._handle(), size),
+              f"resizing {self.pool}/{self.name} to {size}")
         self.size = size
 
 
@@ -979,8 +947,8 @@ class RbdBackstore(Backstore):
             if -ret in COPY_REFUSED:
                 self.caps.copy_range = False
             elif ret != -errno.ENOENT:
-                raise _errno_error(ret, f"copy of object {src_offset // osz + n} of "
-                                   f"{src.location} into {self.location}")
+                raise errno_error(ret, f"copy of object {src_offset // osz + n} of "
+                                  f"{src.location} into {self.location}")
             self._copy_through(src, src_offset + n * osz, dst_offset + n * osz, osz)
         return True
 
@@ -1070,20 +1038,7 @@ def _connect(lib: _Lib, pool: str, conf: str, keyring: str | None, client_id: st
     if keyring is not None:
         settings["keyring"] = keyring
     settings.update(options or {})
-    cluster = ctypes.c_void_p()
-    _check(lib.rados_create(ctypes.byref(cluster), client_id.encode()), "rados_create")
-    ioctx = ctypes.c_void_p()
-    try:
-        _check(lib.rados_conf_read_file(cluster, conf.encode()), f"reading {conf}")
-        for key, value in settings.items():
-            _check(lib.rados_conf_set(cluster, key.encode(), value.encode()), f"setting {key}")
-        _check(lib.rados_connect(cluster), f"connecting to the cluster of {conf}")
-        _check(lib.rados_ioctx_create(cluster, pool.encode(), ctypes.byref(ioctx)),
-               f"opening pool {pool}")
-    except BaseException:
-        lib.rados_shutdown(cluster)
-        raise
-    return cluster, ioctx
+    return connect(lib.rados, pool, conf, client_id, settings)
 
 
 def _create(lib: _Lib, ioctx: ctypes.c_void_p, name: str, size: int, object_size: int) -> int:
@@ -1104,7 +1059,7 @@ def image_exists(pool: str, name: str, *, conf: str = DEFAULT_CONF, keyring: str
         ret = lib.rbd_open(ioctx, name.encode(), ctypes.byref(image), None)
         if ret == -errno.ENOENT:
             return False
-        _check(ret, f"opening image {pool}/{name}")
+        check(ret, f"opening image {pool}/{name}")
         lib.rbd_close(image)
         return True
     finally:
@@ -1123,7 +1078,7 @@ def create_image(pool: str, name: str, size: int, *, conf: str = DEFAULT_CONF,
         ret = _create(lib, ioctx, name, size, object_size)
         if ret == -errno.EEXIST:
             raise FileExistsError(errno.EEXIST, f"image {pool}/{name} exists")
-        _check(ret, f"creating image {pool}/{name}")
+        check(ret, f"creating image {pool}/{name}")
     finally:
         lib.rados_ioctx_destroy(ioctx)
         lib.rados_shutdown(cluster)
@@ -1131,7 +1086,7 @@ def create_image(pool: str, name: str, size: int, *, conf: str = DEFAULT_CONF,
 
 def _conf_get(lib: _Lib, cluster: ctypes.c_void_p, key: str) -> str:
     value = ctypes.create_string_buffer(256)
-    _check(lib.rados_conf_get(cluster, key.encode(), value, len(value)), f"reading {key}")
+    check(lib.rados_conf_get(cluster, key.encode(), value, len(value)), f"reading {key}")
     return value.value.decode()
 
 
@@ -1146,7 +1101,7 @@ async def remove_image(pool: str, name: str, *, conf: str = DEFAULT_CONF,
         lib = _Lib.get()
         cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, None)
         try:
-            _check(lib.rbd_remove(ioctx, name.encode()), f"removing image {pool}/{name}")
+            check(lib.rbd_remove(ioctx, name.encode()), f"removing image {pool}/{name}")
         finally:
             lib.rados_ioctx_destroy(ioctx)
             lib.rados_shutdown(cluster)

@@ -33,14 +33,13 @@ import ctypes
 import errno
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .rados import Librados
+from ..backstore.librados import CMPXATTR_EQ, CREATE_EXCLUSIVE, Librados, check
 
 log = logging.getLogger("pytarget.cluster")
 
@@ -247,16 +246,6 @@ class OwnershipMachine:
         return [Follow(owner)]
 
 
-_CREATE_EXCLUSIVE = 1  # LIBRADOS_CREATE_EXCLUSIVE
-_CMPXATTR_EQ = 1  # LIBRADOS_CMPXATTR_OP_EQ
-
-
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
-    return ret
-
-
 def parse_addrs(text: str) -> tuple[str, ...]:
     """Entity addresses from `rados_getaddrs` ("127.0.0.1:0/123" or "[v2:...,v1:...]"), in
     the form the blocklist takes (without the v1:/v2: type)."""
@@ -434,16 +423,16 @@ class RadosOwnership:
         def prepare(lib: Librados) -> tuple[str, ...]:
             op = lib.rados_create_write_op()
             try:
-                lib.rados_write_op_create(op, _CREATE_EXCLUSIVE, None)
+                lib.rados_write_op_create(op, CREATE_EXCLUSIVE, None)
                 initial = encode_owner(0, None)
                 lib.rados_write_op_setxattr(op, OWNER_XATTR.encode(), initial, len(initial))
                 ret = lib.rados_write_op_operate(op, self._ioctx, self._oid, None, 0)
             finally:
                 lib.rados_release_write_op(op)
             if ret != -errno.EEXIST:
-                _check(ret, f"creating {self.name}")
+                check(ret, f"creating {self.name}")
             text = ctypes.c_void_p()
-            _check(lib.rados_getaddrs(self._cluster, ctypes.byref(text)), "rados_getaddrs")
+            check(lib.rados_getaddrs(self._cluster, ctypes.byref(text)), "rados_getaddrs")
             try:
                 return parse_addrs(ctypes.string_at(text.value or 0).decode())
             finally:
@@ -455,22 +444,22 @@ class RadosOwnership:
         self._beat += 1
         value = encode_member(self.machine.addrs, self._beat)
         key = (MEMBER_PREFIX + self.machine.local).encode()
-        self._call(lambda lib: _check(lib.rados_setxattr(self._ioctx, self._oid, key, value,
-                                                         len(value)), "heartbeat"))
+        self._call(lambda lib: check(lib.rados_setxattr(self._ioctx, self._oid, key, value,
+                                                        len(value)), "heartbeat"))
 
     def _read(self) -> Record:
         def read(lib: Librados) -> Record:
             it = ctypes.c_void_p()
-            _check(lib.rados_getxattrs(self._ioctx, self._oid, ctypes.byref(it)),
-                   f"reading {self.name}")
+            check(lib.rados_getxattrs(self._ioctx, self._oid, ctypes.byref(it)),
+                  f"reading {self.name}")
             xattrs: dict[str, bytes] = {}
             try:
                 while True:
                     key = ctypes.c_char_p()
                     value = ctypes.c_void_p()
                     length = ctypes.c_size_t()
-                    _check(lib.rados_getxattrs_next(it, ctypes.byref(key), ctypes.byref(value),
-                                                    ctypes.byref(length)), "getxattrs")
+                    check(lib.rados_getxattrs_next(it, ctypes.byref(key), ctypes.byref(value),
+                                                   ctypes.byref(length)), "getxattrs")
                     if key.value is None:
                         break
                     xattrs[key.value.decode(errors="replace")] = ctypes.string_at(
@@ -485,9 +474,9 @@ class RadosOwnership:
 
         def fence(lib: Librados) -> None:
             for addr in addrs:
-                _check(lib.rados_blocklist_add(self._cluster, addr.encode(), BLOCKLIST_SECONDS),
-                       f"blocklisting {addr}")
-            _check(lib.rados_wait_for_latest_osdmap(self._cluster), "waiting for the OSD map")
+                check(lib.rados_blocklist_add(self._cluster, addr.encode(), BLOCKLIST_SECONDS),
+                      f"blocklisting {addr}")
+            check(lib.rados_wait_for_latest_osdmap(self._cluster), "waiting for the OSD map")
         self._call(fence)
         self._note(f"fenced {gateway} ({', '.join(addrs)})")
         log.warning("%s: fenced %s: client %s blocklisted in %.2f s", self.label, gateway,
@@ -498,7 +487,7 @@ class RadosOwnership:
         def operate(lib: Librados) -> bool:
             op = lib.rados_create_write_op()
             try:
-                lib.rados_write_op_cmpxattr(op, OWNER_XATTR.encode(), _CMPXATTR_EQ, expected,
+                lib.rados_write_op_cmpxattr(op, OWNER_XATTR.encode(), CMPXATTR_EQ, expected,
                                             len(expected))
                 lib.rados_write_op_setxattr(op, OWNER_XATTR.encode(), new, len(new))
                 ret = lib.rados_write_op_operate(op, self._ioctx, self._oid, None, 0)
@@ -506,6 +495,6 @@ class RadosOwnership:
                 lib.rados_release_write_op(op)
             if ret in (-errno.ECANCELED, -errno.ENODATA):
                 return False
-            _check(ret, f"claiming {self.name}")
+            check(ret, f"claiming {self.name}")
             return True
         return bool(self._call(operate))

@@ -36,13 +36,21 @@ import logging
 import os
 import threading
 import time
-from typing import Any
 
+from ..backstore.librados import (
+    CMPXATTR_EQ,
+    CREATE_EXCLUSIVE,
+    DEFAULT_CONF,
+    Librados,
+    WatchCallback,
+    WatchErrorCallback,
+    check,
+    connect,
+)
 from ..core.reservations import OnChange, Snapshot, StaleVersion
 
 log = logging.getLogger("pytarget.cluster")
 
-DEFAULT_CONF = "/etc/ceph/ceph.conf"
 VERSION_XATTR = b"pytarget.version"
 WATCH_TIMEOUT = 15  # seconds without a ping before the OSD drops a watch
 TRUST_MS = 12_000  # a watch confirmed longer ago than this is not trusted
@@ -57,89 +65,6 @@ NOTIFY_RETRY = 0.5  # seconds between attempts after a notify failed outright
 OP_TIMEOUT = "10"  # seconds: librados's OSD and monitor operation timeouts
 MAX_DOCUMENT = 64 << 20
 _HEADER = 8
-
-_CREATE_EXCLUSIVE = 1  # LIBRADOS_CREATE_EXCLUSIVE
-_CMPXATTR_EQ = 1  # LIBRADOS_CMPXATTR_OP_EQ
-
-_watch_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
-                             ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t)
-_watch_error_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int)
-
-
-def _errno_error(ret: int, what: str) -> OSError:
-    return OSError(-ret, f"{what}: {os.strerror(-ret)}")
-
-
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        raise _errno_error(ret, what)
-    return ret
-
-
-class Librados:
-    """librados.so.2 with the prototypes the cluster modules use (this one and ownership.py),
-    loaded once per process."""
-
-    _instance: Librados | None = None
-    _lock = threading.Lock()
-
-    def __init__(self) -> None:
-        vp, u64, sz, i, cp = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
-                              ctypes.c_int, ctypes.c_char_p)
-        lib = ctypes.CDLL("librados.so.2")
-        prototypes: list[tuple[str, Any, list[Any]]] = [
-            ("rados_create", i, [ctypes.POINTER(vp), cp]),
-            ("rados_conf_read_file", i, [vp, cp]),
-            ("rados_conf_set", i, [vp, cp, cp]),
-            ("rados_connect", i, [vp]),
-            ("rados_shutdown", None, [vp]),
-            ("rados_get_instance_id", u64, [vp]),
-            ("rados_ioctx_create", i, [vp, cp, ctypes.POINTER(vp)]),
-            ("rados_ioctx_destroy", None, [vp]),
-            ("rados_read", i, [vp, cp, vp, sz, u64]),
-            ("rados_remove", i, [vp, cp]),
-            ("rados_create_write_op", vp, []),
-            ("rados_release_write_op", None, [vp]),
-            ("rados_write_op_create", None, [vp, i, cp]),
-            ("rados_write_op_cmpxattr", None, [vp, cp, ctypes.c_uint8, cp, sz]),
-            ("rados_write_op_setxattr", None, [vp, cp, cp, sz]),
-            ("rados_write_op_write_full", None, [vp, cp, sz]),
-            ("rados_write_op_operate", i, [vp, vp, cp, vp, i]),
-            ("rados_watch3", i, [vp, cp, ctypes.POINTER(u64), _watch_cb, _watch_error_cb,
-                                 ctypes.c_uint32, vp]),
-            ("rados_watch_check", i, [vp, u64]),
-            ("rados_unwatch2", i, [vp, u64]),
-            ("rados_watch_flush", i, [vp]),
-            ("rados_notify2", i, [vp, cp, cp, i, u64, ctypes.POINTER(vp),
-                                  ctypes.POINTER(sz)]),
-            ("rados_notify_ack", i, [vp, cp, u64, u64, cp, i]),
-            ("rados_buffer_free", None, [vp]),
-            ("rados_getaddrs", i, [vp, ctypes.POINTER(ctypes.c_void_p)]),
-            ("rados_blocklist_add", i, [vp, cp, ctypes.c_uint32]),
-            ("rados_wait_for_latest_osdmap", i, [vp]),
-            ("rados_setxattr", i, [vp, cp, cp, cp, sz]),
-            ("rados_getxattrs", i, [vp, cp, ctypes.POINTER(vp)]),
-            ("rados_getxattrs_next", i, [vp, ctypes.POINTER(cp), ctypes.POINTER(vp),
-                                         ctypes.POINTER(sz)]),
-            ("rados_getxattrs_end", None, [vp]),
-        ]
-        for name, restype, argtypes in prototypes:
-            function = getattr(lib, name)
-            function.restype = restype
-            function.argtypes = argtypes
-            setattr(self, name, function)
-
-    def __getattr__(self, name: str) -> Any:
-        """The C functions set in __init__, by name (declared here for the type checker)."""
-        raise AttributeError(name)
-
-    @classmethod
-    def get(cls) -> Librados:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = Librados()
-            return cls._instance
-
 
 class RadosReservationStore:
     """One logical unit's reservation document in `pool`/`object_name`, for one gateway."""
@@ -169,8 +94,8 @@ class RadosReservationStore:
         self._connect_lock = asyncio.Lock()
         self._closed = False
         # Kept referenced for as long as librados may call them.
-        self._watch_cb = _watch_cb(self._notified)
-        self._watch_error_cb = _watch_error_cb(self._watch_failed)
+        self._watch_cb = WatchCallback(self._notified)
+        self._watch_error_cb = WatchErrorCallback(self._watch_failed)
 
     @property
     def name(self) -> str:
@@ -250,29 +175,12 @@ class RadosReservationStore:
     # -------------------------------------------------------------- blocking parts
     def _connect(self) -> None:
         lib = Librados.get()
-        cluster = ctypes.c_void_p()
-        _check(lib.rados_create(ctypes.byref(cluster), self.client_id.encode()), "rados_create")
-        ioctx = ctypes.c_void_p()
-        try:
-            _check(lib.rados_conf_read_file(cluster, self.conf.encode()),
-                   f"reading {self.conf}")
-            settings = {"rados_osd_op_timeout": OP_TIMEOUT, "rados_mon_op_timeout": OP_TIMEOUT,
-                        "client_mount_timeout": OP_TIMEOUT}
-            if self.keyring is not None:
-                settings["keyring"] = self.keyring
-            for key, value in settings.items():
-                _check(lib.rados_conf_set(cluster, key.encode(), value.encode()),
-                       f"setting {key}")
-            _check(lib.rados_connect(cluster), f"connecting to the cluster of {self.conf}")
-            _check(lib.rados_ioctx_create(cluster, self.pool.encode(), ctypes.byref(ioctx)),
-                   f"opening pool {self.pool}")
-        except BaseException:
-            if ioctx.value:
-                lib.rados_ioctx_destroy(ioctx)
-            lib.rados_shutdown(cluster)
-            raise
-        self._cluster, self._ioctx = cluster, ioctx
-        self._instance_id = int(lib.rados_get_instance_id(cluster))
+        settings = {"rados_osd_op_timeout": OP_TIMEOUT, "rados_mon_op_timeout": OP_TIMEOUT,
+                    "client_mount_timeout": OP_TIMEOUT}
+        if self.keyring is not None:
+            settings["keyring"] = self.keyring
+        self._cluster, self._ioctx = connect(lib, self.pool, self.conf, self.client_id, settings)
+        self._instance_id = int(lib.rados_get_instance_id(self._cluster))
         self._lib = lib
 
     def _watch(self) -> None:
@@ -282,9 +190,9 @@ class RadosReservationStore:
         self._create()
         self._watch_lost = False
         cookie = ctypes.c_uint64()
-        _check(lib.rados_watch3(self._ioctx, self._oid, ctypes.byref(cookie), self._watch_cb,
-                                self._watch_error_cb, WATCH_TIMEOUT, None),
-               f"watching {self.name}")
+        check(lib.rados_watch3(self._ioctx, self._oid, ctypes.byref(cookie), self._watch_cb,
+                               self._watch_error_cb, WATCH_TIMEOUT, None),
+              f"watching {self.name}")
         self._cookie = int(cookie.value)
 
     def _create(self) -> None:
@@ -293,13 +201,13 @@ class RadosReservationStore:
         assert lib is not None
         op = lib.rados_create_write_op()
         try:
-            lib.rados_write_op_create(op, _CREATE_EXCLUSIVE, None)
+            lib.rados_write_op_create(op, CREATE_EXCLUSIVE, None)
             lib.rados_write_op_setxattr(op, VERSION_XATTR, b"0", 1)
             ret = lib.rados_write_op_operate(op, self._ioctx, self._oid, None, 0)
         finally:
             lib.rados_release_write_op(op)
         if ret != -errno.EEXIST:
-            _check(ret, f"creating {self.name}")
+            check(ret, f"creating {self.name}")
 
     def _read(self) -> Snapshot:
         lib = self._lib
@@ -310,7 +218,7 @@ class RadosReservationStore:
             ret = lib.rados_read(self._ioctx, self._oid, buf, size, 0)
             if ret == -errno.ENOENT:
                 return Snapshot(0, None)
-            _check(ret, f"reading {self.name}")
+            check(ret, f"reading {self.name}")
             if ret < size or size >= MAX_DOCUMENT:
                 break
             size *= 4
@@ -327,7 +235,7 @@ class RadosReservationStore:
         data = (version + 1).to_bytes(_HEADER, "big") + document
         op = lib.rados_create_write_op()
         try:
-            lib.rados_write_op_cmpxattr(op, VERSION_XATTR, _CMPXATTR_EQ, expected,
+            lib.rados_write_op_cmpxattr(op, VERSION_XATTR, CMPXATTR_EQ, expected,
                                         len(expected))
             lib.rados_write_op_write_full(op, data, len(data))
             lib.rados_write_op_setxattr(op, VERSION_XATTR, following, len(following))
@@ -336,7 +244,7 @@ class RadosReservationStore:
             lib.rados_release_write_op(op)
         if ret in (-errno.ECANCELED, -errno.ENOENT, -errno.ENODATA):
             raise StaleVersion(f"{self.name} is no longer at version {version}")
-        _check(ret, f"updating {self.name}")
+        check(ret, f"updating {self.name}")
 
     def _notify(self, version: int) -> None:
         """Tell every watcher; return once all have acknowledged or been dropped."""
@@ -421,7 +329,7 @@ async def remove_state(pool: str, object_name: str, *, conf: str = DEFAULT_CONF,
         assert lib is not None
         ret = lib.rados_remove(store._ioctx, store._oid)
         if ret != -errno.ENOENT:
-            _check(ret, f"removing {store.name}")
+            check(ret, f"removing {store.name}")
 
     try:
         await asyncio.to_thread(remove)

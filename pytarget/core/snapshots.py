@@ -13,18 +13,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .unit import UnitGeometry
 
-class QuiescedUnit(Protocol):
+
+class QuiescedUnit(UnitGeometry, Protocol):
     """What an observer learns of the logical unit."""
-
-    @property
-    def lun(self) -> int: ...
-
-    @property
-    def nblocks(self) -> int: ...
-
-    @property
-    def block_size(self) -> int: ...
 
 
 class QuiescedObserver(Protocol):

@@ -41,6 +41,7 @@ from ..core import sense as S
 from ..core.cdb import be16
 from ..core.sense import SenseError
 from ..core.table import SanitizeAction
+from ..core.unit import UnitGeometry
 
 if TYPE_CHECKING:
     from ..backstore.base import Backstore, Capabilities
@@ -54,15 +55,9 @@ RECOMMENDED_TIMEOUT = 24 * 3600  # seconds (REPORT SUPPORTED OPERATION CODES, RC
 CHUNK_BYTES = 1 << 20
 
 
-class LogicalUnit(Protocol):
+class LogicalUnit(UnitGeometry, Protocol):
     """What a sanitize needs of its logical unit (`scsi.device.LogicalUnit` implements it)."""
 
-    @property
-    def lun(self) -> int: ...
-    @property
-    def nblocks(self) -> int: ...
-    @property
-    def block_size(self) -> int: ...
     @property
     def thin(self) -> bool: ...
     @property

@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pytarget.backstore.rbd import remove_image
 
 from ..caw_stress import run_stress
 from ..ceph_cluster import CephCluster
-from ..conftest import TARGET_IQN, LiveTarget, run, start_target
+from ..conftest import LiveTarget, gateway_targets, run
 from .test_rbd_target import rbd_lun
 
 pytestmark = [pytest.mark.ceph, pytest.mark.slow]
@@ -37,23 +36,12 @@ LOOPS = 60
 @pytest.fixture
 def gateways(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[list[LiveTarget]]:
     image = f"caw-{uuid.uuid4().hex[:12]}"
-    lun = rbd_lun(ceph_cluster, 0, image)
-    config = tmp_path / "pytarget.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateways": [{"name": "gw1", "portals": ["127.0.0.1:0"]},
-                     {"name": "gw2", "portals": ["127.0.0.1:0"]}],
-        "targets": [{"name": TARGET_IQN, "luns": [lun]}]}, sort_keys=False))
-    started: list[LiveTarget] = []
     try:
-        for name in ("gw1", "gw2"):
-            started.append(start_target(config, "--gateway", name, log_name=f"{name}.log"))
-        yield started
+        with gateway_targets(tmp_path, [rbd_lun(ceph_cluster, 0, image)]) as started:
+            yield started
     finally:
-        for target in started:
-            target.stop()
         with contextlib.suppress(FileNotFoundError):  # never created: start failed
-            run(remove_image(ceph_cluster.pool, image, conf=str(ceph_cluster.conf),
-                             keyring=str(ceph_cluster.keyring), client_id=ceph_cluster.client_id))
+            run(remove_image(ceph_cluster.pool, image, **ceph_cluster.client))
 
 
 def test_counter_is_exact_across_two_gateways(gateways: list[LiveTarget]) -> None:

@@ -13,18 +13,17 @@ import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from pytarget.backstore.rbd import remove_image
 from pytarget.cluster.rados import remove_state
 from pytarget.initiator.client import Initiator
 
 from ..ceph_cluster import CephCluster
-from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, run, start_target
+from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, gateway_targets, run
 from ..e2e.test_odx import cdb, populate, rrti, write_using_token, wut_params
+from .test_rbd_target import rbd_lun
 
 pytestmark = pytest.mark.ceph
 
@@ -35,27 +34,15 @@ SOURCE, DESTINATION = 0, 1
 @pytest.fixture
 def gateways(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[list[LiveTarget]]:
     prefix = f"odx-{uuid.uuid4().hex[:12]}"
-    client: dict[str, Any] = {"conf": str(ceph_cluster.conf),
-                              "keyring": str(ceph_cluster.keyring),
-                              "client_id": ceph_cluster.client_id}
-    luns = [{"id": n, "backstore": "rbd", "pool": ceph_cluster.pool, "image": f"{prefix}-{n}",
-             "size": "64MiB", **client,
-             "reservations": {"store": "rados", "pool": ceph_cluster.pool,
-                              "object": f"{prefix}-{n}.reservations", **client}}
+    client = ceph_cluster.client
+    luns = [rbd_lun(ceph_cluster, n, f"{prefix}-{n}",
+                    reservations={"store": "rados", "pool": ceph_cluster.pool,
+                                  "object": f"{prefix}-{n}.reservations", **client})
             for n in (SOURCE, DESTINATION)]
-    config = tmp_path / "pytarget.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateways": [{"name": "gw1", "portals": ["127.0.0.1:0"]},
-                     {"name": "gw2", "portals": ["127.0.0.1:0"]}],
-        "targets": [{"name": TARGET_IQN, "luns": luns}]}, sort_keys=False))
-    started: list[LiveTarget] = []
     try:
-        for name in ("gw1", "gw2"):
-            started.append(start_target(config, "--gateway", name, log_name=f"{name}.log"))
-        yield started
+        with gateway_targets(tmp_path, luns) as started:
+            yield started
     finally:
-        for target in started:
-            target.stop()
         for n in (SOURCE, DESTINATION):
             for suffix in (".reservations", ".reservations.tokens"):
                 run(remove_state(ceph_cluster.pool, f"{prefix}-{n}{suffix}", **client))

@@ -25,7 +25,15 @@ from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, run, star
 from ..conftest import write_config as write_target_config
 from ..e2e.test_odx import populate, write_using_token
 from ..e2e.test_reload import pytarget
-from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
+from ..libiscsi import (
+    ISCSI_TEST_CU,
+    SUITES_COPY,
+    SUITES_PR,
+    SUITES_REMOVABLE,
+    SUITES_SBC,
+    assert_clean,
+    run_suite,
+)
 
 pytestmark = pytest.mark.ceph
 
@@ -36,27 +44,13 @@ OBJECT_BLOCKS = 4 * MiB // BS  # librbd's default object, in blocks
 # The LUNs: every libiscsi family gets a LUN of its own, as the file tests give it a target.
 SBC, READONLY, REMOVABLE, MULTIPATH, PR, COPY, FILE, OWN, BIG_BLOCKS = range(9)
 
-SUITES_SBC = [
-    "Inquiry", "Mandatory", "ModeSense6", "Prefetch10", "Prefetch16", "Read6", "Read10",
-    "Read12", "Read16", "ReadCapacity10", "ReadCapacity16", "ReportSupportedOpcodes",
-    "TestUnitReady", "Verify10", "Verify12", "Verify16", "Write10", "Write12", "Write16",
-    "WriteVerify10", "WriteVerify12", "WriteVerify16", "OrWrite", "ReadDefectData10",
-    "ReadDefectData12", "iSCSIcmdsn", "iSCSIdatasn", "iSCSIResiduals", "iSCSITMF",
-    "Unmap", "WriteSame10", "WriteSame16", "GetLBAStatus", "CompareAndWrite",
-]
-SUITES_REMOVABLE = ["StartStopUnit", "NoMedia", "PreventAllow"]
-SUITES_PR = ["PrinReadKeys", "PrinServiceactionRange", "PrinReportCapabilities",
-             "ProutRegister", "ProutReserve", "ProutClear", "ProutPreempt", "Reserve6"]
-SUITES_COPY = ["ExtendedCopy", "ReceiveCopyResults"]
-
 needs_libiscsi = pytest.mark.skipif(ISCSI_TEST_CU is None,
                                     reason="iscsi-test-cu (libiscsi-bin) not installed")
 
 
 def rbd_lun(cluster: CephCluster, lun: int, image: str, **extra: Any) -> dict[str, Any]:
     return {"id": lun, "backstore": "rbd", "pool": cluster.pool, "image": image,
-            "conf": str(cluster.conf), "keyring": str(cluster.keyring),
-            "client_id": cluster.client_id, "size": "64MiB", **extra}
+            **cluster.client, "size": "64MiB", **extra}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, start_target, write_config
-from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
+from ..libiscsi import ISCSI_TEST_CU, SUITES_REMOVABLE, SUITES_SBC, assert_clean, run_suite
 from ..xfs import xfs_mount
 
 pytestmark = [
@@ -36,15 +36,6 @@ LUNS = [
     {"id": 3, "path": "lun3.img", "size": "64MiB"},
 ]
 
-SUITES_LUN0 = [
-    "Inquiry", "Mandatory", "ModeSense6", "Prefetch10", "Prefetch16", "Read6", "Read10",
-    "Read12", "Read16", "ReadCapacity10", "ReadCapacity16", "ReportSupportedOpcodes",
-    "TestUnitReady", "Verify10", "Verify12", "Verify16", "Write10", "Write12", "Write16",
-    "WriteVerify10", "WriteVerify12", "WriteVerify16", "OrWrite", "ReadDefectData10",
-    "ReadDefectData12", "iSCSIcmdsn", "iSCSIdatasn", "iSCSIResiduals", "iSCSITMF",
-    "Unmap", "WriteSame10", "WriteSame16", "GetLBAStatus", "CompareAndWrite",
-]
-SUITES_REMOVABLE = ["StartStopUnit", "NoMedia", "PreventAllow"]
 SUITES_READONLY = ["ReadOnly"]
 
 
@@ -61,7 +52,7 @@ def conformance_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Liv
     target.stop()
 
 
-@pytest.mark.parametrize("suite", SUITES_LUN0)
+@pytest.mark.parametrize("suite", SUITES_SBC)
 def test_suite(conformance_target: LiveTarget, suite: str) -> None:
     assert_clean(run_suite(suite, conformance_target.url(0), INITIATOR1, INITIATOR2))
 

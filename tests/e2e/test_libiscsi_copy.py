@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 
 from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, start_target, write_config
-from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
+from ..libiscsi import ISCSI_TEST_CU, SUITES_COPY, assert_clean, run_suite
 
 pytestmark = [
     pytest.mark.libiscsi,
     pytest.mark.skipif(ISCSI_TEST_CU is None, reason="iscsi-test-cu (libiscsi-bin) not installed"),
 ]
-
-SUITES = ["ExtendedCopy", "ReceiveCopyResults"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +31,7 @@ def copy_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTarget
     target.stop()
 
 
-@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("suite", SUITES_COPY)
 def test_suite(copy_target: LiveTarget, suite: str) -> None:
     assert_clean(run_suite(suite, copy_target.url(0), INITIATOR1, INITIATOR2))
 

@@ -9,12 +9,10 @@ gateway's nexuses; it is expected to fail, and noticed if it starts to pass."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import yaml
 
-from ..conftest import INITIATOR1, INITIATOR2, TARGET_IQN, LiveTarget, start_target
+from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, gateway_targets
 from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
 
 pytestmark = [
@@ -27,28 +25,13 @@ pytestmark = [
 # written.
 MULTIPATH_LUNS = {"whole": 1, "Simple": 2, "CompareAndWrite": 3, "CompareAndWriteAsync": 4,
                   "Reset": 5}
-CONFIG = {
-    "gateways": [{"name": "gw1", "portals": ["127.0.0.1:0"]},
-                 {"name": "gw2", "portals": ["127.0.0.1:0"]}],
-    "targets": [{"name": TARGET_IQN, "luns": [
-        {"id": n, "path": f"lun{n}.img", "size": "64MiB"} for n in range(6)
-    ]}],
-}
+LUNS = [{"id": n, "path": f"lun{n}.img", "size": "64MiB"} for n in range(6)]
 
 
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LiveTarget]]:
-    directory: Path = tmp_path_factory.mktemp("gateways")
-    config = directory / "pytarget.yaml"
-    config.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
-    started: list[LiveTarget] = []
-    try:
-        for name in ("gw1", "gw2"):
-            started.append(start_target(config, "--gateway", name, log_name=f"{name}.log"))
+    with gateway_targets(tmp_path_factory.mktemp("gateways"), LUNS) as started:
         yield started
-    finally:
-        for target in started:
-            target.stop()
 
 
 @pytest.mark.parametrize("suite", ["Inquiry", "ReportSupportedOpcodes"])

@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 
 from ..conftest import INITIATOR1, INITIATOR2, LiveTarget, start_target, write_config
-from ..libiscsi import ISCSI_TEST_CU, assert_clean, run_suite
+from ..libiscsi import ISCSI_TEST_CU, SUITES_PR, assert_clean, run_suite
 
 pytestmark = [
     pytest.mark.libiscsi,
     pytest.mark.skipif(ISCSI_TEST_CU is None, reason="iscsi-test-cu (libiscsi-bin) not installed"),
-]
-
-SUITES = [
-    "PrinReadKeys", "PrinServiceactionRange", "PrinReportCapabilities", "ProutRegister",
-    "ProutReserve", "ProutClear", "ProutPreempt", "Reserve6",
 ]
 
 
@@ -30,6 +25,6 @@ def pr_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTarget]:
     target.stop()
 
 
-@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("suite", SUITES_PR)
 def test_pr_suite(pr_target: LiveTarget, suite: str) -> None:
     assert_clean(run_suite(suite, pr_target.url(0), INITIATOR1, INITIATOR2))
