@@ -4,7 +4,8 @@ source; the package stays pure Python wherever that cannot be done.
 `python3 -m pip install .` compiles the modules in `COMPILED` (a C compiler and the Python
 headers are needed; mypy comes in as a build requirement). If compiling fails, or for an
 editable install (`pip install -e .`, whose in-tree extensions would shadow the sources being
-edited), or with PYTARGET_PURE=1, the same package installs as pure Python. What compiling
+edited), or with PYTARGET_PURE=1, the same package installs as pure Python;
+PYTARGET_COMPILE=required makes a failure to compile an error instead (tools/build-compiled). What compiling
 gains and what it asks of the code: docs/performance.md, "Compiled data path".
 """
 
@@ -28,9 +29,14 @@ COMPILED = [
     "pytarget/iscsi/session.py",
     "pytarget/iscsi/datain.py",
     "pytarget/iscsi/dataout.py",
+    "pytarget/iscsi/params.py",
+    "pytarget/iscsi/bounds.py",
     "pytarget/core/task.py",
     "pytarget/core/locks.py",
     "pytarget/core/cdb.py",
+    "pytarget/core/buffers.py",
+    "pytarget/core/stats.py",
+    "pytarget/core/sense.py",
     "pytarget/scsi/device.py",
     "pytarget/scsi/sbc.py",
     "pytarget/backstore/file.py",
@@ -65,6 +71,8 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # a compiler error, missing headers: install pure Python
+            if os.environ.get("PYTARGET_COMPILE") == "required":
+                raise
             self.warn(f"pytarget: compiling the data path failed ({exc}); "
                       "installing it as pure Python")
             for ext in self.extensions:
@@ -83,6 +91,8 @@ def _extensions() -> list[object]:
 
         return list(mypycify(COMPILED, opt_level="3", group_name="pytarget_native"))
     except (Exception, SystemExit) as exc:  # mypyc missing, or refusing the source
+        if os.environ.get("PYTARGET_COMPILE") == "required":
+            raise
         print(f"pytarget: not compiled ({exc!r}); installing pure Python", file=sys.stderr)
         return []
 
