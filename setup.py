@@ -5,8 +5,9 @@ source; the package stays pure Python wherever that cannot be done.
 headers are needed; mypy comes in as a build requirement). If compiling fails, or for an
 editable install (`pip install -e .`, whose in-tree extensions would shadow the sources being
 edited), or with PYTARGET_PURE=1, the same package installs as pure Python;
-PYTARGET_COMPILE=required makes a failure to compile an error instead (tools/build-compiled). What compiling
-gains and what it asks of the code: docs/performance.md, "Compiled data path".
+PYTARGET_COMPILE=required makes a failure to compile an error instead (tools/build-compiled).
+What compiling gains: docs/performance.md, "The compiled data path"; what it asks of the
+code: docs/architecture.md, "The compiled data path".
 """
 
 from __future__ import annotations
