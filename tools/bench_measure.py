@@ -28,6 +28,14 @@ from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STRIDE_BLOCKS = 104729  # a prime: a stride that visits the LUN in scattered order
+STEP_MAX = (1 << 31) - 1  # qemu-img bench takes a step of at most INT_MAX bytes
+
+
+def stride_blocks(size: int) -> int:
+    """The scattered writes' stride in commands of `size` bytes: STRIDE_BLOCKS where the step
+    fits qemu-img bench's limit (4 KiB), else STRIDE_BLOCKS modulo the commands that fit, an
+    odd number as STRIDE_BLOCKS is (64 KiB: 6,425; 1 MiB: 281)."""
+    return STRIDE_BLOCKS % (STEP_MAX // size + 1)
 
 QEMU_START = re.compile(r"Sending \d+ (?:read|write) requests")
 QEMU_END = re.compile(r"Run completed in ([0-9.]+) seconds")
@@ -236,7 +244,7 @@ def qemu_bench_argv(url: str, size: int, depth: int, scattered: bool, count: int
     if offset:
         argv += ["-o", str(offset)]
     if scattered:
-        argv += ["-S", str(STRIDE_BLOCKS * size)]
+        argv += ["-S", str(stride_blocks(size) * size)]
     return argv + [url]
 
 
