@@ -354,16 +354,37 @@ lun0_via() {
   done < <(iscsi_devices)
 }
 
-# wait_for_paths COUNT: wait up to 30 s for COUNT disk paths to LUN 0; die when they do not
-# come.
-wait_for_paths() {
+# discover_each / login_each: SendTargets discovery through each portal of the caller's
+# `portals` array / a login to $TARGET_IQN through each; one that fails ends the script.
+discover_each() {
+  local p
+  for p in "${portals[@]}"; do
+    check "discovery through $p" iscsiadm -m discovery -t sendtargets -p "$p" \
+      || die "discovery through $p failed"
+  done
+}
+login_each() {
+  local p
+  for p in "${portals[@]}"; do
+    check "login through $p" iscsiadm -m node -T "$TARGET_IQN" -p "$p" --login \
+      || die "login through $p failed"
+  done
+}
+
+# two_paths: wait up to 30 s for LUN 0's two disk paths and name them: sd1 through the first
+# portal (gateway 1), sd2 through the second.
+two_paths() {
   local paths=0 end=$((SECONDS + 30))
   while ((SECONDS < end)); do
     paths=$(iscsi_devices | awk '$1 == 0 && $3 == 0 && $4 != "-"' | wc -l)
-    ((paths >= $1)) && break
+    ((paths >= 2)) && break
     sleep 0.2
   done
-  ((paths >= $1)) || die "LUN 0 has $paths path(s), expected $1"
+  ((paths >= 2)) || die "LUN 0 has $paths path(s), expected 2"
+  udevadm settle
+  sd1=$(lun0_via "${portals[0]##*:}") sd2=$(lun0_via "${portals[1]##*:}")
+  echo "LUN 0: $sd1 through gateway 1, $sd2 through gateway 2"
+  [[ -n $sd1 && -n $sd2 ]] || die "cannot tell the two paths apart"
 }
 
 # alua_devices NO_PATH_RETRY: the multipath.conf `devices` section for pytarget's disks behind

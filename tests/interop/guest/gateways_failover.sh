@@ -29,20 +29,11 @@ step "multipath.conf: ALUA priorities, paths grouped by priority, I/O queued wit
 check "multipathd reconfigure" multipathd reconfigure
 
 step "discovery and login through each gateway (replacement_timeout $REPLACEMENT_TIMEOUT s)"
-for p in "${portals[@]}"; do
-  check "discovery through $p" iscsiadm -m discovery -t sendtargets -p "$p"
-done
+discover_each
 check "replacement_timeout" iscsiadm -m node -T "$TARGET_IQN" -o update \
   -n node.session.timeo.replacement_timeout -v "$REPLACEMENT_TIMEOUT"
-for p in "${portals[@]}"; do
-  check "login through $p" iscsiadm -m node -T "$TARGET_IQN" -p "$p" --login
-done
-wait_for_paths 2
-udevadm settle
-
-sd1=$(lun0_via "${portals[0]##*:}") sd2=$(lun0_via "${portals[1]##*:}")
-echo "LUN 0: $sd1 through gateway 1, $sd2 through gateway 2"
-[[ -n $sd1 && -n $sd2 ]] || die "cannot tell the two paths apart"
+login_each
+two_paths
 
 step "ALUA states: gateway 1 owns LUN 0"
 expect_states active/optimized active/non-optimized

@@ -20,20 +20,11 @@ alua_devices 12 >>/etc/multipath.conf
 check "multipathd reconfigure" multipathd reconfigure
 
 step "discovery through each gateway, one login each (${portals[*]})"
-for p in "${portals[@]}"; do
-  check "discovery through $p" iscsiadm -m discovery -t sendtargets -p "$p"
-done
-for p in "${portals[@]}"; do
-  check "login through $p" iscsiadm -m node -T "$TARGET_IQN" -p "$p" --login
-done
+discover_each
+login_each
 run iscsiadm -m session
-wait_for_paths 2
+two_paths
 iscsi_devices
-udevadm settle
-
-sd1=$(lun0_via "${portals[0]##*:}") sd2=$(lun0_via "${portals[1]##*:}")
-echo "LUN 0: $sd1 through gateway 1, $sd2 through gateway 2"
-[[ -n $sd1 && -n $sd2 ]] || die "cannot tell the two paths apart"
 
 step "ALUA states: gateway 1 owns LUN 0"
 expect_states active/optimized active/non-optimized

@@ -25,12 +25,8 @@ PR_TYPE_TEXT="Write Exclusive"   # type 1, in sg_persist's words
 klog0=$(dmesg_lines)
 
 step "discovery through each gateway, one login each (${portals[*]})  [t=$(t)s]"
-for p in "${portals[@]}"; do
-  check "discovery through $p" iscsiadm -m discovery -t sendtargets -p "$p" || die "discovery"
-done
-for p in "${portals[@]}"; do
-  check "login through $p" iscsiadm -m node -T "$TARGET_IQN" -p "$p" --login || die "login"
-done
+discover_each
+login_each
 
 end=$((SECONDS + 30))
 while ((SECONDS < end)); do
