@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from pytarget.backstore.rbd import RBD_FEATURE_EXCLUSIVE_LOCK, remove_image
+from pytarget.backstore.rbd import RBD_FEATURE_EXCLUSIVE_LOCK
 from pytarget.config import load
 from pytarget.control import request, socket_path
 from pytarget.initiator.client import CommandResult, Initiator
 
 from ..ceph_cluster import CephCluster
 from ..conftest import INITIATOR1, TARGET_IQN, LiveTarget, run, start_target
+from ..interop.gateways import gateway_pair, rbd_client, rbd_image
 
 pytestmark = pytest.mark.ceph
 
@@ -71,30 +71,10 @@ def wait_for(what: str, predicate: Any) -> Any:
 def failover_setup(ceph_cluster: CephCluster, tmp_path: Path, image_name: str
                    ) -> Iterator[tuple[Path, list[LiveTarget]]]:
     lun = {"id": 0, "backstore": "rbd", "pool": ceph_cluster.pool, "image": image_name,
-           "conf": str(ceph_cluster.conf), "keyring": str(ceph_cluster.keyring),
-           "client_id": ceph_cluster.client_id, "size": "64MiB"}
-    config = tmp_path / "pytarget.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateways": [{"name": "gw1", "portals": ["127.0.0.1:0"]},
-                     {"name": "gw2", "portals": ["127.0.0.1:0"]}],
-        "failover": {"timeout": 3, "heartbeat": 0.5},
-        "targets": [{"name": TARGET_IQN, "luns": [lun]}]}, sort_keys=False))
-    started: list[LiveTarget] = []
-    try:
-        for name in ("gw1", "gw2"):
-            started.append(start_target(config, "--gateway", name, log_name=f"{name}.log"))
-        yield config, started
-    finally:
-        for target in started:
-            target.stop()
-        run(remove_image(ceph_cluster.pool, image_name, conf=str(ceph_cluster.conf),
-                         keyring=str(ceph_cluster.keyring)))
-        cluster = ceph_cluster.connect()
-        try:
-            with cluster.open_ioctx(ceph_cluster.pool) as ioctx:
-                ioctx.remove_object(f"pytarget.owner.{image_name}")
-        finally:
-            cluster.shutdown()
+           **rbd_client(ceph_cluster), "size": "64MiB"}
+    with rbd_image(ceph_cluster, image_name, owner_record=True), \
+            gateway_pair(tmp_path, [lun], failover={"timeout": 3, "heartbeat": 0.5}) as started:
+        yield started[0].config, started
 
 
 def record(cluster: CephCluster, image: str) -> tuple[dict[str, Any], dict[str, Any]]:

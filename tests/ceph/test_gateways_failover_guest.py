@@ -6,7 +6,7 @@ SIGKILL, then starts it again (tests/interop/guest/gateways_failover.sh, one gue
 The guest says when to kill (host_sync kill, a few seconds into fio's writes) and when to
 restart (host_sync restart, after fsck); this side kills, restarts on the same port (the
 guest's forward points at it) and acknowledges. The longest I/O the guest measured is printed.
-The script is a part of tests/interop/lane.py's GATEWAYS boot.
+The script is a part of tests/interop/lane.py's shared boot.
 
 Skipped when ../shared/interop/linux-initiator is missing or cannot run here.
 """
@@ -26,7 +26,7 @@ import yaml
 
 from ..conftest import LiveTarget, start_target
 from ..interop.gateways import gateway_pair, rbd_client, rbd_image
-from ..interop.lane import GATEWAYS, PartContext, PartOutcome, PartPlan
+from ..interop.lane import GUEST, PartContext, PartOutcome, PartPlan
 from ..interop.run import GuestPart
 
 pytestmark = [pytest.mark.ceph, pytest.mark.interop, pytest.mark.slow]
@@ -75,7 +75,7 @@ def _failover(context: PartContext) -> Iterator[PartPlan]:
                                  multipath=True, target_log=started[0].log), state)
 
 
-guest_failover = GATEWAYS.part("failover", _failover)
+guest_failover = GUEST.part("failover", _failover)
 
 
 def takeover(log: str) -> list[tuple[float, str]]:

@@ -1,6 +1,7 @@
-"""Two `pytarget serve --gateway` processes of one configuration, for the guest's gateway parts
-(lane.py's GATEWAYS boot): test_gateways_multipath.py, test_gateways_pr.py and
-tests/ceph/test_gateways_failover_guest.py."""
+"""Two `pytarget serve --gateway` processes of one configuration, and the RBD image they
+serve, for the gateway parts of lane.py's shared boot (test_gateways_multipath.py,
+test_gateways_pr.py, tests/ceph/test_gateways_failover_guest.py) and for
+tests/ceph/test_gateway_failover.py."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ configuration file with different --gateway (docs/guides/scale-out.md): the gues
 `multipath -ll` shows an active/optimized and an active/non-optimized path group, and when the
 host moves the LUN to the other gateway (owner changed, both gateways reloaded) the kernel sees
 the states swap and I/O through the map goes on (tests/interop/guest/gateways_multipath.sh, a
-part of lane.py's GATEWAYS boot).
+part of lane.py's shared boot).
 
 Skipped when ../shared/interop/linux-initiator is missing or cannot run here.
 """
@@ -20,7 +20,7 @@ from pytarget.config import load
 from pytarget.control import request, socket_path
 
 from .gateways import gateway_pair
-from .lane import GATEWAYS, PartContext, PartOutcome, PartPlan
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GuestPart
 from .test_linux_initiator import target_trouble
 
@@ -49,7 +49,7 @@ def _multipath(context: PartContext) -> Iterator[PartPlan]:
                                  target_log=gateways[0].log), (gateways, changes))
 
 
-guest_multipath = GATEWAYS.part("multipath", _multipath)
+guest_multipath = GUEST.part("multipath", _multipath)
 
 
 def test_alua_path_groups_and_an_ownership_move(guest_multipath: PartOutcome) -> None:

@@ -4,7 +4,7 @@ whose reservations live in RADOS, both on the session's throw-away Ceph cluster
 it has two I_T nexuses to LUN 0. Write Exclusive taken through gateway 1 makes the WRITE of the
 unregistered nexus through gateway 2 end in RESERVATION CONFLICT; PREEMPT through gateway 2
 reaches gateway 1's nexus as UNIT ATTENTION, REGISTRATIONS PREEMPTED, and sg_persist through
-gateway 1 then reports the new keys and holder. A part of lane.py's GATEWAYS boot.
+gateway 1 then reports the new keys and holder. A part of lane.py's shared boot.
 
 Skipped when ../shared/interop/linux-initiator is missing or cannot run here, or Ceph is not
 installed.
@@ -22,7 +22,7 @@ from pytarget.cluster.rados import remove_state
 
 from ..conftest import run
 from .gateways import gateway_pair, rbd_client, rbd_image
-from .lane import GATEWAYS, PartContext, PartOutcome, PartPlan
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GuestPart
 from .test_linux_initiator import target_trouble
 
@@ -48,7 +48,7 @@ def _gateways_pr(context: PartContext) -> Iterator[PartPlan]:
                                  target_log=gateways[0].log), gateways)
 
 
-guest_gateways_pr = GATEWAYS.part("gateways_pr", _gateways_pr)
+guest_gateways_pr = GUEST.part("gateways_pr", _gateways_pr)
 
 
 def test_reservation_and_preempt_across_gateways(guest_gateways_pr: PartOutcome) -> None:

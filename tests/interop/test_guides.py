@@ -5,7 +5,7 @@ target's YAML), `guest NAME` (commands on the Linux host), `host NAME` (commands
 host). The VM tests start pytarget with the guide's configuration (only the portals and the
 size change), hand the guide's guest blocks unchanged to tests/interop/guest/guide_linux.sh,
 which runs them in order with checks in between, and run the host blocks here when the guest
-asks for them (`host_sync NAME`). Two parts of lane.py's GUIDES boot, each with a target of its
+asks for them (`host_sync NAME`). Two parts of lane.py's shared boot, each with a target of its
 own: single path (CHAP, fstrim, growing the LUN) and multipath over two portals. Without the
 harness only the guide's structure is checked.
 """
@@ -28,7 +28,7 @@ import yaml
 from pytarget.config import parse
 
 from ..conftest import REPO, LiveTarget, start_target
-from .lane import GUIDES, PartContext, PartOutcome, PartPlan
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GUEST_DIR, GuestPart, GuestRun
 from .test_linux_initiator import target_trouble
 
@@ -113,7 +113,7 @@ def _ports(target: LiveTarget, count: int) -> list[int]:
 
 
 def guide_part(part: str, multipath: bool = False) -> Any:
-    """guide_linux.sh's GUIDE_PART `part` against the guide's target, as a part of the GUIDES
+    """guide_linux.sh's GUIDE_PART `part` against the guide's target, as a part of the shared
     boot (under the guide's initiator name); the test gets the target and the initiator."""
     @contextmanager
     def setup(context: PartContext) -> Iterator[PartPlan]:
@@ -134,7 +134,7 @@ def guide_part(part: str, multipath: bool = False) -> Any:
                            (target, initiator), initiator_iqn=initiator)
         finally:
             target.stop()
-    return GUIDES.part(f"guide_{part}", setup)
+    return GUEST.part(f"guide_{part}", setup)
 
 
 guest_guide_single = guide_part("single")

@@ -1,9 +1,9 @@
 """The Linux kernel initiator (open-iscsi, sg3_utils, ext4) against a live pytarget.
 
 Each script of tests/interop/guest/ here has its own target, started on an ephemeral loopback
-port with fresh sparse backing files in a directory of its own; all of them run in ONE boot of
-the linux-initiator guest (lane.py's INITIATOR boot, tests/interop/run.py), one after the other,
-and each test asserts on its own script's exit status; a failure message carries the script's
+port with fresh sparse backing files in a directory of its own; they run one after the other in
+the one boot of the linux-initiator guest that every guest test shares (lane.py, run.py), and
+each test asserts on its own script's exit status; a failure message carries the script's
 stdout tail, the guest kernel log tail of its run and the target log tail.  Outputs stay in the
 boot's directory, one subdirectory per script.  Under TCG emulation the fs, unmap and caw
 scripts take about three minutes together; the copy-offload and reservation ones (xcopy.sh,
@@ -25,7 +25,7 @@ import pytest
 
 from ..conftest import LiveTarget, start_target, write_config
 from ..xfs import xfs_mount
-from .lane import INITIATOR, PartContext, PartOutcome, PartPlan
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GuestPart, GuestRun
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -44,14 +44,14 @@ def running(directory: Path, luns: list[dict[str, Any]]) -> Iterator[LiveTarget]
 
 def target_part(name: str, script: str, luns: list[dict[str, Any]], timeout: int,
                 env: Mapping[str, str] | None = None) -> Any:
-    """A part of the INITIATOR boot: SCRIPT against a target of its own with `luns` (paths
+    """A part of the shared boot: SCRIPT against a target of its own with `luns` (paths
     relative to the part's directory); the test gets the `LiveTarget` as the outcome's state."""
     @contextmanager
     def setup(context: PartContext) -> Iterator[PartPlan]:
         with running(context.directory, luns) as target:
             yield PartPlan(GuestPart(name, script, [target.port], target.iqn, timeout,
                                      env=env or {}, target_log=target.log), target)
-    return INITIATOR.part(name, setup)
+    return GUEST.part(name, setup)
 
 
 def allocated(path: Path) -> int:
@@ -116,7 +116,7 @@ def _unmap(context: PartContext) -> Iterator[PartPlan]:
                        (target, sizes))
 
 
-guest_unmap = INITIATOR.part("unmap", _unmap)
+guest_unmap = GUEST.part("unmap", _unmap)
 
 
 def test_thin_provisioning(guest_unmap: PartOutcome) -> None:
@@ -240,7 +240,7 @@ def _sanitize(context: PartContext) -> Iterator[PartPlan]:
                                  target_log=target.log), target)
 
 
-guest_sanitize = INITIATOR.part("sanitize", _sanitize)
+guest_sanitize = GUEST.part("sanitize", _sanitize)
 
 
 def test_sanitize_and_write_atomic(guest_sanitize: PartOutcome) -> None:

@@ -18,7 +18,7 @@ operator would use:
 
 Between the marks the guest logs in a second time (another initiator name), mounts A's LUN
 read-only, finds the files synced before A intact and A's file system clean after its journal
-replay. fio's own verify pass must succeed at the end. The script is a part of lane.py's GUIDES
+replay. fio's own verify pass must succeed at the end. The script is a part of lane.py's shared
 boot; on its own boot it took 165 s at a load average of 3.5 to 7 on the 2-core TCG machine,
 180 s at 8, 275 s at 10.
 """
@@ -41,7 +41,7 @@ import pytest
 from ..conftest import TARGET_IQN, LiveTarget, start_target, write_config
 from ..e2e.test_snapshots import free_bytes, nbd_port, qemu, snapshot_cli
 from ..xfs import xfs_mount
-from .lane import GUIDES, PartContext, PartOutcome, PartPlan
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GuestPart
 from .test_linux_initiator import _assert_passed
 
@@ -108,7 +108,7 @@ def _snapshots(context: PartContext) -> Iterator[PartPlan]:
             target.stop()
 
 
-guest_snapshot = GUIDES.part("snapshot", _snapshots)
+guest_snapshot = GUEST.part("snapshot", _snapshots)
 
 
 def nbd_opts(port: int, snapshot: str, **extra: str) -> str:
