@@ -6,6 +6,7 @@ SIGKILL, then starts it again (tests/interop/guest/gateways_failover.sh, one gue
 The guest says when to kill (host_sync kill, a few seconds into fio's writes) and when to
 restart (host_sync restart, after fsck); this side kills, restarts on the same port (the
 guest's forward points at it) and acknowledges. The longest I/O the guest measured is printed.
+The script is a part of tests/interop/lane.py's shared boot.
 
 Skipped when ../shared/interop/linux-initiator is missing or cannot run here.
 """
@@ -15,17 +16,18 @@ from __future__ import annotations
 import re
 import signal
 import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 import pytest
 import yaml
 
-from pytarget.backstore.rbd import remove_image
-
-from ..ceph_cluster import CephCluster
-from ..conftest import TARGET_IQN, LiveTarget, run, start_target
-from ..interop.run import run_guest, unavailable
+from ..conftest import LiveTarget, start_target
+from ..interop.gateways import gateway_pair, rbd_client, rbd_image
+from ..interop.lane import GUEST, PartContext, PartOutcome, PartPlan
+from ..interop.run import GuestPart
 
 pytestmark = [pytest.mark.ceph, pytest.mark.interop, pytest.mark.slow]
 
@@ -33,36 +35,47 @@ FAILOVER = {"timeout": 4, "heartbeat": 1}
 REPLACEMENT_TIMEOUT = 6  # > failover timeout + heartbeat: retries find gw2 fenced or fencing
 
 
-@pytest.fixture
-def gateways(ceph_cluster: CephCluster, tmp_path: Path, image_name: str
-             ) -> Iterator[tuple[Path, list[LiveTarget]]]:
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    lun = {"id": 0, "backstore": "rbd", "pool": ceph_cluster.pool, "image": image_name,
-           "conf": str(ceph_cluster.conf), "keyring": str(ceph_cluster.keyring),
-           "client_id": ceph_cluster.client_id, "size": "128MiB"}
-    config = tmp_path / "pytarget.yaml"
-    doc = {"gateways": [{"name": "gw1", "portals": ["127.0.0.1:0"]},
-                        {"name": "gw2", "portals": ["127.0.0.1:0"]}],
-           "failover": FAILOVER, "targets": [{"name": TARGET_IQN, "luns": [lun]}]}
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
-    started: list[LiveTarget] = []
-    try:
-        for name in ("gw1", "gw2"):
-            started.append(start_target(config, "--gateway", name, log_name=f"{name}.log"))
-        yield config, started
-    finally:
-        for target in started:
-            target.stop()
-        run(remove_image(ceph_cluster.pool, image_name, conf=str(ceph_cluster.conf),
-                         keyring=str(ceph_cluster.keyring)))
-        handle = ceph_cluster.connect()
-        try:
-            with handle.open_ioctx(ceph_cluster.pool) as ioctx:
-                ioctx.remove_object(f"pytarget.owner.{image_name}")
-        finally:
-            handle.shutdown()
+@dataclass
+class Failover:
+    """The gateways (gw1, gw2, then gw1 started again) and when the host killed gw1."""
+
+    started: list[LiveTarget]
+    killed: list[float] = field(default_factory=list)
+
+    def kill(self) -> None:
+        self.killed.append(time.time())
+        self.started[0].stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        # the same port: the guest's forward and its session's portal point at it
+        gw1 = self.started[0]
+        doc = yaml.safe_load(gw1.config.read_text())
+        doc["gateways"][0]["portals"] = [f"127.0.0.1:{gw1.port}"]
+        gw1.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        again = start_target(gw1.config, "--gateway", "gw1", log_name="gw1-again.log")
+        self.started.append(again)
+        assert again.port == gw1.port
+
+
+@contextmanager
+def _failover(context: PartContext) -> Iterator[PartPlan]:
+    ceph_cluster = context.fixture("ceph_cluster")
+    image = f"img-{uuid.uuid4().hex[:12]}"
+    lun = {"id": 0, "backstore": "rbd", "pool": ceph_cluster.pool, "image": image,
+           **rbd_client(ceph_cluster), "size": "128MiB"}
+    with ExitStack() as stack:
+        stack.enter_context(rbd_image(ceph_cluster, image, owner_record=True))
+        started = stack.enter_context(gateway_pair(context.directory, [lun],
+                                                   failover=FAILOVER))
+        state = Failover(started)
+        yield PartPlan(GuestPart("failover", "gateways_failover.sh",
+                                 [target.port for target in started], started[0].iqn, 900,
+                                 env={"REPLACEMENT_TIMEOUT": str(REPLACEMENT_TIMEOUT)},
+                                 marks={"kill": state.kill, "restart": state.restart},
+                                 multipath=True, target_log=started[0].log), state)
+
+
+guest_failover = GUEST.part("failover", _failover)
 
 
 def takeover(log: str) -> list[tuple[float, str]]:
@@ -76,30 +89,9 @@ def takeover(log: str) -> list[tuple[float, str]]:
     return out
 
 
-def test_owner_killed_under_fio_on_ext4_then_it_rejoins(
-        gateways: tuple[Path, list[LiveTarget]], tmp_path: Path) -> None:
-    config, started = gateways
-    gw1, gw2 = started
-
-    killed: list[float] = []
-
-    def kill() -> None:
-        killed.append(time.time())
-        gw1.stop(signal.SIGKILL)
-
-    def restart() -> None:
-        # the same port: the guest's forward and its session's portal point at it
-        doc = yaml.safe_load(config.read_text())
-        doc["gateways"][0]["portals"] = [f"127.0.0.1:{gw1.port}"]
-        config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        again = start_target(config, "--gateway", "gw1", log_name="gw1-again.log")
-        started.append(again)
-        assert again.port == gw1.port
-
-    result = run_guest(gw1, "gateways_failover.sh", tmp_path / "guest-out", timeout=900,
-                       marks={"kill": kill, "restart": restart},
-                       env={"REPLACEMENT_TIMEOUT": str(REPLACEMENT_TIMEOUT)},
-                       extra_args=["-p", str(gw2.port), "--multipath"])
+def test_owner_killed_under_fio_on_ext4_then_it_rejoins(guest_failover: PartOutcome) -> None:
+    result, state = guest_failover.run, guest_failover.state
+    gw2, killed = state.started[1], state.killed
     stall = result.text("stall.txt").strip()
     print(f"\n{stall}\nguest run: {result.wall:.0f} s; marks at {result.marks}")
     if killed:

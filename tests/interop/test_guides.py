@@ -5,8 +5,9 @@ target's YAML), `guest NAME` (commands on the Linux host), `host NAME` (commands
 host). The VM tests start pytarget with the guide's configuration (only the portals and the
 size change), hand the guide's guest blocks unchanged to tests/interop/guest/guide_linux.sh,
 which runs them in order with checks in between, and run the host blocks here when the guest
-asks for them (`host_sync NAME`). Two runs: single path (CHAP, fstrim, growing the LUN) and
-multipath over two portals. Without the harness only the guide's structure is checked.
+asks for them (`host_sync NAME`). Two parts of lane.py's shared boot, each with a target of its
+own: single path (CHAP, fstrim, growing the LUN) and multipath over two portals. Without the
+harness only the guide's structure is checked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,8 @@ import yaml
 from pytarget.config import parse
 
 from ..conftest import REPO, LiveTarget, start_target
-from .run import GUEST_DIR, GuestRun, run_guest, unavailable
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
+from .run import GUEST_DIR, GuestPart, GuestRun
 from .test_linux_initiator import target_trouble
 
 GUIDE = REPO / "docs" / "guides" / "linux-open-iscsi.md"
@@ -109,33 +112,33 @@ def _ports(target: LiveTarget, count: int) -> list[int]:
     raise AssertionError(f"the target did not listen on {count} portals:\n{target.log_text()}")
 
 
-@pytest.fixture
-def guide_target(tmp_path: Path) -> Iterator[tuple[LiveTarget, list[int], str]]:
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    doc, initiator = guide_config(tmp_path)
-    config = tmp_path / "pytarget.yaml"
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
-    target = start_target(config)
-    try:
-        yield target, _ports(target, len(doc["portals"])), initiator
-    finally:
-        target.stop()
+def guide_part(part: str, multipath: bool = False) -> Any:
+    """guide_linux.sh's GUIDE_PART `part` against the guide's target, as a part of the shared
+    boot (under the guide's initiator name); the test gets the target and the initiator."""
+    @contextmanager
+    def setup(context: PartContext) -> Iterator[PartPlan]:
+        doc, initiator = guide_config(context.directory)
+        config = context.directory / "pytarget.yaml"
+        config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        steps = context.directory / "guide-steps.sh"
+        write_steps(steps)
+        env = _pytarget_shim(context.directory)
+        target = start_target(config)
+        try:
+            target.iqn = doc["targets"][0]["name"]
+            marks = {} if multipath else {"grow": lambda: _host_block("grow", config, env)}
+            yield PartPlan(GuestPart(f"guide_{part}", "guide_linux.sh",
+                                     _ports(target, len(doc["portals"])), target.iqn, 480,
+                                     env={"GUIDE_PART": part}, files=[steps], marks=marks,
+                                     multipath=multipath, target_log=target.log),
+                           (target, initiator), initiator_iqn=initiator)
+        finally:
+            target.stop()
+    return GUEST.part(f"guide_{part}", setup)
 
 
-def _run(target: LiveTarget, ports: list[int], initiator: str, tmp_path: Path, part: str,
-         marks: dict[str, Any] | None = None, multipath: bool = False) -> GuestRun:
-    steps = tmp_path / "guide-steps.sh"
-    write_steps(steps)
-    extra = ["--initiator-iqn", initiator]
-    for port in ports[1:]:
-        extra += ["-p", str(port)]
-    if multipath:
-        extra.append("--multipath")
-    target.iqn = guide_config(tmp_path)[0]["targets"][0]["name"]
-    return run_guest(target, "guide_linux.sh", tmp_path / f"guest-{part}", timeout=480,
-                     env={"GUIDE_PART": part}, files=[steps], marks=marks, extra_args=extra)
+guest_guide_single = guide_part("single")
+guest_guide_multipath = guide_part("multipath", multipath=True)
 
 
 def _assert_ok(run: GuestRun, target: LiveTarget) -> None:
@@ -150,16 +153,12 @@ def _assert_ok(run: GuestRun, target: LiveTarget) -> None:
 
 @pytest.mark.interop
 @pytest.mark.slow
-def test_linux_guide_single_path(guide_target: tuple[LiveTarget, list[int], str],
-                                 tmp_path: Path) -> None:
+def test_linux_guide_single_path(guest_guide_single: PartOutcome) -> None:
     """Discovery and login with CHAP, the disk, ext4 and fstrim, growing the LUN while it is
     mounted, logout — the guide's commands exactly."""
-    target, ports, initiator = guide_target
-    env = _pytarget_shim(tmp_path)
-    run = _run(target, ports, initiator, tmp_path, "single",
-               marks={"grow": lambda: _host_block("grow", target.config, env)})
+    run, (target, initiator) = guest_guide_single.run, guest_guide_single.state
     _assert_ok(run, target)
-    assert (tmp_path / "disk0.img").stat().st_size == 6 << 30
+    assert (target.config.parent / "disk0.img").stat().st_size == 6 << 30
     log = target.log_text()
     assert f"login: {initiator} normal session" in log
     assert "reload: target iqn.2026-11.io.pytarget:disk LUN 0 grown from 4GiB to 6GiB" in log
@@ -167,11 +166,9 @@ def test_linux_guide_single_path(guide_target: tuple[LiveTarget, list[int], str]
 
 @pytest.mark.interop
 @pytest.mark.slow
-def test_linux_guide_multipath(guide_target: tuple[LiveTarget, list[int], str],
-                               tmp_path: Path) -> None:
+def test_linux_guide_multipath(guest_guide_multipath: PartOutcome) -> None:
     """Both portals, one session each, one dm-multipath map with two paths, I/O through it,
     a path down and back — the guide's commands exactly."""
-    target, ports, initiator = guide_target
-    run = _run(target, ports, initiator, tmp_path, "multipath", multipath=True)
+    run, (target, initiator) = guest_guide_multipath.run, guest_guide_multipath.state
     _assert_ok(run, target)
     assert target.log_text().count(f"login: {initiator} normal session") >= 3

@@ -1,12 +1,14 @@
 """The Linux kernel initiator (open-iscsi, sg3_utils, ext4) against a live pytarget.
 
-Each test starts its own target on an ephemeral loopback port with fresh sparse backing files
-in tmp_path, boots the linux-initiator guest (tests/interop/run.py) with one script from
-tests/interop/guest/ and asserts on the script's exit status; a failure message carries the
-script's stdout tail, the guest kernel log tail and the target log tail.  All outputs stay in
-tmp_path/guest-out.  Under TCG emulation the fs, unmap and caw tests take about three minutes
-together; the copy-offload and reservation tests (xcopy.sh, odx.sh, pr.sh) about four more:
-they move 128 MiB of random data through the emulated guest, which is what costs the time.
+Each script of tests/interop/guest/ here has its own target, started on an ephemeral loopback
+port with fresh sparse backing files in a directory of its own; they run one after the other in
+the one boot of the linux-initiator guest that every guest test shares (lane.py, run.py), and
+each test asserts on its own script's exit status; a failure message carries the script's
+stdout tail, the guest kernel log tail of its run and the target log tail.  Outputs stay in the
+boot's directory, one subdirectory per script.  Under TCG emulation the fs, unmap and caw
+scripts take about three minutes together; the copy-offload and reservation ones (xcopy.sh,
+odx.sh, pr.sh) about four more: they move 128 MiB of random data through the emulated guest,
+which is what costs the time.
 
 Skipped when ../shared/interop/linux-initiator is missing or cannot run here.
 """
@@ -14,7 +16,8 @@ Skipped when ../shared/interop/linux-initiator is missing or cannot run here.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +25,33 @@ import pytest
 
 from ..conftest import LiveTarget, start_target, write_config
 from ..xfs import xfs_mount
-from .run import GuestRun, run_guest, unavailable
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
+from .run import GuestPart, GuestRun
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def _harness_available() -> None:
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-
-
-def _target(tmp_path: Path, luns: list[dict[str, Any]]) -> Iterator[LiveTarget]:
-    target = start_target(write_config(tmp_path, luns=luns))
+@contextmanager
+def running(directory: Path, luns: list[dict[str, Any]]) -> Iterator[LiveTarget]:
+    target = start_target(write_config(directory, luns=luns))
     try:
         yield target
     finally:
         target.stop()
+
+
+def target_part(name: str, script: str, luns: list[dict[str, Any]], timeout: int,
+                env: Mapping[str, str] | None = None) -> Any:
+    """A part of the shared boot: SCRIPT against a target of its own with `luns` (paths
+    relative to the part's directory); the test gets the `LiveTarget` as the outcome's state."""
+    @contextmanager
+    def setup(context: PartContext) -> Iterator[PartPlan]:
+        with running(context.directory, luns) as target:
+            yield PartPlan(GuestPart(name, script, [target.port], target.iqn, timeout,
+                                     env=env or {}, target_log=target.log), target)
+    return GUEST.part(name, setup)
 
 
 def allocated(path: Path) -> int:
@@ -71,16 +81,14 @@ FS_LUNS = [
 ]
 
 
-@pytest.fixture
-def fs_target(tmp_path: Path) -> Iterator[LiveTarget]:
-    yield from _target(tmp_path, FS_LUNS)
+guest_fs = target_part("fs", "fs.sh", FS_LUNS, timeout=360)
 
 
-def test_ext4_without_and_with_digests(fs_target: LiveTarget, tmp_path: Path) -> None:
+def test_ext4_without_and_with_digests(guest_fs: PartOutcome) -> None:
     """Foundation acceptance: discovery, login, 200 MiB of files on ext4 verified across a
     cold remount, fsck; then a CRC32C header+data digest session re-reads them and writes
     and verifies a smaller round on the second LUN."""
-    run = run_guest(fs_target, "fs.sh", tmp_path / "guest-out", timeout=360)
+    run, fs_target = guest_fs.run, guest_fs.state
     _assert_passed(run, fs_target)
     if "negotiated DataDigest: CRC32C" not in run.stdout:
         pytest.fail("the digest round did not run\n" + run.report(), pytrace=False)
@@ -94,12 +102,24 @@ UNMAP_LUNS = [
 ]
 
 
-@pytest.fixture
-def unmap_target(tmp_path: Path) -> Iterator[LiveTarget]:
-    yield from _target(tmp_path, UNMAP_LUNS)
+@contextmanager
+def _unmap(context: PartContext) -> Iterator[PartPlan]:
+    backing = context.directory / "thin-fs.img"
+    with running(context.directory, UNMAP_LUNS) as target:
+        sizes = {"before": allocated(backing)}
+
+        def at_written() -> None:
+            sizes["written"] = allocated(backing)
+        yield PartPlan(GuestPart("unmap", "unmap.sh", [target.port], target.iqn, 300,
+                                 env={"UNMAP_MB": str(UNMAP_FS_MB)},
+                                 marks={"written": at_written}, target_log=target.log),
+                       (target, sizes))
 
 
-def test_thin_provisioning(unmap_target: LiveTarget, tmp_path: Path) -> None:
+guest_unmap = GUEST.part("unmap", _unmap)
+
+
+def test_thin_provisioning(guest_unmap: PartOutcome) -> None:
     """UNMAP / WRITE SAME / GET LBA STATUS / discard limits seen by the Linux initiator, and
     fstrim on ext4 giving the space of deleted files back to the host.
 
@@ -112,15 +132,8 @@ def test_thin_provisioning(unmap_target: LiveTarget, tmp_path: Path) -> None:
       dropped = written - after, must be >= 90% of UNMAP_FS_MB MiB (only the files' blocks
                were freed; metadata and the journal stay allocated)
     """
-    backing = tmp_path / "thin-fs.img"
-    sizes: dict[str, int] = {"before": allocated(backing)}
-
-    def at_written() -> None:
-        sizes["written"] = allocated(backing)
-
-    run = run_guest(unmap_target, "unmap.sh", tmp_path / "guest-out", timeout=300,
-                    env={"UNMAP_MB": str(UNMAP_FS_MB)}, marks={"written": at_written})
-    sizes["after"] = allocated(backing)
+    run, (unmap_target, sizes) = guest_unmap.run, guest_unmap.state
+    sizes["after"] = allocated(unmap_target.config.parent / "thin-fs.img")
     summary = ", ".join(f"{k}={v / MiB:.1f} MiB" for k, v in sizes.items())
     problems = [] if run.ok else ["guest script failed"]
     if "written" not in sizes:
@@ -148,16 +161,13 @@ CAW_LUNS = [
 ]
 
 
-@pytest.fixture
-def caw_target(tmp_path: Path) -> Iterator[LiveTarget]:
-    yield from _target(tmp_path, CAW_LUNS)
+guest_caw = target_part("caw", "caw.sh", CAW_LUNS, timeout=240)
 
 
-def test_compare_and_write(caw_target: LiveTarget, tmp_path: Path) -> None:
+def test_compare_and_write(guest_caw: PartOutcome) -> None:
     """sg_compare_and_write: a matching compare writes; a stale one fails with MISCOMPARE
     (exit status 14), sense INFORMATION = offset of the first differing byte, block intact."""
-    run = run_guest(caw_target, "caw.sh", tmp_path / "guest-out", timeout=240)
-    _assert_passed(run, caw_target)
+    _assert_passed(guest_caw.run, guest_caw.state)
 
 
 # -------------------------------------------------------------------------------- xcopy.sh
@@ -169,19 +179,16 @@ XCOPY_LUNS = [
 ]
 
 
-@pytest.fixture
-def xcopy_target(tmp_path: Path) -> Iterator[LiveTarget]:
-    yield from _target(tmp_path, XCOPY_LUNS)
+guest_xcopy = target_part("xcopy", "xcopy.sh", XCOPY_LUNS, timeout=420,
+                          env={"XCOPY_MB": str(COPY_MB), "XCOPY_SMALL_MB": str(XCOPY_SMALL_MB)})
 
 
-def test_extended_copy(xcopy_target: LiveTarget, tmp_path: Path) -> None:
+def test_extended_copy(guest_xcopy: PartOutcome) -> None:
     """EXTENDED COPY(LID1): sg_xcopy copies 128 MiB of random data LUN to LUN with --on_dst and
     with --on_src, 128 MiB within one LUN, and ddpt --xcopy 128 MiB LUN to LUN; every destination
     range reads back equal to the source (cmp, O_DIRECT).  VPD 8Fh and RECEIVE COPY OPERATING
     PARAMETERS are shown and checked for the descriptors the tools use."""
-    run = run_guest(xcopy_target, "xcopy.sh", tmp_path / "guest-out", timeout=420,
-                    env={"XCOPY_MB": str(COPY_MB), "XCOPY_SMALL_MB": str(XCOPY_SMALL_MB)})
-    _assert_passed(run, xcopy_target)
+    _assert_passed(guest_xcopy.run, guest_xcopy.state)
 
 
 # -------------------------------------------------------------------------------- odx.sh
@@ -191,55 +198,54 @@ ODX_LUNS = [
 ]
 
 
-@pytest.fixture
-def odx_target(tmp_path: Path) -> Iterator[LiveTarget]:
-    yield from _target(tmp_path, ODX_LUNS)
+guest_odx = target_part("odx", "odx.sh", ODX_LUNS, timeout=360,
+                        env={"ODX_MB": str(COPY_MB), "ODX_ZERO_MB": "64"})
 
 
-def test_odx_token_copy(odx_target: LiveTarget, tmp_path: Path) -> None:
+def test_odx_token_copy(guest_odx: PartOutcome) -> None:
     """ODX: POPULATE TOKEN of 128 MiB of random data on one LUN, WRITE USING TOKEN into the
     other, RECEIVE ROD TOKEN INFORMATION after each; the destination reads back equal, the
     deleted token is refused (TOKEN DELETED) and the block device zero ROD token writes zeros.
     The guest's ddpt --odx is tried too; ddpt 0.97's misplaced range descriptors (see odx.sh)
     must be rejected with LOGICAL BLOCK ADDRESS OUT OF RANGE."""
-    run = run_guest(odx_target, "odx.sh", tmp_path / "guest-out", timeout=360,
-                    env={"ODX_MB": str(COPY_MB), "ODX_ZERO_MB": "64"})
-    _assert_passed(run, odx_target)
+    _assert_passed(guest_odx.run, guest_odx.state)
 
 
 # -------------------------------------------------------------------------------- pr.sh
 PR_LUNS = [{"id": 0, "path": "pr.img", "size": "64MiB"}]
 
 
-@pytest.fixture
-def pr_target(tmp_path: Path) -> Iterator[LiveTarget]:
-    yield from _target(tmp_path, PR_LUNS)
+guest_pr = target_part("pr", "pr.sh", PR_LUNS, timeout=240)
 
 
-def test_persistent_reservations(pr_target: LiveTarget, tmp_path: Path) -> None:
+def test_persistent_reservations(guest_pr: PartOutcome) -> None:
     """sg_persist over three I_T nexuses (three open-iscsi ifaces, three initiator names):
     register, Write Exclusive - Registrants Only, writes allowed to the holder and a registrant
     and refused (RESERVATION CONFLICT) to an unregistered nexus that may still read, preempt with
     REGISTRATIONS PREEMPTED to the preempted nexus, clear; keys, PRGENERATION and the reservation
     checked after every step."""
-    run = run_guest(pr_target, "pr.sh", tmp_path / "guest-out", timeout=240)
-    _assert_passed(run, pr_target)
+    _assert_passed(guest_pr.run, guest_pr.state)
 
 
 # -------------------------------------------------------------------------------- sanitize.sh
-@pytest.fixture
-def sanitize_target(tmp_path: Path) -> Iterator[LiveTarget]:
-    with xfs_mount(tmp_path) as xfs:
-        yield from _target(tmp_path, [
+@contextmanager
+def _sanitize(context: PartContext) -> Iterator[PartPlan]:
+    with ExitStack() as stack:
+        xfs = stack.enter_context(xfs_mount(context.directory))
+        target = stack.enter_context(running(context.directory, [
             {"id": 0, "path": "sanitize.img", "size": "64MiB", "sanitize_rate": "4MiB"},
             {"id": 1, "path": str(xfs / "atomic.img"), "size": "64MiB"},
-        ])
+        ]))
+        yield PartPlan(GuestPart("sanitize", "sanitize.sh", [target.port], target.iqn, 540,
+                                 target_log=target.log), target)
 
 
-def test_sanitize_and_write_atomic(sanitize_target: LiveTarget, tmp_path: Path) -> None:
+guest_sanitize = GUEST.part("sanitize", _sanitize)
+
+
+def test_sanitize_and_write_atomic(guest_sanitize: PartOutcome) -> None:
     """sg_sanitize OVERWRITE (waiting, and --early polled to completion with sg_requests
     --progress, a READ meanwhile refused with SANITIZE IN PROGRESS) and BLOCK ERASE (both ways),
     the data read back as the pattern / as zeros, CRYPTOGRAPHIC ERASE rejected; sg_raw WRITE
     ATOMIC(16) within the advertised length succeeds and beyond it is rejected."""
-    run = run_guest(sanitize_target, "sanitize.sh", tmp_path / "guest-out", timeout=540)
-    _assert_passed(run, sanitize_target)
+    _assert_passed(guest_sanitize.run, guest_sanitize.state)

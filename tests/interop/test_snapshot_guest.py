@@ -18,8 +18,9 @@ operator would use:
 
 Between the marks the guest logs in a second time (another initiator name), mounts A's LUN
 read-only, finds the files synced before A intact and A's file system clean after its journal
-replay. fio's own verify pass must succeed at the end. One boot: 165 s at a load average of 3.5
-to 7 on the 2-core TCG machine, 180 s at 8, 275 s at 10.
+replay. fio's own verify pass must succeed at the end. The script is a part of lane.py's shared
+boot; on its own boot it took 165 s at a load average of 3.5 to 7 on the 2-core TCG machine,
+180 s at 8, 275 s at 10.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -38,36 +41,74 @@ import pytest
 from ..conftest import TARGET_IQN, LiveTarget, start_target, write_config
 from ..e2e.test_snapshots import free_bytes, nbd_port, qemu, snapshot_cli
 from ..xfs import xfs_mount
-from .run import run_guest, unavailable
+from .lane import GUEST, PartContext, PartOutcome, PartPlan
+from .run import GuestPart
 from .test_linux_initiator import _assert_passed
 
-pytestmark = [pytest.mark.interop, pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("qemu-img") is None,
-                                 reason="qemu-utils (qemu-img) not installed")]
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 MiB = 1 << 20
 LUN_SIZE = 48 * MiB  # small: the guest reads all of snapshot A (3.5 MiB/s at load 8)
 OVERWRITTEN = 1 * MiB  # keep/k0, rewritten in place by the guest after snapshot A
 
 
-@pytest.fixture(autouse=True)
-def _harness_available() -> None:
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
+@dataclass
+class Snapshots:
+    """The part's target on its XFS and what the host did at the guest's marks."""
+
+    target: LiveTarget
+    xfs: Path
+    port: int  # the NBD server's
+    full: Path  # the full backup of snapshot A
+    took: dict[str, float] = field(default_factory=dict)
+    found: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def export(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{TARGET_IQN}/0"
+
+    def timed(self, what: str, *command: str) -> str:
+        start = time.monotonic()
+        out = (snapshot_cli(self.target.config, *command) if command[0] != "qemu-img"
+               else qemu(*command))
+        self.took[what] = time.monotonic() - start
+        return out
+
+    def at_snap_a(self) -> None:
+        out = self.timed("create A", "create", "A", "0")
+        assert "(reflink)" in out, out
+        self.timed("expose A as LUN 1", "expose", "0@A", "--lun", "1")
+        self.timed("expose A over NBD", "expose", "0@A", "--nbd")
+        self.timed("full backup of A", "qemu-img", "convert", "-f", "raw", "-O", "raw",
+                   f"{self.export}@A", str(self.full))
+
+    def at_snap_b(self) -> None:
+        self.timed("create B", "create", "B", "0")
+        self.timed("expose B over NBD", "expose", "0@B", "--nbd")
+        self.found["full equals A"] = filecmp.cmp(
+            self.full, self.xfs / "live.img.snapshots" / "A", shallow=False)
 
 
-@pytest.fixture
-def xfs_target(tmp_path: Path) -> Iterator[tuple[LiveTarget, Path]]:
-    with xfs_mount(tmp_path, 768 * MiB) as xfs:
-        config = write_config(tmp_path, luns=[
+@contextmanager
+def _snapshots(context: PartContext) -> Iterator[PartPlan]:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-utils (qemu-img) not installed")
+    with xfs_mount(context.directory, 768 * MiB) as xfs:
+        config = write_config(context.directory, luns=[
             {"id": 0, "path": str(xfs / "live.img"), "size": f"{LUN_SIZE // MiB}MiB"}],
             nbd="127.0.0.1:0")
         target = start_target(config)
         try:
-            yield target, xfs
+            state = Snapshots(target, xfs, nbd_port(target), context.directory / "full-A.raw")
+            yield PartPlan(GuestPart("snapshot", "snapshot.sh", [target.port], target.iqn, 420,
+                                     marks={"snap-a": state.at_snap_a,
+                                            "snap-b": state.at_snap_b},
+                                     target_log=target.log), state)
         finally:
             target.stop()
+
+
+guest_snapshot = GUEST.part("snapshot", _snapshots)
 
 
 def nbd_opts(port: int, snapshot: str, **extra: str) -> str:
@@ -104,38 +145,12 @@ def holds(target: LiveTarget, path: Path) -> bool:
     return any(name.removesuffix(" (deleted)") == str(path) for name in names)
 
 
-def test_snapshots_of_a_guest_writing_ext4(xfs_target: tuple[LiveTarget, Path],
-                                           tmp_path: Path) -> None:
-    target, xfs = xfs_target
-    config = target.config
-    port = nbd_port(target)
-    export = f"nbd://127.0.0.1:{port}/{TARGET_IQN}/0"
-    full = tmp_path / "full-A.raw"
+def test_snapshots_of_a_guest_writing_ext4(guest_snapshot: PartOutcome, tmp_path: Path) -> None:
+    run, state = guest_snapshot.run, guest_snapshot.state
+    target, xfs, port, full = state.target, state.xfs, state.port, state.full
+    config, export, took, found, timed = (target.config, state.export, state.took, state.found,
+                                          state.timed)
     snapshot_a = xfs / "live.img.snapshots" / "A"
-    took: dict[str, float] = {}
-    found: dict[str, bool] = {}
-
-    def timed(what: str, *command: str) -> str:
-        start = time.monotonic()
-        out = snapshot_cli(config, *command) if command[0] != "qemu-img" else qemu(*command)
-        took[what] = time.monotonic() - start
-        return out
-
-    def at_snap_a() -> None:
-        out = timed("create A", "create", "A", "0")
-        assert "(reflink)" in out, out
-        timed("expose A as LUN 1", "expose", "0@A", "--lun", "1")
-        timed("expose A over NBD", "expose", "0@A", "--nbd")
-        timed("full backup of A", "qemu-img", "convert", "-f", "raw", "-O", "raw",
-              f"{export}@A", str(full))
-
-    def at_snap_b() -> None:
-        timed("create B", "create", "B", "0")
-        timed("expose B over NBD", "expose", "0@B", "--nbd")
-        found["full equals A"] = filecmp.cmp(full, snapshot_a, shallow=False)
-
-    run = run_guest(target, "snapshot.sh", tmp_path / "guest-out", timeout=420,
-                    marks={"snap-a": at_snap_a, "snap-b": at_snap_b})
     if set(run.marks) != {"snap-a", "snap-b"} or run.mark_errors:
         pytest.fail(f"the guest reached the marks {sorted(run.marks)}; "
                     f"{'; '.join(run.mark_errors)}\n{run.report()}", pytrace=False)
@@ -152,7 +167,7 @@ def test_snapshots_of_a_guest_writing_ext4(xfs_target: tuple[LiveTarget, Path],
     compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(restored),
                                f"{export}@B"], capture_output=True, text=True, timeout=300)
     found["full + incremental equals B"] = compared.returncode == 0
-    # the guest is gone, nothing writes: what deleting A gives back is what only A held
+    # the script is over, nothing writes: what deleting A gives back is what only A held
     timed("unexpose A", "unexpose", "0@A")
     snapshot_cli(config, "unexpose", "0@A", "--nbd")
     before = free_bytes(xfs)

@@ -1,5 +1,4 @@
-# common.sh - helpers shared by pytarget's guest scripts (fs.sh, unmap.sh, caw.sh, xcopy.sh,
-# odx.sh, pr.sh).
+# common.sh - helpers shared by pytarget's guest scripts (tests/interop/guest/*.sh).
 # Sourced after the harness's lib.sh; passed into the guest with
 #   linux-initiator run -f tests/interop/guest/common.sh ... SCRIPT
 # and found there as "$FILES_DIR/common.sh".
@@ -76,15 +75,16 @@ report_kernel_errors() {
 
 # host_sync NAME [TIMEOUT]: when the host asked for it (HOST_SYNC=1), create
 # $OUT_DIR/mark.NAME and wait up to TIMEOUT seconds (default 60) for the host to answer
-# with $FILES_DIR/ack.NAME.  Both directories live on the harness's 9p job share, so the
-# host sees the mark while the guest is still running.  Without HOST_SYNC it does nothing.
+# with $OUT_DIR/ack.NAME.  $OUT_DIR lives on the harness's 9p job share, so the host sees the
+# mark while the guest is still running; each part of a shared boot has its own $OUT_DIR, so
+# two parts may use the same NAME.  Without HOST_SYNC it does nothing.
 host_sync() {
   local name=$1 limit=${2:-60} end
   [[ ${HOST_SYNC:-0} == 1 ]] || return 0
   sync
   : >"$OUT_DIR/mark.$name"
   end=$((SECONDS + limit))
-  while [[ ! -e $FILES_DIR/ack.$name ]]; do
+  while [[ ! -e $OUT_DIR/ack.$name ]]; do
     if ((SECONDS >= end)); then
       fail "host did not acknowledge mark '$name' within ${limit}s"
       return 1
@@ -218,4 +218,233 @@ expect_range() {
   fail "$what: $mib MiB at $off MiB of $dev differ from $ref (at $roff MiB) in ${#bad[@]} of $RANGE_PARTS" \
        "parts of $per MiB: $(printf '%s; ' "${bad[@]}")"
   return 1
+}
+
+# ---------------------------------------------------------------- persistent reservations
+# (pr.sh, gateways_pr.sh) Each I_T nexus is an sg node; the caller's associative array NAME
+# names them in messages (NAME[/dev/sg1]=A), PR_TYPE_TEXT is sg_persist's name of the type the
+# reservations are taken with (expect_reservation), and `lba` / `bs` the block that io and
+# holds use.
+
+# pr_out SG EXPECT ARGS...: sg_persist -n -o ARGS through SG; EXPECT is good or conflict
+# (RESERVATION CONFLICT: sg3_utils exit status 24).
+pr_out() {
+  local sg=$1 expect=$2 out rc=0
+  shift 2
+  echo "\$ sg_persist -n -o $* $sg   # ${NAME[$sg]}, expect $expect"
+  out=$(sg_persist -n -o "$@" "$sg" 2>&1) || rc=$?
+  [[ -z $out ]] || sed 's/^/    /' <<<"$out"
+  case $expect:$rc in
+    good:0) echo "  -> GOOD" ;;
+    conflict:24) echo "  -> RESERVATION CONFLICT, as expected" ;;
+    *) fail "${NAME[$sg]}: sg_persist -o $*: exit status $rc, expected $expect" ;;
+  esac
+}
+
+# pr_in SG ARGS...: sg_persist -n -i ARGS through SG; output in PR_IN.
+pr_in() {
+  local sg=$1 rc=0
+  shift
+  echo "\$ sg_persist -n -i $* $sg   # ${NAME[$sg]}"
+  PR_IN=$(sg_persist -n -i "$@" "$sg" 2>&1) || rc=$?
+  sed 's/^/    /' <<<"$PR_IN"
+  ((rc == 0)) || fail "${NAME[$sg]}: sg_persist -i $*: exit status $rc"
+  return "$rc"
+}
+
+# pr_generation: the PRGENERATION of the last pr_in (hex, as sg_persist prints it).
+pr_generation() { sed -n 's/.*PR generation=\(0x[0-9a-fA-F]*\).*/\1/p' <<<"$PR_IN" | head -1; }
+
+# expect_keys SG GEN KEY...: READ KEYS through SG lists exactly KEY... with PRGENERATION GEN
+# (decimal).
+expect_keys() {
+  local sg=$1 gen=$2 got want g
+  shift 2
+  pr_in "$sg" -k || return
+  got=$(grep -Eio '^ +0x[0-9a-f]+ *$' <<<"$PR_IN" | tr -d ' ' | tr 'A-F' 'a-f' | sort | tr '\n' ' ')
+  want=$(printf '%s\n' "$@" | sed '/^$/d' | sort | tr '\n' ' ')
+  if [[ $got == "$want" ]]; then echo "  registered keys: ${want:-none}, as expected"
+  else fail "${NAME[$sg]}: READ KEYS: registered keys '${got% }', expected '${want% }'"; fi
+  g=$(pr_generation)
+  if [[ -n $g ]] && ((g == gen)); then echo "  PRGENERATION $gen, as expected"
+  else fail "${NAME[$sg]}: READ KEYS: PRGENERATION ${g:-?}, expected $gen"; fi
+}
+
+# expect_reservation SG KEY|none: READ RESERVATION through SG shows KEY holding an LU_SCOPE
+# reservation of type PR_TYPE_TEXT, or none.
+expect_reservation() {
+  local sg=$1 key=$2 got
+  pr_in "$sg" -r || return
+  if [[ $key == none ]]; then
+    if grep -qi 'NO reservation held' <<<"$PR_IN"; then echo "  no reservation, as expected"
+    else fail "${NAME[$sg]}: READ RESERVATION: a reservation is held, expected none"; fi
+    return
+  fi
+  got=$(sed -n 's/.*Key=\(0x[0-9a-fA-F]*\).*/\1/p' <<<"$PR_IN" | head -1 | tr 'A-F' 'a-f')
+  [[ $got == "$key" ]] || fail "${NAME[$sg]}: READ RESERVATION: key '${got:-none}', expected $key"
+  if grep -Eqi "scope: *LU_SCOPE, *type: *$PR_TYPE_TEXT *\$" <<<"$PR_IN"; then
+    [[ $got == "$key" ]] && echo "  reservation: key $key, LU_SCOPE, $PR_TYPE_TEXT, as expected"
+  else fail "${NAME[$sg]}: READ RESERVATION: not LU_SCOPE, $PR_TYPE_TEXT"; fi
+}
+
+# io SG read|write EXPECT [FILE]: one READ(10)/WRITE(10) of the block at $lba through SG with
+# sg_raw (no retries, the status as the target sent it); EXPECT good or conflict.  A read
+# lands in /tmp/read.bin.
+io() {
+  local sg=$1 op=$2 expect=$3 file=${4:-} cdb out rc=0 status
+  cdb="$(printf '%02x %02x %02x %02x' $((lba >> 24 & 255)) $((lba >> 16 & 255)) $((lba >> 8 & 255)) $((lba & 255))) 00 00 01 00"
+  if [[ $op == write ]]; then
+    echo "\$ sg_raw -s $bs -i $file $sg 2a 00 $cdb   # ${NAME[$sg]} WRITE(10), expect $expect"
+    out=$(sg_raw -s "$bs" -i "$file" "$sg" 2a 00 $cdb 2>&1) || rc=$?
+  else
+    rm -f /tmp/read.bin
+    echo "\$ sg_raw -r $bs -o /tmp/read.bin $sg 28 00 $cdb   # ${NAME[$sg]} READ(10), expect $expect"
+    out=$(sg_raw -r "$bs" -o /tmp/read.bin "$sg" 28 00 $cdb 2>&1) || rc=$?
+  fi
+  status=$(sed -n 's/^SCSI Status: *//p' <<<"$out" | head -1 | sed 's/ *$//')
+  echo "  -> SCSI status '${status:-?}', exit status $rc"
+  case $expect in
+    good) [[ $rc == 0 && $status == Good ]] \
+            || { sed 's/^/    /' <<<"$out"; fail "${NAME[$sg]} ${op^^}: status '${status:-?}' (exit $rc), expected GOOD"; } ;;
+    conflict) [[ $status == "Reservation Conflict" && $rc != 0 ]] \
+            || { sed 's/^/    /' <<<"$out"; fail "${NAME[$sg]} ${op^^}: status '${status:-?}' (exit $rc), expected RESERVATION CONFLICT"; } ;;
+  esac
+}
+
+# holds SG FILE WHAT: the block at $lba, read through SG, equals FILE.
+holds() {
+  io "$1" read good
+  if cmp -s "$2" /tmp/read.bin; then echo "  block $lba holds $3"
+  else fail "block $lba does not hold $3"; fi
+}
+
+# expect_ua SG TEXT|none: TEST UNIT READY through SG ends with UNIT ATTENTION whose additional
+# sense is TEXT (sg3_utils' name of the ASC/ASCQ pair: "Registrations preempted" is 2Ah/05h,
+# "Reservations preempted" 2Ah/03h), or GOOD.
+expect_ua() {
+  local sg=$1 want=$2 out rc=0
+  echo "\$ sg_turs -v $sg   # ${NAME[$sg]}, expect ${want}"
+  out=$(sg_turs -v "$sg" 2>&1) || rc=$?
+  sed 's/^/    /' <<<"$out"
+  if [[ $want == none ]]; then
+    ((rc == 0)) && echo "  -> GOOD, no unit attention" \
+      || fail "${NAME[$sg]}: TEST UNIT READY exit status $rc, expected GOOD (no unit attention)"
+  elif ((rc == 6)) && grep -qi 'Sense key: *Unit Attention' <<<"$out" \
+      && grep -qi "Additional sense: *$want *$" <<<"$out"; then
+    echo "  -> UNIT ATTENTION, $want, as expected"
+  else
+    fail "${NAME[$sg]}: TEST UNIT READY exit status $rc, expected UNIT ATTENTION, $want"
+  fi
+}
+
+# ---------------------------------------------------------------- two gateways, two paths
+# (gateways_multipath.sh, gateways_failover.sh, gateways_pr.sh) One session per gateway, so
+# LUN 0 has a path through each; sd1 and sd2 are the caller's names of the two paths' disks.
+
+# lun0_via PORT [sd|sg]: LUN 0's disk (default) or sg node name through the session to
+# 127.0.0.1:PORT.
+lun0_via() {
+  local lun hctl type sd sg session iface port
+  while read -r lun hctl type sd sg session iface; do
+    [[ $lun == 0 && $sd != - && $sg != - ]] || continue
+    port=$(cat /sys/class/iscsi_session/"$session"/device/connection*/iscsi_connection/*/persistent_port 2>/dev/null | head -n 1)
+    [[ $port == "$1" ]] || continue
+    if [[ ${2:-sd} == sg ]]; then echo "$sg"; else echo "$sd"; fi
+    return
+  done < <(iscsi_devices)
+}
+
+# discover_each / login_each: SendTargets discovery through each portal of the caller's
+# `portals` array / a login to $TARGET_IQN through each; one that fails ends the script.
+discover_each() {
+  local p
+  for p in "${portals[@]}"; do
+    check "discovery through $p" iscsiadm -m discovery -t sendtargets -p "$p" \
+      || die "discovery through $p failed"
+  done
+}
+login_each() {
+  local p
+  for p in "${portals[@]}"; do
+    check "login through $p" iscsiadm -m node -T "$TARGET_IQN" -p "$p" --login \
+      || die "login through $p failed"
+  done
+}
+
+# two_paths: wait up to 30 s for LUN 0's two disk paths and name them: sd1 through the first
+# portal (gateway 1), sd2 through the second.
+two_paths() {
+  local paths=0 end=$((SECONDS + 30))
+  while ((SECONDS < end)); do
+    paths=$(iscsi_devices | awk '$1 == 0 && $3 == 0 && $4 != "-"' | wc -l)
+    ((paths >= 2)) && break
+    sleep 0.2
+  done
+  ((paths >= 2)) || die "LUN 0 has $paths path(s), expected 2"
+  udevadm settle
+  sd1=$(lun0_via "${portals[0]##*:}") sd2=$(lun0_via "${portals[1]##*:}")
+  echo "LUN 0: $sd1 through gateway 1, $sd2 through gateway 2"
+  [[ -n $sd1 && -n $sd2 ]] || die "cannot tell the two paths apart"
+}
+
+# alua_devices NO_PATH_RETRY: the multipath.conf `devices` section for pytarget's disks behind
+# two gateways: the ALUA handler and priorities, paths grouped by priority, failback at once.
+alua_devices() {
+  cat <<EOF
+devices {
+    device {
+        vendor "PYTARGET"
+        product "pytarget disk"
+        hardware_handler "1 alua"
+        prio alua
+        path_grouping_policy group_by_prio
+        path_selector "service-time 0"
+        failback immediate
+        no_path_retry $1
+    }
+}
+EOF
+}
+
+alua_state() { cat "/sys/block/$1/device/access_state" 2>/dev/null; }
+
+# expect_states STATE1 STATE2 [SECONDS]: wait (default 30 s) for the kernel's ALUA states of
+# $sd1 (through gateway 1) and $sd2 (through gateway 2).
+expect_states() {
+  local end=$((SECONDS + ${3:-30}))
+  while ((SECONDS < end)); do
+    [[ $(alua_state "$sd1") == "$1" && $(alua_state "$sd2") == "$2" ]] && break
+    # a command on each path brings its unit attention and the re-read of the port groups
+    sg_turs "/dev/$sd1" >/dev/null 2>&1; sg_turs "/dev/$sd2" >/dev/null 2>&1
+    sleep 0.5
+  done
+  echo "access_state: $sd1 (gateway 1) $(alua_state "$sd1"), $sd2 (gateway 2) $(alua_state "$sd2")"
+  [[ $(alua_state "$sd1") == "$1" ]] || fail "$sd1 through gateway 1 is $(alua_state "$sd1"), not $1"
+  [[ $(alua_state "$sd2") == "$2" ]] || fail "$sd2 through gateway 2 is $(alua_state "$sd2"), not $2"
+}
+
+# expect_groups SD_ACTIVE SD_ENABLED [SECONDS]: multipath -ll shows two path groups, SD_ACTIVE
+# ready in the active one, SD_ENABLED ready in the enabled one (waiting up to SECONDS, 30).
+expect_groups() {
+  local out groups end=$((SECONDS + ${3:-30}))
+  while ((SECONDS < end)); do
+    out=$(multipath -ll 2>/dev/null)
+    groups=$(grep -c 'policy=' <<<"$out")
+    ((groups == 2)) && grep -A1 'status=active' <<<"$out" | grep -q " $1 .*active ready" \
+      && grep -A1 'status=enabled' <<<"$out" | grep -q " $2 .*active ready" && break
+    sleep 0.5
+  done
+  printf '$ multipath -ll\n%s\n' "$out"
+  ((groups == 2)) || fail "multipath -ll shows $groups path group(s), expected 2"
+  grep -A1 'status=active' <<<"$out" | grep -q " $1 .*active ready" \
+    || fail "the active path group does not hold $1 ready"
+  grep -A1 'status=enabled' <<<"$out" | grep -q " $2 .*active ready" \
+    || fail "the enabled path group does not hold $2 ready"
+}
+
+# flush_map MAP: remove the multipath map (udev or multipathd may hold it for a moment).
+flush_map() {
+  local end=$((SECONDS + 20))
+  udevadm settle
+  until multipath -f "$1" 2>/dev/null || ((SECONDS >= end)); do sleep 0.5; done
 }

@@ -22,91 +22,18 @@ FIO_RATE=${FIO_RATE:-16m}
 KILL_AFTER=${KILL_AFTER:-3}
 
 step "multipath.conf: ALUA priorities, paths grouped by priority, I/O queued without paths"
-cat >/etc/multipath.conf <<'EOF'
-defaults {
-    user_friendly_names yes
-    find_multipaths no
-    polling_interval 2
-}
-devices {
-    device {
-        vendor "PYTARGET"
-        product "pytarget disk"
-        hardware_handler "1 alua"
-        prio alua
-        path_grouping_policy group_by_prio
-        path_selector "service-time 0"
-        failback immediate
-        no_path_retry queue
-    }
-}
-EOF
+{
+  printf 'defaults {\n    user_friendly_names yes\n    find_multipaths no\n    polling_interval 2\n}\n'
+  alua_devices queue
+} >/etc/multipath.conf
 check "multipathd reconfigure" multipathd reconfigure
 
 step "discovery and login through each gateway (replacement_timeout $REPLACEMENT_TIMEOUT s)"
-for p in "${portals[@]}"; do
-  check "discovery through $p" iscsiadm -m discovery -t sendtargets -p "$p"
-done
+discover_each
 check "replacement_timeout" iscsiadm -m node -T "$TARGET_IQN" -o update \
   -n node.session.timeo.replacement_timeout -v "$REPLACEMENT_TIMEOUT"
-for p in "${portals[@]}"; do
-  check "login through $p" iscsiadm -m node -T "$TARGET_IQN" -p "$p" --login
-done
-end=$((SECONDS + 30))
-while ((SECONDS < end)); do
-  paths=$(iscsi_devices | awk '$1 == 0 && $3 == 0 && $4 != "-"' | wc -l)
-  ((paths >= 2)) && break
-  sleep 0.2
-done
-((paths >= 2)) || die "LUN 0 has $paths path(s), expected 2"
-udevadm settle
-
-# path_of PORT: the sd device of LUN 0 reached through the session to 127.0.0.1:PORT.
-path_of() {
-  local lun hctl type sd sg session iface port
-  while read -r lun hctl type sd sg session iface; do
-    [[ $lun == 0 && $sd != - ]] || continue
-    port=$(cat /sys/class/iscsi_session/"$session"/device/connection*/iscsi_connection/*/persistent_port 2>/dev/null | head -n 1)
-    [[ $port == "$1" ]] && { echo "$sd"; return; }
-  done < <(iscsi_devices)
-}
-sd1=$(path_of "${portals[0]##*:}") sd2=$(path_of "${portals[1]##*:}")
-echo "LUN 0: $sd1 through gateway 1, $sd2 through gateway 2"
-[[ -n $sd1 && -n $sd2 ]] || die "cannot tell the two paths apart"
-
-state() { cat "/sys/block/$1/device/access_state" 2>/dev/null; }
-
-# expect_states STATE1 STATE2 [SECONDS]: wait for the kernel's ALUA states of the two paths.
-expect_states() {
-  local end=$((SECONDS + ${3:-30}))
-  while ((SECONDS < end)); do
-    [[ $(state "$sd1") == "$1" && $(state "$sd2") == "$2" ]] && break
-    sg_turs "/dev/$sd1" >/dev/null 2>&1; sg_turs "/dev/$sd2" >/dev/null 2>&1
-    sleep 0.5
-  done
-  echo "access_state: $sd1 (gateway 1) $(state "$sd1"), $sd2 (gateway 2) $(state "$sd2")"
-  [[ $(state "$sd1") == "$1" ]] || fail "$sd1 through gateway 1 is $(state "$sd1"), not $1"
-  [[ $(state "$sd2") == "$2" ]] || fail "$sd2 through gateway 2 is $(state "$sd2"), not $2"
-}
-
-# expect_groups SD_ACTIVE SD_ENABLED [SECONDS]: multipath -ll shows two path groups, SD_ACTIVE
-# ready in the active one, SD_ENABLED ready in the enabled one.
-expect_groups() {
-  local out groups end=$((SECONDS + ${3:-30}))
-  while ((SECONDS < end)); do
-    out=$(multipath -ll 2>/dev/null)
-    groups=$(grep -c 'policy=' <<<"$out")
-    ((groups == 2)) && grep -A1 'status=active' <<<"$out" | grep -q " $1 .*active ready" \
-      && grep -A1 'status=enabled' <<<"$out" | grep -q " $2 .*active ready" && break
-    sleep 0.5
-  done
-  printf '$ multipath -ll\n%s\n' "$out"
-  ((groups == 2)) || fail "multipath -ll shows $groups path group(s), expected 2"
-  grep -A1 'status=active' <<<"$out" | grep -q " $1 .*active ready" \
-    || fail "the active path group does not hold $1 ready"
-  grep -A1 'status=enabled' <<<"$out" | grep -q " $2 .*active ready" \
-    || fail "the enabled path group does not hold $2 ready"
-}
+login_each
+two_paths
 
 step "ALUA states: gateway 1 owns LUN 0"
 expect_states active/optimized active/non-optimized
@@ -170,13 +97,13 @@ check "fsck.ext4 -fn: clean" fsck.ext4 -fn "/dev/mapper/$map"
 
 step "gateway 2 owns LUN 0 now"
 end=$((SECONDS + 30))
-until [[ $(state "$sd2") == active/optimized ]] || ((SECONDS >= end)); do
+until [[ $(alua_state "$sd2") == active/optimized ]] || ((SECONDS >= end)); do
   sg_turs "/dev/$sd2" >/dev/null 2>&1
   sleep 0.5
 done
-echo "access_state: $sd2 (gateway 2) $(state "$sd2")"
-[[ $(state "$sd2") == active/optimized ]] \
-  || fail "$sd2 through gateway 2 is $(state "$sd2"), not active/optimized"
+echo "access_state: $sd2 (gateway 2) $(alua_state "$sd2")"
+[[ $(alua_state "$sd2") == active/optimized ]] \
+  || fail "$sd2 through gateway 2 is $(alua_state "$sd2"), not active/optimized"
 run sg_rtpg -d "/dev/$sd2"
 printf '$ multipath -ll\n%s\n' "$(multipath -ll 2>/dev/null)"
 
@@ -197,7 +124,7 @@ if [[ $state1 != LOGGED_IN ]]; then
   run iscsiadm -m node -T "$TARGET_IQN" -p "${portals[0]}" --logout
   check "login through ${portals[0]} again" iscsiadm -m node -T "$TARGET_IQN" -p "${portals[0]}" --login
   end=$((SECONDS + 30))
-  until sd1=$(path_of "${portals[0]##*:}") && [[ -n $sd1 ]] || ((SECONDS >= end)); do sleep 0.5; done
+  until sd1=$(lun0_via "${portals[0]##*:}") && [[ -n $sd1 ]] || ((SECONDS >= end)); do sleep 0.5; done
   udevadm settle
   echo "LUN 0 through gateway 1 is now $sd1"
   [[ -n $sd1 ]] || die "no path through gateway 1 after logging in again"
@@ -208,8 +135,6 @@ expect_groups "$sd2" "$sd1" 60
 run sg_rtpg -d "/dev/$sd1"
 
 step "cleanup"
-udevadm settle
-end=$((SECONDS + 20))
-until multipath -f "$map" 2>/dev/null || ((SECONDS >= end)); do sleep 0.5; done
+flush_map "$map"
 check "logout" iscsiadm -m node -T "$TARGET_IQN" --logout
 summary

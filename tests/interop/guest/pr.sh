@@ -27,6 +27,7 @@
 . "$FILES_DIR/common.sh" || { echo "common.sh missing: pass it with -f"; exit 2; }
 : "${TARGET_IQN:?pass the target IQN with -t}"
 lba=${PR_LBA:-2048} KA=0xa1a1a1a1 KB=0xb2b2b2b2 TYPE=5
+PR_TYPE_TEXT="Write Exclusive, registrants only"   # type 5, in sg_persist's words
 klog0=$(dmesg_lines)
 
 step "three sessions: ifaces default, prb, prc  [t=$(t)s]"
@@ -62,120 +63,11 @@ echo "LUN $lun: A = $sgA (${INITIATOR_IQN}), B = $sgB (${INITIATOR_IQN}-prb)," \
 # every session must have consumed its login unit attention before the checks start
 for sg in "$sgA" "$sgB" "$sgC"; do sg_turs "$sg" >/dev/null 2>&1; sg_turs "$sg" >/dev/null 2>&1; done
 
-# ------------------------------------------------------------------------ helpers
-# pr_out NEXUS EXPECT ARGS...: sg_persist -n -o ARGS through NEXUS (its sg node); EXPECT is
-# good or conflict (RESERVATION CONFLICT: sg3_utils exit status 24).
-pr_out() {
-  local sg=$1 expect=$2 out rc=0
-  shift 2
-  echo "\$ sg_persist -n -o $* $sg   # ${NAME[$sg]}, expect $expect"
-  out=$(sg_persist -n -o "$@" "$sg" 2>&1) || rc=$?
-  [[ -z $out ]] || sed 's/^/    /' <<<"$out"
-  case $expect:$rc in
-    good:0) echo "  -> GOOD" ;;
-    conflict:24) echo "  -> RESERVATION CONFLICT, as expected" ;;
-    *) fail "${NAME[$sg]}: sg_persist -o $*: exit status $rc, expected $expect" ;;
-  esac
-}
-
-# pr_in NEXUS ARGS...: sg_persist -n -i ARGS through NEXUS; output in PR_IN.
-pr_in() {
-  local sg=$1 rc=0
-  shift
-  echo "\$ sg_persist -n -i $* $sg   # ${NAME[$sg]}"
-  PR_IN=$(sg_persist -n -i "$@" "$sg" 2>&1) || rc=$?
-  sed 's/^/    /' <<<"$PR_IN"
-  ((rc == 0)) || fail "${NAME[$sg]}: sg_persist -i $*: exit status $rc"
-  return "$rc"
-}
-
-generation() { sed -n 's/.*PR generation=\(0x[0-9a-fA-F]*\).*/\1/p' <<<"$PR_IN" | head -1; }
-
-# expect_keys NEXUS GEN KEY...: READ KEYS through NEXUS lists exactly KEY... with PRGENERATION
-# GEN (decimal).
-expect_keys() {
-  local sg=$1 gen=$2 got want g
-  shift 2
-  pr_in "$sg" -k || return
-  got=$(grep -Eio '^ +0x[0-9a-f]+ *$' <<<"$PR_IN" | tr -d ' ' | tr 'A-F' 'a-f' | sort | tr '\n' ' ')
-  want=$(printf '%s\n' "$@" | sed '/^$/d' | sort | tr '\n' ' ')
-  if [[ $got == "$want" ]]; then echo "  registered keys: ${want:-none}, as expected"
-  else fail "READ KEYS: registered keys '${got% }', expected '${want% }'"; fi
-  g=$(generation)
-  if [[ -n $g ]] && ((g == gen)); then echo "  PRGENERATION $gen, as expected"
-  else fail "READ KEYS: PRGENERATION ${g:-?}, expected $gen"; fi
-}
-
-# expect_reservation NEXUS KEY|none: READ RESERVATION through NEXUS shows a type 5, LU_SCOPE
-# reservation with KEY, or none.
-expect_reservation() {
-  local sg=$1 key=$2 got
-  pr_in "$sg" -r || return
-  if [[ $key == none ]]; then
-    if grep -qi 'NO reservation held' <<<"$PR_IN"; then echo "  no reservation, as expected"
-    else fail "READ RESERVATION: a reservation is held, expected none"; fi
-    return
-  fi
-  got=$(sed -n 's/.*Key=\(0x[0-9a-fA-F]*\).*/\1/p' <<<"$PR_IN" | head -1 | tr 'A-F' 'a-f')
-  [[ $got == "$key" ]] || fail "READ RESERVATION: key '${got:-none}', expected $key"
-  grep -qi 'scope: *LU_SCOPE' <<<"$PR_IN" || fail "READ RESERVATION: scope is not LU_SCOPE"
-  if grep -qi 'type: *Write Exclusive, registrants only' <<<"$PR_IN"; then
-    [[ $got == "$key" ]] && echo "  reservation: key $key, LU_SCOPE, Write Exclusive - Registrants Only, as expected"
-  else fail "READ RESERVATION: type is not Write Exclusive, registrants only"; fi
-}
-
-# io NEXUS read|write EXPECT [FILE]: one READ(10)/WRITE(10) of the block at $lba through NEXUS
-# with sg_raw; EXPECT good or conflict.  A read lands in /tmp/read.bin.
-io() {
-  local sg=$1 op=$2 expect=$3 file=${4:-} cdb out rc=0 status
-  cdb="$(printf '%02x %02x %02x %02x' $((lba >> 24 & 255)) $((lba >> 16 & 255)) $((lba >> 8 & 255)) $((lba & 255))) 00 00 01 00"
-  if [[ $op == write ]]; then
-    echo "\$ sg_raw -s $bs -i $file $sg 2a 00 $cdb   # ${NAME[$sg]} WRITE(10), expect $expect"
-    out=$(sg_raw -s "$bs" -i "$file" "$sg" 2a 00 $cdb 2>&1) || rc=$?
-  else
-    rm -f /tmp/read.bin
-    echo "\$ sg_raw -r $bs -o /tmp/read.bin $sg 28 00 $cdb   # ${NAME[$sg]} READ(10), expect $expect"
-    out=$(sg_raw -r "$bs" -o /tmp/read.bin "$sg" 28 00 $cdb 2>&1) || rc=$?
-  fi
-  status=$(sed -n 's/^SCSI Status: *//p' <<<"$out" | head -1 | sed 's/ *$//')
-  echo "  -> SCSI status '${status:-?}', exit status $rc"
-  case $expect in
-    good) [[ $rc == 0 && $status == Good ]] \
-            || { sed 's/^/    /' <<<"$out"; fail "${NAME[$sg]} ${op^^}: status '${status:-?}' (exit $rc), expected GOOD"; } ;;
-    conflict) [[ $status == "Reservation Conflict" && $rc != 0 ]] \
-            || { sed 's/^/    /' <<<"$out"; fail "${NAME[$sg]} ${op^^}: status '${status:-?}' (exit $rc), expected RESERVATION CONFLICT"; } ;;
-  esac
-}
-
-# holds FILE WHAT: the block at $lba (read through C, which may always read here) equals FILE.
-holds() {
-  io "$sgC" read good
-  if cmp -s "$1" /tmp/read.bin; then echo "  block $lba holds $2"
-  else fail "block $lba does not hold $2"; fi
-}
-
-# expect_ua NEXUS ASC_TEXT|none: the next command (TEST UNIT READY) through NEXUS reports the
-# unit attention ASC_TEXT, or none (GOOD).
-expect_ua() {
-  local sg=$1 want=$2 out rc=0
-  echo "\$ sg_turs -v $sg   # ${NAME[$sg]}, expect ${want}"
-  out=$(sg_turs -v "$sg" 2>&1) || rc=$?
-  sed 's/^/    /' <<<"$out"
-  if [[ $want == none ]]; then
-    ((rc == 0)) && echo "  -> GOOD, no unit attention" \
-      || fail "${NAME[$sg]}: TEST UNIT READY exit status $rc, expected GOOD (no unit attention)"
-  elif ((rc == 6)) && grep -qi "$want" <<<"$out"; then
-    echo "  -> UNIT ATTENTION, $want, as expected"
-  else
-    fail "${NAME[$sg]}: TEST UNIT READY exit status $rc, expected UNIT ATTENTION '$want'"
-  fi
-}
-
 for x in A B C A2 B2 C2 C3; do head -c "$bs" /dev/urandom >/tmp/$x.bin; done
 
 # ------------------------------------------------------------------------ 1.
 step "1. fresh logical unit  [t=$(t)s]"
-pr_in "$sgA" -k && g0=$(generation)
+pr_in "$sgA" -k && g0=$(pr_generation)
 g0=$((${g0:-0}))
 expect_keys "$sgA" "$g0"
 expect_reservation "$sgA" none
@@ -184,7 +76,7 @@ pr_in "$sgA" -c && {
     || fail "REPORT CAPABILITIES: type 5 (Write Exclusive, registrants only) not in the type mask"
 }
 io "$sgC" write good /tmp/C.bin
-holds /tmp/C.bin "C's data (no reservation yet)"
+holds "$sgC" /tmp/C.bin "C's data (no reservation yet)"
 
 # ------------------------------------------------------------------------ 2.
 step "2. unregistered C may not reserve  [t=$(t)s]"
@@ -215,12 +107,12 @@ fi
 # ------------------------------------------------------------------------ 5.
 step "5. under the reservation: A and B write, C only reads  [t=$(t)s]"
 io "$sgA" write good /tmp/A.bin
-holds /tmp/A.bin "A's data"
+holds "$sgC" /tmp/A.bin "A's data"
 io "$sgB" write good /tmp/B.bin
-holds /tmp/B.bin "B's data (registrants may write)"
+holds "$sgC" /tmp/B.bin "B's data (registrants may write)"
 io "$sgC" write conflict /tmp/C2.bin
 io "$sgC" read good
-holds /tmp/B.bin "B's data (C's write was refused)"
+holds "$sgC" /tmp/B.bin "B's data (C's write was refused)"
 
 # ------------------------------------------------------------------------ 6.
 step "6. B preempts A's key  [t=$(t)s]"
@@ -232,9 +124,9 @@ expect_ua "$sgC" none
 expect_ua "$sgA" "Registrations preempted"
 io "$sgA" write conflict /tmp/A2.bin
 io "$sgA" read good
-holds /tmp/B.bin "B's data (A's write was refused)"
+holds "$sgC" /tmp/B.bin "B's data (A's write was refused)"
 io "$sgB" write good /tmp/B2.bin
-holds /tmp/B2.bin "B's second data (B holds the reservation)"
+holds "$sgC" /tmp/B2.bin "B's second data (B holds the reservation)"
 io "$sgC" write conflict /tmp/C2.bin
 pr_out "$sgA" conflict -L -K "$KA" -T "$TYPE"
 pr_out "$sgA" conflict -C -K "$KA"
@@ -248,9 +140,9 @@ expect_keys "$sgA" $((g0 + 4))
 expect_reservation "$sgA" none
 expect_ua "$sgC" none
 io "$sgC" write good /tmp/C3.bin
-holds /tmp/C3.bin "C's data (no reservation)"
+holds "$sgC" /tmp/C3.bin "C's data (no reservation)"
 io "$sgA" write good /tmp/A2.bin
-holds /tmp/A2.bin "A's data (no reservation)"
+holds "$sgC" /tmp/A2.bin "A's data (no reservation)"
 
 step "logout  [t=$(t)s]"
 logout_and_wait

@@ -35,7 +35,7 @@ klog0=$(dmesg_lines)
 
 step "1. login, ext4 on LUN 0, kept files, fio  [t=$(t)s]"
 login_and_wait 1 || die "login failed"
-sd=$(lun_sd 0)
+sd=$(lun_sd 0) hctl=$(hctl_of 0)
 [[ -n $sd ]] || die "LUN 0 did not appear"
 echo "LUN 0 = $sd ($(($(blockdev --getsize64 "$sd") >> 20)) MiB)"
 check "mkfs.ext4 $sd" mkfs.ext4 -F -q -E nodiscard -L pyt-snap "$sd" || die "mkfs.ext4 failed"
@@ -150,7 +150,7 @@ logout_and_wait
 
 step "kernel log  [t=$(t)s]"
 # REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh) reached the first session when LUN 1 appeared
-if dmesg | sed -n "$((klog0 + 1)),\$p" | grep -q 'sd 0:0:0:0: LUN assignments on this target have changed'; then
+if dmesg | sed -n "$((klog0 + 1)),\$p" | grep -q "sd $hctl: LUN assignments on this target have changed"; then
   echo "session 1 was told: REPORTED LUNS DATA HAS CHANGED (LUN assignments on this target have changed)"
 else
   fail "session 1 never got REPORTED LUNS DATA HAS CHANGED when snapshot A appeared as LUN 1"
