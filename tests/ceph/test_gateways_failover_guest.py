@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from ..conftest import LiveTarget, start_target
-from ..interop.gateways import gateway_pair, rbd_client, rbd_image
+from ..conftest import LiveTarget, gateway_targets, start_target
+from ..interop.gateways import rbd_image
 from ..interop.lane import GUEST, PartContext, PartOutcome, PartPlan
 from ..interop.run import GuestPart
 
@@ -62,11 +62,11 @@ def _failover(context: PartContext) -> Iterator[PartPlan]:
     ceph_cluster = context.fixture("ceph_cluster")
     image = f"img-{uuid.uuid4().hex[:12]}"
     lun = {"id": 0, "backstore": "rbd", "pool": ceph_cluster.pool, "image": image,
-           **rbd_client(ceph_cluster), "size": "128MiB"}
+           **ceph_cluster.client, "size": "128MiB"}
     with ExitStack() as stack:
         stack.enter_context(rbd_image(ceph_cluster, image, owner_record=True))
-        started = stack.enter_context(gateway_pair(context.directory, [lun],
-                                                   failover=FAILOVER))
+        started = stack.enter_context(gateway_targets(context.directory, [lun],
+                                                      failover=FAILOVER))
         state = Failover(started)
         yield PartPlan(GuestPart("failover", "gateways_failover.sh",
                                  [target.port for target in started], started[0].iqn, 900,

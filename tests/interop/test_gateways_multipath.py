@@ -19,7 +19,7 @@ import yaml
 from pytarget.config import load
 from pytarget.control import request, socket_path
 
-from .gateways import gateway_pair
+from ..conftest import gateway_targets
 from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GuestPart
 from .test_linux_initiator import target_trouble
@@ -31,7 +31,7 @@ LUNS = [{"id": 0, "path": "lun0.img", "size": "64MiB"}]
 
 @contextmanager
 def _multipath(context: PartContext) -> Iterator[PartPlan]:
-    with gateway_pair(context.directory, LUNS) as gateways:
+    with gateway_targets(context.directory, LUNS) as gateways:
         config = gateways[0].config
         changes: list[str] = []
 

@@ -20,8 +20,8 @@ import pytest
 
 from pytarget.cluster.rados import remove_state
 
-from ..conftest import run
-from .gateways import gateway_pair, rbd_client, rbd_image
+from ..conftest import gateway_targets, run
+from .gateways import rbd_image
 from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GuestPart
 from .test_linux_initiator import target_trouble
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.ceph, pytest.mark.slow]
 def _gateways_pr(context: PartContext) -> Iterator[PartPlan]:
     ceph_cluster = context.fixture("ceph_cluster")
     name = f"guest-pr-{uuid.uuid4().hex[:12]}"
-    client = rbd_client(ceph_cluster)
+    client = ceph_cluster.client
     lun = {"id": 0, "backstore": "rbd", "pool": ceph_cluster.pool, "image": name,
            "size": "64MiB", **client,
            "reservations": {"store": "rados", "pool": ceph_cluster.pool,
@@ -42,7 +42,7 @@ def _gateways_pr(context: PartContext) -> Iterator[PartPlan]:
         stack.enter_context(rbd_image(ceph_cluster, name))
         stack.callback(lambda: run(remove_state(ceph_cluster.pool, f"{name}.reservations",
                                                 **client)))
-        gateways = stack.enter_context(gateway_pair(context.directory, [lun]))
+        gateways = stack.enter_context(gateway_targets(context.directory, [lun]))
         yield PartPlan(GuestPart("gateways_pr", "gateways_pr.sh",
                                  [target.port for target in gateways], gateways[0].iqn, 400,
                                  target_log=gateways[0].log), gateways)

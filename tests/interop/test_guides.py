@@ -27,7 +27,7 @@ import yaml
 
 from pytarget.config import parse
 
-from ..conftest import REPO, LiveTarget, start_target
+from ..conftest import REPO, LiveTarget, child_env, start_target
 from .lane import GUEST, PartContext, PartOutcome, PartPlan
 from .run import GUEST_DIR, GuestPart, GuestRun
 from .test_linux_initiator import target_trouble
@@ -82,15 +82,15 @@ def write_steps(path: Path) -> None:
 
 
 def _pytarget_shim(directory: Path) -> dict[str, str]:
-    """An environment where `pytarget` is this checkout's command line."""
+    """An environment where `pytarget` is the command line of the code the tests' targets run
+    (conftest's `child_env`)."""
     bin_dir = directory / "bin"
     bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "pytarget"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pytarget "$@"\n')
     shim.chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                        os.environ.get("PYTHONPATH")]))}
+    env = child_env()
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
 
 
 def _host_block(name: str, config: Path, env: dict[str, str]) -> None:
