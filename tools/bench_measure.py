@@ -61,15 +61,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _stat_ticks(pid: int, reaped: bool) -> int:
+def _stat_ticks(pid: int, reaped: bool) -> tuple[int, int]:
+    """(utime + stime, stime) of all threads of a process, with its reaped children's."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime: all threads of the process
+        return 0, 0
+    user, system = int(fields[11]), int(fields[12])
     if reaped:
-        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime: children it has waited for
-    return ticks
+        user += int(fields[13])  # cutime, cstime: children it has waited for
+        system += int(fields[14])
+    return user + system, system
 
 
 def _schedstat(pid: int) -> tuple[int, int]:
@@ -90,29 +92,32 @@ class Times:
     cpu: float  # utime + stime, seconds: what the target cost
     on_cpu: float  # main threads' time on a CPU, seconds (the scheduler's clock)
     waiting: float  # main threads' time runnable but waiting for a CPU, seconds
+    system: float = 0.0  # stime, seconds: the part of `cpu` spent in the kernel
 
     def __sub__(self, other: Times) -> Times:
         return Times(self.cpu - other.cpu, self.on_cpu - other.on_cpu,
-                     self.waiting - other.waiting)
+                     self.waiting - other.waiting, self.system - other.system)
 
 
-ZERO = Times(0.0, 0.0, 0.0)
+ZERO = Times(0.0, 0.0, 0.0, 0.0)
 
 
 def process_times(pid: int) -> Times:
     """utime + stime of a process, its live descendants and the children it has reaped, and
     how long their main threads ran and waited for a CPU."""
-    ticks = _stat_ticks(pid, True)
+    ticks, system = _stat_ticks(pid, True)
     running, waiting = _schedstat(pid)
     pending = _children(pid)
     while pending:
         child = pending.pop()
-        ticks += _stat_ticks(child, False)
+        t, k = _stat_ticks(child, False)
+        ticks += t
+        system += k
         r, w = _schedstat(child)
         running += r
         waiting += w
         pending += _children(child)
-    return Times(ticks / CLOCK_TICKS, running / 1e9, waiting / 1e9)
+    return Times(ticks / CLOCK_TICKS, running / 1e9, waiting / 1e9, system / CLOCK_TICKS)
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,11 @@ class Sample:
     @property
     def cpu_us_per_command(self) -> float:
         return self.cpu_seconds * 1e6 / self.commands if self.commands else float("nan")
+
+    @property
+    def system_us_per_command(self) -> float:
+        """The kernel's part of `cpu_us_per_command` (the target's stime)."""
+        return self.times.system * 1e6 / self.commands if self.commands else float("nan")
 
     @property
     def cores(self) -> float:
