@@ -14,7 +14,10 @@ changed-block tracking cost (docs/snapshots.md, docs/guides/backup.md).
   one, alternating run by run.
 
 The last two need changed-block tracking (`pytarget checkpoint`); without it they say "not
-measured" and why.
+measured" and why. Their target runs the code tools/bench hands `backup_section`
+(tools/bench_code.py): the data path compiled by tools/build-compiled, or the sources with
+`tools/bench --pure`. The snapshot rows run the device server inside the benchmark's own
+process, which imports the sources: pure Python either way.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import BinaryIO
 
 REPO = Path(__file__).resolve().parent.parent
 
+from bench_code import child_env  # noqa: E402
 from bench_measure import Sample, Times, process_times, qemu_bench  # noqa: E402
 
 from pytarget.initiator.client import Initiator  # noqa: E402
@@ -150,12 +154,12 @@ class NbdReader:
 class BackupTarget:
     """`pytarget serve` with one 1 GiB LUN full of data, on iSCSI and NBD (ephemeral ports)."""
 
-    def __init__(self, directory: Path, image: Path) -> None:
+    def __init__(self, directory: Path, image: Path, code: Path) -> None:
         self.config = directory / "pytarget.yaml"
         self.config.write_text(f'portals: ["127.0.0.1:0"]\nnbd: "127.0.0.1:0"\ntargets:\n'
                                f"  - name: {IQN}\n    luns:\n      - {{id: 0, path: {image}}}\n")
         self.log = directory / "pytarget.log"
-        self.env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.env = child_env(code)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytarget", "serve", "--config", str(self.config)],
             stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=directory, env=self.env)
@@ -295,7 +299,8 @@ def checkpoint_iops(target: BackupTarget, runs: int, count: int) -> dict[str, li
     return out
 
 
-def backup_section(base: Path, quick: bool, runs: int) -> list[str]:
+def backup_section(base: Path, quick: bool, runs: int, code: Path) -> list[str]:
+    """The section's Markdown lines; its live target runs `code` (bench_code.pytarget_code)."""
     title = "## Snapshots and backups"
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     lines = [title, "", "Snapshot creation: the time writes are held while a snapshot of a "
@@ -321,7 +326,7 @@ def backup_section(base: Path, quick: bool, runs: int) -> list[str]:
         for _ in range(size // MiB):
             f.write(os.urandom(MiB))
         os.fsync(f.fileno())
-    target = BackupTarget(directory, image)
+    target = BackupTarget(directory, image, code)
     try:
         lines += ["", f"Backups of a {size // MiB:,} MiB LUN full of data through its NBD export "
                   f"(one connection, {READ_CHUNK // MiB} MiB reads, {IN_FLIGHT} in flight, into "

@@ -15,6 +15,9 @@
 
 Every figure is the median and the range of the runs; the load average before and after is
 printed with them (the cluster's daemons share the machine with the target and the initiators).
+The gateways (this section's and the failover's) run the code tools/bench hands
+`scaleout_section` (tools/bench_code.py): the data path compiled by tools/build-compiled, or
+the sources with `tools/bench --pure`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench_code import child_env
 from bench_measure import Sample, iscsi_perf, process_times, qemu_bench
 
 from pytarget.initiator.client import Initiator
@@ -90,7 +94,8 @@ class Rbd:
 class Gateway:
     """`pytarget serve` with RBD LUNs 0.. on the given images."""
 
-    def __init__(self, directory: Path, cluster: object, images: list[str]) -> None:
+    def __init__(self, directory: Path, cluster: object, images: list[str],
+                 code: Path) -> None:
         luns = "\n".join(
             f"      - {{id: {n}, backstore: rbd, pool: {cluster.pool}, "  # type: ignore[attr-defined]
             f"image: {image}, conf: {cluster.conf}, "  # type: ignore[attr-defined]
@@ -103,7 +108,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytarget", "serve", "--config", str(config)],
             stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=directory,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
+            env=child_env(code))
         deadline = time.monotonic() + 60
         while True:
             m = re.search(r"listening on [0-9.]+:(\d+)", self.log.read_text())
@@ -260,7 +265,8 @@ async def _copies(port: int, runs: int, size: int, log: Callable[[str], None]
     return xcopy, through, host
 
 
-def failover_rows(cluster: object, runs: int, log: Callable[[str], None]) -> list[str]:
+def failover_rows(cluster: object, runs: int, log: Callable[[str], None],
+                  code: Path) -> list[str]:
     try:
         tool = importlib.import_module("failover_measure")
     except ImportError:
@@ -268,7 +274,8 @@ def failover_rows(cluster: object, runs: int, log: Callable[[str], None]) -> lis
     results = tool.measure(tool.Cluster(str(cluster.conf),  # type: ignore[attr-defined]
                                         str(cluster.keyring),  # type: ignore[attr-defined]
                                         cluster.client_id,  # type: ignore[attr-defined]
-                                        cluster.pool), runs)  # type: ignore[attr-defined]
+                                        cluster.pool),  # type: ignore[attr-defined]
+                           runs, code=code)
     stalls = [r["stall"] for r in results]
     log(f"  failover stalls: {stalls}")
     return [f"Failover stall (owner killed with SIGKILL, 4 KiB writes at QD1 moved to the "
@@ -276,8 +283,9 @@ def failover_rows(cluster: object, runs: int, log: Callable[[str], None]) -> lis
             f"over {len(stalls)} runs."]
 
 
-def scaleout_section(quick: bool, runs: int, seconds: float,
+def scaleout_section(quick: bool, runs: int, seconds: float, code: Path,
                      log: Callable[[str], None] = print) -> list[str]:
+    """The section's Markdown lines; its gateways run `code` (bench_code.pytarget_code)."""
     title = "## Scale-out: RBD LUNs on a throw-away Ceph cluster"
     try:
         sys.path.insert(0, str(REPO))
@@ -299,14 +307,14 @@ def scaleout_section(quick: bool, runs: int, seconds: float,
         for image in ("lun-io", "lun-src", "native-io"):  # reads read data
             rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M",
                 "--io-threads", "16", "--io-total", str(size), image)
-        gw = Gateway(Path(tmp), cluster, images[:3])
+        gw = Gateway(Path(tmp), cluster, images[:3], code)
         try:
             log(f"scale-out: cluster up, load {_load()}")
             rows = io_rows(gw, rbd, "native-io", runs, seconds, log)
             xcopy, through, host = asyncio.run(_copies(gw.port, runs, size, log))
         finally:
             gw.stop()
-        failover = failover_rows(cluster, runs, log)
+        failover = failover_rows(cluster, runs, log, code)
     load_after = _load()
     lines += [
         f"One monitor and one BlueStore OSD on a sparse file on this machine's disk (pool size "

@@ -3,7 +3,7 @@
 server (`LogicalUnit.submit`, the eager path an iSCSI write with immediate data takes: range
 lock, page-cache write on the event loop, release), with 0, 1 and 4 checkpoints; and the same
 for the range lock's grant and release alone, where all of tracking's work is. With no
-checkpoint the range lock's `release` is RangeLock's own (nothing is tracked), so 0 is the
+checkpoint the range lock's `release` calls no hook (nothing is tracked), so 0 is the
 reference.
 
 Each configuration runs in turn, round after round, on its own LUN (a 256 MiB file under

@@ -2,8 +2,12 @@
 """The failover of two gateways over one RBD LUN: the stall an initiator with instant path
 failover sees, and the time to the new owner (cluster/ownership.py, docs/guides/scale-out.md).
 
-    tools/failover_measure.py [--runs 3] [--timeout 8] [--heartbeat 1]
+    tools/failover_measure.py [--runs 3] [--timeout 8] [--heartbeat 1] [--pure]
                               [--cluster DIR | --conf C --keyring K --client-id ID --pool P]
+
+The gateways run the data path compiled as `pip install .` compiles it (tools/build-compiled,
+built first, as tools/bench does; tools/bench_code.py), or the sources with --pure; called by
+tools/bench (through tools/bench_scaleout.py), they run what tools/bench runs.
 
 Without a cluster a throw-away one is started (tests/ceph_cluster.py) and stopped at the end.
 Each run: a fresh image, `pytarget serve --gateway gw1` and `gw2` with `failover:` as given,
@@ -19,7 +23,7 @@ ESXi RecoveryTimeout) before it re-sends on gw2; keep that timeout above
 `timeout + heartbeat` (docs/guides/scale-out.md), and its stall is that timeout, plus the
 rest of the transition when they overlap.
 
-`measure(...)` is what tools/bench calls: it returns one dict per run.
+`measure(..., code=...)` is what tools/bench calls: it returns one dict per run.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_code import add_pure_option, child_env, chosen_code  # noqa: E402
 
 from pytarget.backstore.rbd import remove_image  # noqa: E402
 from pytarget.initiator.client import Initiator, InitiatorError  # noqa: E402
@@ -71,10 +78,9 @@ class Gateway:
     log: Path
 
 
-def start_gateway(config: Path, name: str) -> Gateway:
+def start_gateway(config: Path, name: str, code: Path) -> Gateway:
     log = config.parent / f"{name}.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env(code)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "pytarget", "serve", "--config", str(config), "--gateway",
@@ -168,9 +174,10 @@ async def one_run(gw1: Gateway, gw2: Gateway) -> dict[str, float]:
 
 
 def measure(cluster: Cluster, runs: int = 3, timeout: float = 8.0, heartbeat: float = 1.0,
-            workdir: Path | None = None) -> list[dict[str, float]]:
-    """`runs` failovers on `cluster`; one dict per run (seconds): stall (the longest write),
-    takeover (kill to active/optimized), detect, fence, claim."""
+            workdir: Path | None = None, *, code: Path) -> list[dict[str, float]]:
+    """`runs` failovers on `cluster` with gateways that run `code` (bench_code.pytarget_code);
+    one dict per run (seconds): stall (the longest write), takeover (kill to
+    active/optimized), detect, fence, claim."""
     results = []
     images: list[str] = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -188,7 +195,7 @@ def measure(cluster: Cluster, runs: int = 3, timeout: float = 8.0, heartbeat: fl
                              {"name": "gw2", "portals": ["127.0.0.1:0"]}],
                 "failover": {"timeout": timeout, "heartbeat": heartbeat},
                 "targets": [{"name": IQN, "luns": [lun]}]}, sort_keys=False))
-            gateways = [start_gateway(config, "gw1"), start_gateway(config, "gw2")]
+            gateways = [start_gateway(config, "gw1", code), start_gateway(config, "gw2", code)]
             try:
                 wait_claimed(gateways[0], time.monotonic() + 60)
                 results.append(asyncio.run(one_run(*gateways)))
@@ -255,7 +262,9 @@ def main() -> int:
     parser.add_argument("--client-id", default="admin")
     parser.add_argument("--pool", default="rbd")
     parser.add_argument("--json", action="store_true")
+    add_pure_option(parser)
     args = parser.parse_args()
+    code = chosen_code(parser, args)
     with contextlib.ExitStack() as stack:
         if args.conf:
             cluster = Cluster(args.conf, args.keyring, args.client_id, args.pool)
@@ -264,11 +273,12 @@ def main() -> int:
                               args.client_id, args.pool)
         else:
             cluster = stack.enter_context(throwaway_cluster())
-        results = measure(cluster, args.runs, args.timeout, args.heartbeat)
+        results = measure(cluster, args.runs, args.timeout, args.heartbeat, code=code)
     if args.json:
         print(json.dumps({"runs": results, "summary": summary(results)}, indent=2))
         return 0
-    print(f"failover.timeout {args.timeout:g} s, heartbeat {args.heartbeat:g} s")
+    print(f"failover.timeout {args.timeout:g} s, heartbeat {args.heartbeat:g} s, pytarget's "
+          f"data path {'pure Python' if args.pure else 'compiled (mypyc)'}")
     print("| run | longest write (s) | kill to active/optimized (s) | detection (s) | "
           "fencing (s) | claim (s) |")
     print("|---|---|---|---|---|---|")

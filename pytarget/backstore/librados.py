@@ -10,9 +10,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from .lazy import Lazy
 
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 
@@ -104,10 +105,7 @@ def _prototypes() -> list[Prototype]:
 
 
 class Librados:
-    """librados.so.2 with the prototypes of every caller, loaded once per process (`get`)."""
-
-    _instance: Librados | None = None
-    _lock = threading.Lock()
+    """librados.so.2 with the prototypes of every caller (the process's one: `LIBRADOS`)."""
 
     def __init__(self) -> None:
         self.lib = load("librados.so.2")
@@ -117,12 +115,8 @@ class Librados:
         """The C functions set in __init__, by name (declared here for the type checker)."""
         raise AttributeError(name)
 
-    @classmethod
-    def get(cls) -> Librados:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = Librados()
-            return cls._instance
+
+LIBRADOS = Lazy(Librados)
 
 
 def connect(lib: Librados, pool: str, conf: str, client_id: str,

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .librados import Librados, declare
+from .lazy import Lazy
+from .librados import LIBRADOS, declare
 
 _NS = "_ZN8librados7v14_2_0"
 _STRING = "RKNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE"
@@ -59,10 +59,6 @@ def _cxx_string(value: str) -> tuple[_CxxString, Any]:
 
 
 class _Cxx:
-    _instance: _Cxx | None = None
-    _tried = False
-    _lock = threading.Lock()
-
     def __init__(self, rados: ctypes.CDLL) -> None:
         vp, u32, u64, i = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
         declare(self, rados, [
@@ -82,28 +78,27 @@ class _Cxx:
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(name)
 
-    @classmethod
-    def get(cls) -> _Cxx | None:
-        with cls._lock:
-            if not cls._tried:
-                cls._tried = True
-                try:
-                    cls._instance = cls(Librados.get().lib)
-                except (OSError, AttributeError):
-                    cls._instance = None
-            return cls._instance
+
+def _load_cxx() -> _Cxx | None:
+    try:
+        return _Cxx(LIBRADOS.get().lib)
+    except (OSError, AttributeError):
+        return None
+
+
+_CXX = Lazy(_load_cxx)
 
 
 def available() -> bool:
     """Whether this librados exports the C++ copy-from this module calls."""
-    return _Cxx.get() is not None
+    return _CXX.get() is not None
 
 
 class IoCtx:
     """A C++ `librados::IoCtx` over a C `rados_ioctx_t` (holding its own reference)."""
 
     def __init__(self, c_ioctx: ctypes.c_void_p) -> None:
-        cxx = _Cxx.get()
+        cxx = _CXX.get()
         if cxx is None:
             raise OSError(errno.EOPNOTSUPP, "librados has no C++ copy-from")
         self._cxx = cxx

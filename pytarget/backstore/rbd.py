@@ -36,7 +36,8 @@ import numpy as np
 
 from . import rados_copy, threads
 from .base import Backstore, Capabilities, Extent, ReadHook
-from .librados import DEFAULT_CONF, Librados, check, connect, declare, errno_error, load
+from .lazy import Lazy
+from .librados import DEFAULT_CONF, LIBRADOS, check, connect, declare, errno_error, load
 
 # librbd options a SCSI target needs: no client cache, so that a completed WRITE is on the
 # OSDs (what SYNCHRONIZE CACHE and FUA promise) and another gateway reading after it sees it.
@@ -91,15 +92,12 @@ class CompareAndWriteRefused(ValueError):
 
 class _Lib:
     """librbd with the prototypes used here, loaded once per process, over the process's one
-    librados (`librados.Librados`), whose functions it also answers for."""
-
-    _instance: _Lib | None = None
-    _lock = threading.Lock()
+    librados (`librados.LIBRADOS`), whose functions it also answers for."""
 
     def __init__(self) -> None:
         vp, u64, sz, i, cp = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
                               ctypes.c_int, ctypes.c_char_p)
-        self.rados = Librados.get()
+        self.rados = LIBRADOS.get()
         declare(self, load("librbd.so.1"), [
             ("rbd_version", None, [ctypes.POINTER(i)] * 3),
             ("rbd_create", i, [vp, cp, u64, ctypes.POINTER(i)]),
@@ -153,12 +151,8 @@ class _Lib:
             raise AttributeError(name)
         return getattr(self.rados, name)
 
-    @classmethod
-    def get(cls) -> _Lib:
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = _Lib()
-            return cls._instance
+
+_LIB = Lazy(_Lib)
 
 
 @dataclass
@@ -179,8 +173,7 @@ def _settle(future: asyncio.Future[int], ret: int) -> None:
 
 def _on_complete(completion: int | None, arg: int | None) -> None:
     """librbd's completion callback, on a librbd thread: hand the result to the loop."""
-    lib = _Lib._instance
-    assert lib is not None
+    lib = _LIB.get()
     ret = int(lib.rbd_aio_get_return_value(completion))
     lib.rbd_aio_release(completion)
     pending = _pending.pop(arg or 0, None)
@@ -245,7 +238,7 @@ class RbdImage:
         """`open`, on the calling thread; a created image has objects of `object_size`
         bytes (a power of two from 4 KiB; 0: librbd's default, 4 MiB). With `snapshot`, the
         image as that snapshot holds it, read-only (no exclusive lock taken)."""
-        lib = _Lib.get()
+        lib = _LIB.get()
         cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, options)
         image = ctypes.c_void_p()
         try:
@@ -1052,7 +1045,7 @@ def _create(lib: _Lib, ioctx: ctypes.c_void_p, name: str, size: int, object_size
 def image_exists(pool: str, name: str, *, conf: str = DEFAULT_CONF, keyring: str | None = None,
                  client_id: str = "admin") -> bool:
     """Whether `pool`/`name` exists (connects, opens and closes it; blocking)."""
-    lib = _Lib.get()
+    lib = _LIB.get()
     cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, None)
     try:
         image = ctypes.c_void_p()
@@ -1072,7 +1065,7 @@ def create_image(pool: str, name: str, size: int, *, conf: str = DEFAULT_CONF,
                  object_size: int = 0) -> None:
     """Create `pool`/`name` with `size` bytes (thin, as every RBD image); FileExistsError when
     it exists (blocking)."""
-    lib = _Lib.get()
+    lib = _LIB.get()
     cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, None)
     try:
         ret = _create(lib, ioctx, name, size, object_size)
@@ -1098,7 +1091,7 @@ async def remove_image(pool: str, name: str, *, conf: str = DEFAULT_CONF,
                        keyring: str | None = None, client_id: str = "admin") -> None:
     """Delete `pool`/`name` (its snapshots must be gone first)."""
     def remove() -> None:
-        lib = _Lib.get()
+        lib = _LIB.get()
         cluster, ioctx = _connect(lib, pool, conf, keyring, client_id, None)
         try:
             check(lib.rbd_remove(ioctx, name.encode()), f"removing image {pool}/{name}")

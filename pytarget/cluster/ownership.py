@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backstore.librados import CMPXATTR_EQ, CREATE_EXCLUSIVE, Librados, check
+from ..backstore.librados import CMPXATTR_EQ, CREATE_EXCLUSIVE, LIBRADOS, Librados, check
 
 log = logging.getLogger("pytarget.cluster")
 
@@ -418,7 +418,7 @@ class RadosOwnership:
         with self._io:
             if self._closed:
                 raise asyncio.CancelledError
-            self._lib = Librados.get()
+            self._lib = LIBRADOS.get()
 
         def prepare(lib: Librados) -> tuple[str, ...]:
             op = lib.rados_create_write_op()

@@ -41,6 +41,7 @@ from ..backstore.librados import (
     CMPXATTR_EQ,
     CREATE_EXCLUSIVE,
     DEFAULT_CONF,
+    LIBRADOS,
     Librados,
     WatchCallback,
     WatchErrorCallback,
@@ -174,7 +175,7 @@ class RadosReservationStore:
 
     # -------------------------------------------------------------- blocking parts
     def _connect(self) -> None:
-        lib = Librados.get()
+        lib = LIBRADOS.get()
         settings = {"rados_osd_op_timeout": OP_TIMEOUT, "rados_mon_op_timeout": OP_TIMEOUT,
                     "client_mount_timeout": OP_TIMEOUT}
         if self.keyring is not None:

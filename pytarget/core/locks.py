@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 
 
@@ -33,6 +34,9 @@ class RangeLock:
         self._held: dict[_Request, None] = {}  # insertion-ordered; removal is O(1)
         self._exclusive_held = 0  # shared holders never block a shared request
         self._waiting: deque[_Request] = deque()
+        # Called with each exclusive lock once it is released, when set (changed-block
+        # tracking marks the blocks it covered); None costs `release` one attribute test.
+        self.on_exclusive_release: Callable[[_Request], None] | None = None
 
     def _blocked(self, req: _Request, waiters_before: list[_Request] | deque[_Request]) -> bool:
         if req.exclusive or self._exclusive_held:
@@ -97,7 +101,11 @@ class RangeLock:
         del self._held[req]
         if req.exclusive:
             self._exclusive_held -= 1
-        if self._waiting:
+            if self._waiting:
+                self._wake()
+            if self.on_exclusive_release is not None:
+                self.on_exclusive_release(req)
+        elif self._waiting:
             self._wake()
 
     def _wake(self) -> None:

@@ -95,7 +95,6 @@ class _UnitRangeLock(RangeLock):
         self.lu = lu
         self.tracker = tracker
         self._unchanged: set[_Request] = set()
-        self.tracking = False
 
     async def acquire(self, start: int, count: int, exclusive: bool) -> _Request:
         req = await super().acquire(start, count, exclusive)
@@ -125,21 +124,12 @@ class _UnitRangeLock(RangeLock):
     def track(self, on: bool) -> None:
         """While the tracker has checkpoints, releasing an exclusive lock within the medium
         marks its blocks changed (scsi/cbt.py): the choke point every change passes through.
-        Without checkpoints `release` is RangeLock's own plus one test of a flag."""
-        self.tracking = on
+        Without checkpoints `release` calls nothing more (`on_exclusive_release` is None)."""
+        self.on_exclusive_release = self._mark_changed if on else None
         if not on:
             self._unchanged.clear()
 
-    def release(self, req: _Request) -> None:
-        if self.tracking:
-            self._release_tracked(req)
-        else:
-            RangeLock.release(self, req)
-
-    def _release_tracked(self, req: _Request) -> None:
-        RangeLock.release(self, req)
-        if not req.exclusive:
-            return
+    def _mark_changed(self, req: _Request) -> None:
         tracker = self.tracker
         bitmap = tracker.active
         if bitmap is None:

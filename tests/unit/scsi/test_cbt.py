@@ -214,11 +214,11 @@ def test_writes_mark_their_granules(tmp_path: Path, opcode: int, name: str) -> N
 
 def test_without_checkpoints_the_range_lock_is_untouched(tmp_path: Path) -> None:
     lu = make_lu(tmp_path)
-    assert lu.ranges.tracking is False  # RangeLock's own release: no marking
+    assert lu.ranges.on_exclusive_release is None  # release calls nothing: no marking
     lu.create_checkpoint("c1")
-    assert lu.ranges.tracking is True
+    assert lu.ranges.on_exclusive_release is not None
     lu.delete_checkpoint("c1")
-    assert lu.ranges.tracking is False
+    assert lu.ranges.on_exclusive_release is None
 
 
 def test_reads_verify_and_reserve_mark_nothing(tmp_path: Path) -> None:
