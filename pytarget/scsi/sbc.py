@@ -56,20 +56,22 @@ def read_now(lu: LogicalUnit, task: ScsiTask, spec: OpSpec) -> bool:
     lock = ranges.try_acquire(lba, count, False)
     if lock is None:
         return False
-    try:
-        if task.lend_data_in and want == nbytes:
+    if task.lend_data_in and want == nbytes:
+        try:
             view = lu.lend_blocks(lba, nbytes)
-            if view is not None:
-                task.set_data_in(view)  # sent from the page cache, as in `read`
-                task.on_data_sent = partial(ranges.release, lock)
-                lock = None
-                return True
+        except BaseException:
+            ranges.release(lock)
+            raise
+        if view is not None:
+            task.set_data_in(view)  # sent from the page cache, as in `read`
+            task.on_data_sent = partial(ranges.release, lock)
+            return True
+    try:
         buf = data_buffer(want)
         if want and not lu.read_cached(buffer_view(buf), lba, task.prepare_data_in):
             return False
     finally:
-        if lock is not None:
-            ranges.release(lock)
+        ranges.release(lock)
     task.set_data_in(buf, nbytes)
     return True
 
