@@ -40,6 +40,7 @@ COMPILED = [
     "pytarget/core/sense.py",
     "pytarget/scsi/device.py",
     "pytarget/scsi/sbc.py",
+    "pytarget/scsi/modes.py",
     "pytarget/backstore/file.py",
     "pytarget/initiator/protocol.py",
 ]

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core import limits
@@ -291,7 +292,8 @@ class CopyManager:
         """Serve `lu`: 3PC=1, VPD 8Fh and 85h, copy status, ROD tokens."""
         service = CopyService(self, lu)
         lu.attach_copy_service(service)
-        lu.write_observers.append(lambda lba, count: self.tokens.blocks_written(lu, lba, count))
+        # `partial`, not a lambda: one Python call less for every WRITE's range lock
+        lu.write_observers.append(partial(self.tokens.blocks_written, lu))
         if lu.token_store is not None:
             self.tokens.share(lu, lu.token_store)
         self.services.append(service)

@@ -260,6 +260,19 @@ class Cdb(bytes):
         return f.offset
 
 
+def extent_struct(layout: Layout) -> struct.Struct | None:
+    """One unpack of (LOGICAL BLOCK ADDRESS, TRANSFER LENGTH) where both are whole big-endian
+    integers, the address first and 0 meaning no blocks; else None."""
+    lba, length = layout.lba, layout.transfer_length
+    if lba is None or length is None or lba.mask != -1 or length.mask != -1 \
+            or layout.zero_length_is_256 or lba.offset + lba.width > length.offset \
+            or lba.width not in _STRUCTS or length.width not in _STRUCTS:
+        return None
+    return struct.Struct(f">{lba.offset}x{_STRUCTS[lba.width].format[1:]}"
+                         f"{length.offset - lba.offset - lba.width}x"
+                         f"{_STRUCTS[length.width].format[1:]}")
+
+
 def _cdb_class(spec: OpSpec) -> type[Cdb]:
     """The CDB type of one row: its fields' properties call their readers directly."""
     layout = spec.layout
@@ -273,14 +286,8 @@ def _cdb_class(spec: OpSpec) -> type[Cdb]:
         read = length.read
         namespace["transfer_length"] = property(
             (lambda cdb: read(cdb) or 256) if layout.zero_length_is_256 else read)
-        lba = layout.lba
-        if lba is not None and lba.mask == -1 and length.mask == -1 \
-                and not layout.zero_length_is_256 and lba.offset + lba.width <= length.offset \
-                and lba.width in _STRUCTS and length.width in _STRUCTS:
-            # both fields whole big-endian integers: one unpack reads the pair
-            both = struct.Struct(f">{lba.offset}x{_STRUCTS[lba.width].format[1:]}"
-                                 f"{length.offset - lba.offset - lba.width}x"
-                                 f"{_STRUCTS[length.width].format[1:]}")
+        both = extent_struct(layout)
+        if both is not None:
             namespace["extent"] = property(both.unpack_from)
     fua_field = layout.fua
     if fua_field is not None:
@@ -296,6 +303,11 @@ def _cdb_class(spec: OpSpec) -> type[Cdb]:
 # A handler runs one command on a logical unit: (logical unit, task, CDB). The unit is the
 # device server's; each side types it with the interface it needs.
 Handler = Callable[[Any, "ScsiTask", Cdb], Awaitable[None]]
+# A handler's synchronous form, for the common case of a block command: it reads the CDB's
+# fields through the row's precomputed readers (`OpSpec.extent`, `fua_byte`, `fua_bit`), with
+# no `Cdb` made, and either completes the command without waiting (True) or declines, having
+# changed nothing (False): the coroutine handler then runs, and reports any error.
+NowHandler = Callable[[Any, "ScsiTask", "OpSpec"], bool]
 
 
 @dataclass(frozen=True)
@@ -310,6 +322,7 @@ class OpSpec:
     timeout: int = 30  # RECOMMENDED COMMAND TIMEOUT, seconds (SPC-4 6.35.4)
     fields: tuple[tuple[int, int, int], ...] = ()  # multi-bit fields: (byte, msb, lsb)
     layout: Layout = NO_FIELDS
+    now: NowHandler | None = None  # the handler's synchronous form, where it has one
     _mask: int = field(default=0, repr=False, compare=False)
     # The policy flags as plain booleans: enum.Flag arithmetic is slow on the hot path.
     ua_exempt: bool = field(init=False, default=False, repr=False, compare=False)
@@ -318,7 +331,14 @@ class OpSpec:
     spc2: bool = field(init=False, default=False, repr=False, compare=False)
     during_sanitize: bool = field(init=False, default=False, repr=False, compare=False)
     _cdb: type[Cdb] = field(init=False, default=Cdb, repr=False, compare=False)
-    _len: int = field(init=False, default=0, repr=False, compare=False)  # cdb_len
+    cdb_len: int = field(init=False, default=0, repr=False, compare=False)  # len(usage)
+    # The bits of the CDB (as one big-endian integer) the row does not define: `check` fails
+    # when any is set.
+    reserved: int = field(init=False, default=0, repr=False, compare=False)
+    # For `now`: (LBA, TRANSFER LENGTH) in one unpack, and where FUA is (byte, bit mask).
+    extent: struct.Struct | None = field(init=False, default=None, repr=False, compare=False)
+    fua_byte: int = field(init=False, default=0, repr=False, compare=False)
+    fua_bit: int = field(init=False, default=0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         usage = bytearray(self.usage)
@@ -334,18 +354,21 @@ class OpSpec:
         object.__setattr__(self, "spc2", bool(self.flags & Flag.CONFLICTS_SPC2))
         object.__setattr__(self, "during_sanitize", bool(self.flags & Flag.DURING_SANITIZE))
         object.__setattr__(self, "_cdb", _cdb_class(self))
-        object.__setattr__(self, "_len", len(self.usage))
-
-    @property
-    def cdb_len(self) -> int:
-        return len(self.usage)
+        object.__setattr__(self, "cdb_len", len(self.usage))
+        width = 8 * len(self.usage)
+        object.__setattr__(self, "reserved", ~self._mask & ((1 << width) - 1))
+        object.__setattr__(self, "extent", extent_struct(self.layout))
+        fua = self.layout.fua
+        if fua is not None and fua.width == 1:
+            object.__setattr__(self, "fua_byte", fua.offset)
+            object.__setattr__(self, "fua_bit", fua.mask)
+        assert self.now is None or self.extent is not None, self.name
 
     def check(self, cdb: bytes) -> None:
         """ILLEGAL REQUEST at the first bit the command does not define (SPC-4 4.5.2.4.2)."""
-        if len(cdb) < self._len:
+        if len(cdb) < self.cdb_len:
             raise S.invalid_field_in_cdb(0, None)
-        value = int.from_bytes(cdb, "big")
-        if not value & ~self._mask:
+        if not int.from_bytes(cdb, "big") & self.reserved:
             return
         n = self.cdb_len
         for i in range(1, n):
@@ -360,7 +383,7 @@ class OpSpec:
 
     def parse(self, raw: bytes | bytearray | memoryview) -> Cdb:
         """The row's CDB out of the command's CDB bytes, checked."""
-        cdb = self._cdb(raw[:self._len])
+        cdb = self._cdb(raw[:self.cdb_len])
         self.check(cdb)
         return cdb
 
@@ -371,21 +394,21 @@ class OpSpec:
 class OpTable:
     def __init__(self, specs: Iterable[OpSpec]) -> None:
         self.specs = sorted(specs, key=lambda s: (s.opcode, s.sa or 0))
-        self._plain: dict[int, OpSpec] = {}
+        self.plain: dict[int, OpSpec] = {}  # operation codes without service actions
         self._by_sa: dict[int, dict[int, OpSpec]] = {}
         for spec in self.specs:
             if spec.sa is None:
-                assert spec.opcode not in self._plain and spec.opcode not in self._by_sa
-                self._plain[spec.opcode] = spec
+                assert spec.opcode not in self.plain and spec.opcode not in self._by_sa
+                self.plain[spec.opcode] = spec
             else:
-                assert spec.opcode not in self._plain
+                assert spec.opcode not in self.plain
                 actions = self._by_sa.setdefault(spec.opcode, {})
                 assert spec.sa not in actions, spec.name
                 actions[spec.sa] = spec
 
     def lookup(self, cdb: bytes | memoryview) -> OpSpec:
         opcode = cdb[0]
-        spec = self._plain.get(opcode)
+        spec = self.plain.get(opcode)
         if spec is not None:
             return spec
         actions = self._by_sa.get(opcode)
@@ -398,14 +421,14 @@ class OpTable:
 
     def get(self, opcode: int, sa: int | None) -> OpSpec | None:
         if sa is None:
-            return self._plain.get(opcode)
+            return self.plain.get(opcode)
         return self._by_sa.get(opcode, {}).get(sa)
 
     def has_service_actions(self, opcode: int) -> bool:
         return opcode in self._by_sa
 
     def known_opcode(self, opcode: int) -> bool:
-        return opcode in self._plain or opcode in self._by_sa
+        return opcode in self.plain or opcode in self._by_sa
 
     def extended(self, specs: Iterable[OpSpec]) -> OpTable:
         return OpTable([*self.specs, *specs])

@@ -917,7 +917,7 @@ class InitiatorConnection(PduReader):
             return
         if self.state is State.IDLE:
             raise ProtocolError("PDU before the login started")
-        handler = self._handlers.get(bhs.opcode)
+        handler = _HANDLERS.get(bhs.opcode)
         if handler is None:
             raise ProtocolError(f"unexpected opcode 0x{bhs.opcode:02x}")
         handler(self, bhs, data)
@@ -1128,14 +1128,17 @@ class InitiatorConnection(PduReader):
                 ended = itt
         self._events.append(Rejected(bhs.b2, header, ended))
 
-    _handlers: dict[int, Callable[[InitiatorConnection, Bhs, bytes], None]] = {
-        Op.DATA_IN: _on_data_in,
-        Op.SCSI_RSP: _on_scsi_response,
-        Op.R2T: _on_r2t,
-        Op.NOP_IN: _on_nop_in,
-        Op.TEXT_RSP: _on_text_response,
-        Op.TASK_MGMT_RSP: _on_tmf_response,
-        Op.LOGOUT_RSP: _on_logout_response,
-        Op.ASYNC_MSG: _on_async,
-        Op.REJECT: _on_reject,
-    }
+
+# Built after the class: mypyc compiles the class, and a class attribute of a compiled class
+# cannot name the class's own methods.
+_HANDLERS: dict[int, Callable[[InitiatorConnection, Bhs, bytes], None]] = {
+    Op.DATA_IN: InitiatorConnection._on_data_in,
+    Op.SCSI_RSP: InitiatorConnection._on_scsi_response,
+    Op.R2T: InitiatorConnection._on_r2t,
+    Op.NOP_IN: InitiatorConnection._on_nop_in,
+    Op.TEXT_RSP: InitiatorConnection._on_text_response,
+    Op.TASK_MGMT_RSP: InitiatorConnection._on_tmf_response,
+    Op.LOGOUT_RSP: InitiatorConnection._on_logout_response,
+    Op.ASYNC_MSG: InitiatorConnection._on_async,
+    Op.REJECT: InitiatorConnection._on_reject,
+}

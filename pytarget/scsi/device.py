@@ -15,7 +15,7 @@ import errno
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from time import perf_counter, perf_counter_ns
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -287,7 +287,10 @@ class LogicalUnit:
         resumes it, so aborts and resets reach it like any other. A task whose execution was
         cancelled (abort, reset, connection loss) ends with `task.aborted` set.
         """
-        coro = self.execute(task)
+        coro = self._start(task)
+        if coro is None:
+            on_done(task)
+            return
         try:
             waiting = coro.send(None)
         except StopIteration:
@@ -303,46 +306,100 @@ class LogicalUnit:
 
         runner.add_done_callback(finished)
 
+    def _start(self, task: ScsiTask) -> Coroutine[Any, Any, None] | None:
+        """Run a command as far as it goes without waiting: None when it ended here, else the
+        coroutine that completes it.
+
+        A command whose table row has a synchronous handler (`OpSpec.now`: a page-cache read,
+        a write to the page cache) and that meets no QoS budget or shared reservation state
+        runs here with no coroutine at all; the handler declines, having changed nothing, when
+        it would have to wait, and the row's coroutine handler then runs from the start.
+        """
+        started = perf_counter_ns()
+        try:
+            raw = task.cdb
+            table = self.table
+            spec = table.plain.get(raw[0]) or table.lookup(raw)
+            now = spec.now
+            if now is None or self.qos is not None or self.pr.store is not None:
+                return self._guarded(task, started, self._execute(task, spec))
+            n = spec.cdb_len
+            if len(raw) < n or int.from_bytes(raw[:n], "big") & spec.reserved:
+                return self._guarded(task, started, self._execute(task, spec))  # fails in parse
+            self._admit(task, spec)
+            if not now(self, task, spec):
+                return self._guarded(task, started, spec.handler(self, task, spec.parse(raw)))
+        except BaseException as exc:
+            self._ended(task, exc)
+        self._account(task, started)
+        return None
+
     async def execute(self, task: ScsiTask) -> None:
         """Run one command to completion; status, sense and Data-In are left on `task`."""
         started = perf_counter_ns()
         try:
             spec = self.table.lookup(task.cdb)
-            cdb = spec.parse(task.cdb)
-            if self.qos is not None:  # storage QoS (scsi/qos.py): wait for the budget
-                wait = self.qos.admit(self.lun, self.block_size, self.nblocks, task, spec, cdb)
-                if wait is not None:
-                    await wait
-            pr = self.pr
-            if pr.store is not None and not pr.current() \
-                    and (spec.spc2 or spec.pr is not Pr.ALLOWED):
-                await pr.refresh()
-            self._admit(task, spec)
-            await spec.handler(self, task, cdb)
-        except SenseError as exc:
+        except BaseException as exc:
+            self._ended(task, exc)
+            self._account(task, started)
+            return
+        await self._guarded(task, started, self._execute(task, spec))
+
+    async def _execute(self, task: ScsiTask, spec: OpSpec) -> None:
+        cdb = spec.parse(task.cdb)
+        if self.qos is not None:  # storage QoS (scsi/qos.py): wait for the budget
+            wait = self.qos.admit(self.lun, self.block_size, self.nblocks, task, spec, cdb)
+            if wait is not None:
+                await wait
+        pr = self.pr
+        if pr.store is not None and not pr.current() \
+                and (spec.spc2 or spec.pr is not Pr.ALLOWED):
+            await pr.refresh()
+        self._admit(task, spec)
+        await spec.handler(self, task, cdb)
+
+    async def _guarded(self, task: ScsiTask, started: int, step: Awaitable[None]) -> None:
+        """Await `step`, the rest of a command, turning what it raises into its outcome."""
+        try:
+            await step
+        except BaseException as exc:
+            self._ended(task, exc)
+        self._account(task, started)
+
+    def _ended(self, task: ScsiTask, exc: BaseException) -> None:
+        """A command's execution raised `exc`: its status and sense, or `exc` again when it
+        is not the command's outcome (a cancellation other than an abort)."""
+        if isinstance(exc, SenseError):
             self._fail(task, exc)
-        except asyncio.CancelledError:
+        elif isinstance(exc, asyncio.CancelledError):
             if not task.aborted:
-                raise
+                raise exc
             task.status = Status.TASK_ABORTED
             task.data_in = None
             task.data_in_len = 0
-        except Exception:
-            log.exception("LUN %d: internal failure executing %s", self.lun, bytes(task.cdb).hex())
+        elif isinstance(exc, Exception):
+            log.error("LUN %d: internal failure executing %s", self.lun,
+                      bytes(task.cdb).hex(), exc_info=exc)
             self._fail(task, S.internal_target_failure())
-        if not task.internal:
-            elapsed = perf_counter_ns() - started
-            row = self.stats_commands.get(task.cdb[0])
-            if row is None:
-                row = self.stats_commands[task.cdb[0]] = stats.new_row()
-            row[COMMANDS] += 1
-            row[DATA_IN] += task.data_in_len
-            row[DATA_OUT] += task.data_out_len
-            if task.status:
-                row[NOT_GOOD] += 1
-            row[LATENCY_NS] += elapsed
-            us = elapsed // 1000
-            row[FIRST_BUCKET + (us.bit_length() if us < SLOWEST else TOP_BUCKET)] += 1
+        else:
+            raise exc
+
+    def _account(self, task: ScsiTask, started: int) -> None:
+        """The command's row of the per-opcode statistics."""
+        if task.internal:
+            return
+        elapsed = perf_counter_ns() - started
+        row = self.stats_commands.get(task.cdb[0])
+        if row is None:
+            row = self.stats_commands[task.cdb[0]] = stats.new_row()
+        row[COMMANDS] += 1
+        row[DATA_IN] += task.data_in_len
+        row[DATA_OUT] += task.data_out_len
+        if task.status:
+            row[NOT_GOOD] += 1
+        row[LATENCY_NS] += elapsed
+        us = elapsed // 1000
+        row[FIRST_BUCKET + (us.bit_length() if us < SLOWEST else TOP_BUCKET)] += 1
 
     def _fail(self, task: ScsiTask, exc: SenseError) -> None:
         task.status = exc.status
@@ -369,7 +426,9 @@ class LogicalUnit:
                 raise blocked
         if spec.spc2 and self.reservation is not None and self.reservation != nexus.key:
             raise S.reservation_conflict()
-        self.pr.check(nexus, spec.pr, task.cdb)
+        pr = self.pr
+        if pr.state.type is not None:  # what `check` tests first, without the call
+            pr.check(nexus, spec.pr, task.cdb)
         if spec.medium and not self.medium_present:
             raise S.not_ready(Asc.MEDIUM_NOT_PRESENT)
         if self.alua.transitioning and (spec.medium or spec.writes):

@@ -68,6 +68,10 @@ class ModePages:
         self.lu = lu
         self.pages = _default_pages()
         self._index = {(p.code, p.subpage): p for p in self.pages}
+        # The current values of the two pages whose bits every command may read (changed in
+        # place only, by MODE SELECT and reset).
+        self._caching = self._index[(PAGE_CACHING, 0)].current
+        self._control = self._index[(PAGE_CONTROL, 0)].current
 
     def reset(self) -> None:
         for page in self.pages:
@@ -78,15 +82,15 @@ class ModePages:
 
     @property
     def write_cache(self) -> bool:
-        return bool(self._index[(PAGE_CACHING, 0)].current[2] & 0x04)
+        return bool(self._caching[2] & 0x04)
 
     @property
     def d_sense(self) -> bool:
-        return bool(self._index[(PAGE_CONTROL, 0)].current[2] & 0x04)
+        return bool(self._control[2] & 0x04)
 
     @property
     def software_write_protect(self) -> bool:
-        return bool(self._index[(PAGE_CONTROL, 0)].current[4] & 0x08)
+        return bool(self._control[4] & 0x08)
 
     # ------------------------------------------------------------------ MODE SENSE
     def sense_pages(self, pc: int, code: int, subpage: int) -> bytes:

@@ -22,6 +22,7 @@ from ..core.table import (
     Handler,
     Layout,
     MaintenanceIn,
+    NowHandler,
     Opcode,
     OpSpec,
     OpTable,
@@ -71,16 +72,17 @@ L16 = _blocks(LBA_16, BLOCKS_16, fua=False)
 
 
 def rw_specs(name: str, ops: tuple[int | None, int, int, int], flags_byte: int,
-             handler: Handler, fl: Flag, pr: Pr, fua: bool) -> list[OpSpec]:
+             handler: Handler, fl: Flag, pr: Pr, fua: bool,
+             now: NowHandler | None = None) -> list[OpSpec]:
     """The 6/10/12/16-byte variants of one block command."""
     op6, op10, op12, op16 = ops
     specs = [
         OpSpec(op10, None, f"{name}(10)", _u(op10, flags_byte, LBA4, GROUP, LEN2, C), handler,
-               fl, pr, fields=PROTECT, layout=_blocks(LBA_10, BLOCKS_10, fua)),
+               fl, pr, fields=PROTECT, layout=_blocks(LBA_10, BLOCKS_10, fua), now=now),
         OpSpec(op12, None, f"{name}(12)", _u(op12, flags_byte, LBA4, LEN4, GROUP, C), handler,
-               fl, pr, fields=PROTECT, layout=_blocks(LBA_10, BLOCKS_12, fua)),
+               fl, pr, fields=PROTECT, layout=_blocks(LBA_10, BLOCKS_12, fua), now=now),
         OpSpec(op16, None, f"{name}(16)", _u(op16, flags_byte, LBA8, LEN4, GROUP, C), handler,
-               fl, pr, fields=PROTECT, layout=_blocks(LBA_16, BLOCKS_16, fua)),
+               fl, pr, fields=PROTECT, layout=_blocks(LBA_16, BLOCKS_16, fua), now=now),
     ]
     if op6 is not None:
         specs.append(OpSpec(op6, None, f"{name}(6)", _u(op6, 0x1F, 0xFF, 0xFF, 0xFF, C), handler,
@@ -183,9 +185,9 @@ SBC_SPECS: list[OpSpec] = [
               0, 0, LEN4, 0, C), spc.report_supported_tmf, pr=Pr.READ,
            layout=Layout(allocation_length=ALLOC_12)),
     *rw_specs("READ", (Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16), RW_FLAGS_READ, sbc.read, M,
-              Pr.READ, fua=True),
+              Pr.READ, fua=True, now=sbc.read_now),
     *rw_specs("WRITE", (Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16), RW_FLAGS_WRITE,
-              sbc.write, W, Pr.WRITE, fua=True),
+              sbc.write, W, Pr.WRITE, fua=True, now=sbc.write_now),
     OpSpec(Op.ORWRITE, None, "ORWRITE(16)", _u(Op.ORWRITE, RW_FLAGS_WRITE, LBA8, LEN4, GROUP, C),
            sbc.orwrite, W, Pr.WRITE, fields=PROTECT,
            layout=_blocks(LBA_16, BLOCKS_16, fua=True)),

@@ -18,7 +18,7 @@ from ..core.buffers import view as buffer_view
 from ..core.sense import Status
 
 if TYPE_CHECKING:
-    from ..core.table import Cdb
+    from ..core.table import Cdb, OpSpec
     from ..core.task import ScsiTask
     from .unit import Unit as LogicalUnit
 
@@ -30,6 +30,50 @@ def transfer(lu: LogicalUnit, cdb: Cdb) -> tuple[int, int]:
     if count * lu.block_size > limits.MAX_TRANSFER_BYTES:
         raise S.invalid_field_in_cdb(cdb.offset_of("transfer_length"), 7)
     return lba, count
+
+
+def _extent_now(lu: LogicalUnit, task: ScsiTask, spec: OpSpec) -> tuple[int, int, bool]:
+    """(LBA, blocks, FUA) of a READ or WRITE for its `now` form; blocks 0 when the command is
+    not the common case (no blocks, beyond the medium, longer than a transfer may be): the
+    coroutine handler then runs and reports what is wrong."""
+    raw = task.cdb
+    extent = spec.extent
+    assert extent is not None  # rows with a `now` handler have one (OpSpec)
+    lba, count = extent.unpack_from(raw)
+    if lba + count > lu.nblocks or count * lu.block_size > limits.MAX_TRANSFER_BYTES:
+        count = 0
+    return lba, count, bool(raw[spec.fua_byte] & spec.fua_bit)
+
+
+def read_now(lu: LogicalUnit, task: ScsiTask, spec: OpSpec) -> bool:
+    """`read` when nothing waits: the blocks unlocked and in the page cache, no FUA."""
+    lba, count, fua = _extent_now(lu, task, spec)
+    if not count or fua:
+        return False
+    nbytes = count * lu.block_size
+    want = min(nbytes, task.expected_in)
+    ranges = lu.ranges
+    lock = ranges.try_acquire(lba, count, False)
+    if lock is None:
+        return False
+    if task.lend_data_in and want == nbytes:
+        try:
+            view = lu.lend_blocks(lba, nbytes)
+        except BaseException:
+            ranges.release(lock)
+            raise
+        if view is not None:
+            task.set_data_in(view)  # sent from the page cache, as in `read`
+            task.on_data_sent = partial(ranges.release, lock)
+            return True
+    try:
+        buf = data_buffer(want)
+        if want and not lu.read_cached(buffer_view(buf), lba, task.prepare_data_in):
+            return False
+    finally:
+        ranges.release(lock)
+    task.set_data_in(buf, nbytes)
+    return True
 
 
 async def read(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:
@@ -82,6 +126,26 @@ def _whole_blocks(lu: LogicalUnit, data: memoryview, nbytes: int) -> memoryview:
     if len(data) < nbytes and len(data) % lu.block_size:
         raise S.invalid_field_in_information_unit()
     return data
+
+
+def write_now(lu: LogicalUnit, task: ScsiTask, spec: OpSpec) -> bool:
+    """`write` when nothing waits: all of the data came with the command, the blocks are
+    unlocked, and the write goes to the page cache on the event loop."""
+    lba, count, fua = _extent_now(lu, task, spec)
+    if not count or fua:
+        return False
+    nbytes = count * lu.block_size
+    data = task.data_out_now(nbytes)
+    if data is None or len(data) != nbytes:
+        return False
+    ranges = lu.ranges
+    lock = ranges.try_acquire(lba, count, True)
+    if lock is None:
+        return False
+    try:
+        return lu.write_inline(data, lba, False)
+    finally:
+        ranges.release(lock)
 
 
 async def write(lu: LogicalUnit, task: ScsiTask, cdb: Cdb) -> None:

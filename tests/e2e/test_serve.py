@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import child_env, start_target, write_config
+from ..conftest import INITIATOR1, TARGET_IQN, child_env, start_target, write_config
 
 ISCSI_LS = shutil.which("iscsi-ls")
 
@@ -79,5 +79,43 @@ def test_log_names_the_data_path_it_runs(tmp_path: Path) -> None:
         expected = "compiled (mypyc)" if os.environ.get("PYTARGET_CODE") else "pure Python"
         assert re.search(r"pytarget \S+, data path " + re.escape(expected), target.log_text()), \
             target.log_text()
+    finally:
+        assert target.stop(signal.SIGTERM) == 0
+
+
+_INITIATOR_SCRIPT = """
+import asyncio, os, sys
+from pytarget import transport
+from pytarget.initiator.client import Initiator
+
+async def main(port, target):
+    ini = await Initiator.connect("127.0.0.1", port)
+    await ini.login(target, initiator_name=sys.argv[3])
+    await ini.clear_unit_attentions(0)
+    data = os.urandom(65536)
+    (await ini.write(0, 64, data)).check()
+    read = await ini.read(0, 64, 128)
+    read.check()
+    await ini.logout()
+    await ini.close()
+    print("compiled" if transport.COMPILED else "pure", read.data == data)
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+def test_the_packages_initiator_runs_from_the_code_the_targets_run(tmp_path: Path) -> None:
+    """The project's own initiator (pytarget.initiator, compiled with the data path by
+    setup.py) logs in, writes and reads back, from the code the targets run: the compiled
+    build in tools/test's full run, where a compiled class once failed to construct."""
+    target = start_target(write_config(tmp_path, luns=[
+        {"id": 0, "path": "lun0.img", "size": "1MiB"}]))
+    try:
+        run = subprocess.run([sys.executable, "-c", _INITIATOR_SCRIPT, str(target.port),
+                              TARGET_IQN, INITIATOR1], env=child_env(), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        expected = "compiled" if os.environ.get("PYTARGET_CODE") else "pure"
+        assert run.stdout.split() == [expected, "True"], (run.stdout, run.stderr)
     finally:
         assert target.stop(signal.SIGTERM) == 0
