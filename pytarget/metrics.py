@@ -4,7 +4,7 @@
 Everything is read at scrape time from the counters the layers keep anyway
 (`LogicalUnit.stats_commands`, `stats_miscompares`, `stats_copy_bytes`, the copy manager's
 operation counts, the session registry), so serving metrics adds nothing to the command path
-beyond `LogicalUnit.execute`'s row update.
+beyond `LogicalUnit._account`'s row update.
 """
 
 from __future__ import annotations

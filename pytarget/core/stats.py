@@ -1,4 +1,4 @@
-"""Command counters of one logical unit, kept by `LogicalUnit.execute` for the metrics endpoint.
+"""Command counters of one logical unit, kept by `LogicalUnit._account` for the metrics endpoint.
 
 One row of integers per operation code, created on the first command with that code: commands,
 Data-In bytes, Data-Out bytes, commands that ended with a status other than GOOD, the sum of

@@ -1,10 +1,11 @@
 """The device server of one logical unit: command dispatch, unit attentions, task set, resets.
 
-`LogicalUnit.execute` is the only place a `SenseError` becomes CHECK CONDITION (or another
-status) and the only place an unexpected exception becomes HARDWARE ERROR / INTERNAL TARGET
-FAILURE. Dispatch, CDB validation and the per-command policy (unit attentions, NOT READY,
-write protection, reservation conflicts) all come from the logical unit's opcode table, which is
-given to it: the SPC/SBC rows of `opcodes` joined with the rows of the services that serve it.
+`LogicalUnit._ended`, where every way of executing a command ends, is the only place a
+`SenseError` becomes CHECK CONDITION (or another status) and the only place an unexpected
+exception becomes HARDWARE ERROR / INTERNAL TARGET FAILURE. Dispatch, CDB validation and the
+per-command policy (unit attentions, NOT READY, write protection, reservation conflicts) all
+come from the logical unit's opcode table, which is given to it: the SPC/SBC rows of `opcodes`
+joined with the rows of the services that serve it.
 """
 
 from __future__ import annotations
