@@ -22,6 +22,9 @@ import yaml
 from .ceph_cluster import CephCluster, missing, running
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import bench_code  # noqa: E402  (tools/bench_code.py: the child environment)
+
 # The code of the targets and CLIs the tests start: this checkout's sources, or, in tools/test's
 # full run, the same sources with the data path compiled by setup.py (PYTARGET_CODE).
 CODE = Path(os.environ.get("PYTARGET_CODE") or REPO)
@@ -129,9 +132,8 @@ class LiveTarget:
 
 def child_env() -> dict[str, str]:
     """The environment of a pytarget process a test starts: it runs `CODE` whatever
-    `pip install` points at."""
-    pythonpath = os.pathsep.join(filter(None, [str(CODE), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": pythonpath}
+    `pip install` points at (the benchmarks' own helper, with the tests' code)."""
+    return bench_code.child_env(CODE)
 
 
 def start_target(config: Path, *args: str, log_name: str = "pytarget.log",

@@ -92,7 +92,7 @@ class Times:
     cpu: float  # utime + stime, seconds: what the target cost
     on_cpu: float  # main threads' time on a CPU, seconds (the scheduler's clock)
     waiting: float  # main threads' time runnable but waiting for a CPU, seconds
-    system: float = 0.0  # stime, seconds: the part of `cpu` spent in the kernel
+    system: float  # stime, seconds: the part of `cpu` spent in the kernel
 
     def __sub__(self, other: Times) -> Times:
         return Times(self.cpu - other.cpu, self.on_cpu - other.on_cpu,
