@@ -41,7 +41,7 @@ from ..core.stats import (
     SLOWEST,
     TOP_BUCKET,
 )
-from ..core.table import Opcode, OpSpec, OpTable
+from ..core.table import Cdb, Opcode, OpSpec, OpTable
 from ..core.task import Nexus, ScsiTask
 from . import vpd
 from .alua import U_SUP, AluaState, PortGroups, TpgStatus
@@ -320,16 +320,15 @@ class LogicalUnit:
         try:
             raw = task.cdb
             table = self.table
-            spec = table.plain.get(raw[0]) or table.lookup(raw)
+            spec = table.plain.get(raw[0]) or table.lookup(raw)  # `lookup` without its call
             now = spec.now
-            if now is None or self.qos is not None or self.pr.store is not None:
-                return self._guarded(task, started, self._execute(task, spec))
             n = spec.cdb_len
-            if len(raw) < n or int.from_bytes(raw[:n], "big") & spec.reserved:
-                return self._guarded(task, started, self._execute(task, spec))  # fails in parse
+            if now is None or self.qos is not None or self.pr.store is not None \
+                    or len(raw) < n or int.from_bytes(raw[:n], "big") & spec.reserved:
+                return self._run(task, started, spec)  # a reserved bit fails in its `parse`
             self._admit(task, spec)
             if not now(self, task, spec):
-                return self._guarded(task, started, spec.handler(self, task, spec.parse(raw)))
+                return self._run(task, started, spec, spec.parse(raw))
         except BaseException as exc:
             self._ended(task, exc)
         self._account(task, started)
@@ -337,32 +336,31 @@ class LogicalUnit:
 
     async def execute(self, task: ScsiTask) -> None:
         """Run one command to completion; status, sense and Data-In are left on `task`."""
-        started = perf_counter_ns()
-        try:
-            spec = self.table.lookup(task.cdb)
-        except BaseException as exc:
-            self._ended(task, exc)
-            self._account(task, started)
-            return
-        await self._guarded(task, started, self._execute(task, spec))
+        await self._run(task, perf_counter_ns())
 
-    async def _execute(self, task: ScsiTask, spec: OpSpec) -> None:
-        cdb = spec.parse(task.cdb)
-        if self.qos is not None:  # storage QoS (scsi/qos.py): wait for the budget
-            wait = self.qos.admit(self.lun, self.block_size, self.nblocks, task, spec, cdb)
-            if wait is not None:
-                await wait
-        pr = self.pr
-        if pr.store is not None and not pr.current() \
-                and (spec.spc2 or spec.pr is not Pr.ALLOWED):
-            await pr.refresh()
-        self._admit(task, spec)
-        await spec.handler(self, task, cdb)
-
-    async def _guarded(self, task: ScsiTask, started: int, step: Awaitable[None]) -> None:
-        """Await `step`, the rest of a command, turning what it raises into its outcome."""
+    async def _run(self, task: ScsiTask, started: int, spec: OpSpec | None = None,
+                   admitted: Cdb | None = None) -> None:
+        """A command from its table row on, one coroutine for all of it: with `admitted` (its
+        parsed CDB), only the handler of a command `_start` has already checked and admitted."""
         try:
-            await step
+            if admitted is None:
+                if spec is None:
+                    spec = self.table.lookup(task.cdb)
+                cdb = spec.parse(task.cdb)
+                if self.qos is not None:  # storage QoS (scsi/qos.py): wait for the budget
+                    wait = self.qos.admit(self.lun, self.block_size, self.nblocks, task, spec,
+                                          cdb)
+                    if wait is not None:
+                        await wait
+                pr = self.pr
+                if pr.store is not None and not pr.current() \
+                        and (spec.spc2 or spec.pr is not Pr.ALLOWED):
+                    await pr.refresh()
+                self._admit(task, spec)
+            else:
+                assert spec is not None
+                cdb = admitted
+            await spec.handler(self, task, cdb)
         except BaseException as exc:
             self._ended(task, exc)
         self._account(task, started)
